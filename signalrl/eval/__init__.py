@@ -1,0 +1,118 @@
+"""Evaluation on a task's test split: greedy accuracy, unbiased pass@k, maj@k."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from math import comb
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from signalrl.rollout.sampler import SamplingParams, generate
+from signalrl.tasks.base import Row
+
+Verifier = Callable[[Row, str], float]
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from `n` samples with `c` correct (Chen et al. 2021, "Evaluating Large
+    Language Models Trained on Code"): `1 - C(n - c, k) / C(n, k)`."""
+    if not 0 <= c <= n:
+        raise ValueError(f"pass_at_k: need 0 <= c <= n, got n={n}, c={c}")
+    if not 1 <= k <= n:
+        raise ValueError(f"pass_at_k: need 1 <= k <= n, got k={k}, n={n}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - comb(n - c, k) / comb(n, k)
+
+
+@dataclass
+class EvalResult:
+    n: int
+    accuracy: float
+    pass_at_k: dict[int, float] = field(default_factory=dict)
+    maj_at_k: dict[int, float] = field(default_factory=dict)
+    mean_length: float = 0.0
+    completions: list[str] = field(default_factory=list)
+
+    def metrics(self, prefix: str = "eval/") -> dict[str, float]:
+        out = {f"{prefix}accuracy": self.accuracy, f"{prefix}mean_length": self.mean_length}
+        for k, v in self.pass_at_k.items():
+            out[f"{prefix}pass@{k}"] = v
+        for k, v in self.maj_at_k.items():
+            out[f"{prefix}maj@{k}"] = v
+        return out
+
+
+def evaluate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    rows: Sequence[Row],
+    verify: Verifier,
+    *,
+    max_new_tokens: int,
+    k: int = 0,
+    samples: int | None = None,
+    temperature: float = 1.0,
+    batch_size: int = 256,
+    seed: int = 0,
+    stop_strings: Sequence[str] = (),
+    autocast_dtype: torch.dtype | None = None,
+    extract: Callable[[str], str | None] | None = None,
+) -> EvalResult:
+    """Greedy accuracy on `rows`; with `k > 0` also pass@k and maj@k from `samples` (>= k)
+    samples per problem at `temperature` (fixed `seed`, so reruns give the same numbers)."""
+    if not rows:
+        raise ValueError("evaluate: no rows")
+    greedy = SamplingParams(max_new_tokens=max_new_tokens, greedy=True, stop_strings=stop_strings)
+    correct = 0.0
+    lengths = 0.0
+    texts: list[str] = []
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i : i + batch_size]
+        r = generate(
+            model, tokenizer, [x["prompt"] for x in chunk], greedy, autocast_dtype=autocast_dtype
+        )
+        texts.extend(r.texts)
+        lengths += float(r.lengths.sum())
+        correct += sum(verify(row, t) for row, t in zip(chunk, r.texts, strict=True))
+    result = EvalResult(
+        n=len(rows),
+        accuracy=correct / len(rows),
+        mean_length=lengths / len(rows),
+        completions=texts,
+    )
+    if k > 0:
+        n_s = samples or k
+        gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+        params = SamplingParams(
+            max_new_tokens=max_new_tokens, temperature=temperature, n=n_s, stop_strings=stop_strings
+        )
+        per_batch = max(1, batch_size // n_s)
+        pk, mk = 0.0, 0.0
+        for i in range(0, len(rows), per_batch):
+            chunk = rows[i : i + per_batch]
+            r = generate(
+                model,
+                tokenizer,
+                [x["prompt"] for x in chunk],
+                params,
+                generator=gen,
+                autocast_dtype=autocast_dtype,
+            )
+            for j, row in enumerate(chunk):
+                outs = r.texts[j * n_s : (j + 1) * n_s]
+                scores = [verify(row, t) for t in outs]
+                c = sum(1 for s in scores if s >= 1.0)
+                pk += pass_at_k(n_s, c, k)
+                if extract is not None:
+                    answers = [a for a in (extract(t) for t in outs[:k]) if a is not None]
+                    if answers:
+                        top = Counter(answers).most_common(1)[0][0]
+                        mk += verify(row, top)
+        result.pass_at_k[k] = pk / len(rows)
+        if extract is not None:
+            result.maj_at_k[k] = mk / len(rows)
+    return result

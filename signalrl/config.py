@@ -1,0 +1,215 @@
+"""Recipes: pydantic models for every section, YAML load/dump, `--set` overrides.
+
+A recipe is one YAML file; every key is validated and an unknown key is an error that names
+the key and the file. `load_recipe(path, overrides=["train.lr=1e-4"])` applies dotted
+overrides (values parsed as YAML) before validation.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    name_or_path: str = "tiny"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    seed: int = Field(0, description="initialisation seed for presets")
+
+
+class TaskConfig(BaseModel):
+    """`name` picks a built-in task; every other key is passed to the task's constructor."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str = "arithmetic"
+
+    def kwargs(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class TrainConfig(Section):
+    steps: int = Field(100, ge=1, description="optimizer steps")
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    schedule: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    grad_clip: float | None = Field(1.0, gt=0)
+    batch_size: int = Field(32, ge=1, description="SFT: sequences per step; RL: prompts per step")
+    micro_batch_size: int | None = Field(None, ge=1, description="rows per forward/backward")
+    precision: Literal["fp32", "bf16"] = "fp32"
+    threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's)")
+
+
+class SamplingConfig(Section):
+    max_new_tokens: int = Field(16, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0)
+    stop_strings: list[str] = Field(default_factory=list)
+
+
+class RLConfig(Section):
+    algorithm: Literal["grpo"] = "grpo"
+    group_size: int = Field(8, ge=2)
+    mu: int = Field(1, ge=1, description="policy updates per batch of rollouts")
+    clip_low: float = Field(0.2, ge=0)
+    clip_high: float = Field(0.2, ge=0)
+    loss_agg: Literal[
+        "token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"
+    ] = "seq-mean-token-mean"
+    adv_scale: Literal["group", "batch", "none"] = "group"
+    beta: float = Field(0.0, ge=0, description="KL coefficient; 0 keeps no reference model")
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+
+
+class EvalConfig(Section):
+    every: int = Field(0, ge=0, description="evaluate every N steps (0: only at the end)")
+    n: int | None = Field(None, ge=1, description="test problems used (default: all)")
+    k: int = Field(0, ge=0, description="pass@k (0: greedy accuracy only)")
+    samples: int | None = Field(None, ge=1, description="samples per problem for pass@k (>= k)")
+    temperature: float = Field(1.0, gt=0)
+    max_new_tokens: int | None = Field(None, ge=1)
+    batch_size: int = Field(256, ge=1)
+
+
+class LoggingConfig(Section):
+    every: int = Field(1, ge=1)
+    samples_every: int = Field(10, ge=0, description="0: never")
+    samples_n: int = Field(4, ge=1)
+    tensorboard: bool = True
+    progress: bool = True
+
+
+class CheckpointConfig(Section):
+    every: int = Field(0, ge=0, description="save every N steps (0: only final/)")
+    keep: int = Field(2, ge=1)
+
+
+class Recipe(Section):
+    name: str = "run"
+    trainer: Literal["sft", "online_rl"] = "sft"
+    seed: int = 0
+    output_dir: str = "runs"
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    rl: RLConfig = Field(default_factory=RLConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> Recipe:
+        if self.eval.samples is not None and self.eval.samples < self.eval.k:
+            raise ValueError("eval.samples must be >= eval.k")
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+
+class RecipeError(ValueError):
+    """A recipe that does not validate; the message names the file and the keys."""
+
+
+def _format_errors(err: ValidationError, where: str) -> str:
+    lines = [f"{where}: invalid recipe"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  unknown key '{key}'")
+        else:
+            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    cur = data
+    for k in keys[:-1]:
+        nxt = cur.setdefault(k, {})
+        if not isinstance(nxt, dict):
+            raise RecipeError(f"--set {dotted}: '{k}' is not a section")
+        cur = nxt
+    cur[keys[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise RecipeError(f"--set {text!r}: expected section.key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise RecipeError(f"--set {text!r}: empty key")
+    return key, yaml.safe_load(raw) if raw.strip() else ""
+
+
+def recipe_from_dict(
+    data: dict[str, Any], where: str = "<recipe>", overrides: list[str] | None = None
+) -> Recipe:
+    data = dict(data)
+    for ov in overrides or []:
+        key, value = parse_override(ov)
+        set_dotted(data, key, value)
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as e:
+        raise RecipeError(_format_errors(e, where)) from None
+    _check_task(recipe, where)
+    return recipe
+
+
+def _check_task(recipe: Recipe, where: str) -> None:
+    from signalrl.tasks import TASKS, make_task
+
+    if recipe.task.name not in TASKS:
+        raise RecipeError(
+            f"{where}: task.name: unknown task {recipe.task.name!r}; available: "
+            f"{', '.join(sorted(TASKS))}"
+        )
+    import dataclasses
+
+    cls = TASKS[recipe.task.name]
+    fields = {f.name for f in dataclasses.fields(cls) if f.init}
+    for key in recipe.task.kwargs():
+        if key not in fields:
+            raise RecipeError(
+                f"{where}: unknown key 'task.{key}' for task {recipe.task.name!r}; valid: "
+                f"{', '.join(sorted(fields))}"
+            )
+    try:
+        make_task(recipe.task.name, **recipe.task.kwargs())
+    except ValueError as e:
+        raise RecipeError(f"{where}: task: {e}") from None
+
+
+def load_recipe(path: str | os.PathLike[str], overrides: list[str] | None = None) -> Recipe:
+    p = Path(path)
+    if not p.is_file():
+        raise RecipeError(f"{p}: recipe file not found")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{p}: not valid YAML: {e}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"{p}: a recipe must be a mapping of sections")
+    return recipe_from_dict(data, str(p), overrides)
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,120 @@
+"""Tokenisation with completion masks and collation of prompt + completion sequences.
+
+Layout of a batch: prompts left-padded to a common width `P`, completions right-padded to `T`,
+so every row's completion starts at column `P`. Logits at columns `P-1 .. P+T-2` predict the
+completion tokens; `completion_mask` (N, T) is 1.0 on completion tokens that count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+
+@dataclass
+class SequenceBatch:
+    input_ids: torch.Tensor  # (N, P + T)
+    attention_mask: torch.Tensor  # (N, P + T)
+    position_ids: torch.Tensor  # (N, P + T)
+    completion_ids: torch.Tensor  # (N, T)
+    completion_mask: torch.Tensor  # (N, T) float
+    prompt_width: int
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def select(self, idx: torch.Tensor | slice) -> SequenceBatch:
+        """Rows `idx`, with the shared padding trimmed where every selected row allows."""
+        ids, attn = self.input_ids[idx], self.attention_mask[idx]
+        cmask = self.completion_mask[idx]
+        p = self.prompt_width
+        # trim left prompt padding that all selected rows share
+        prompt_cols = attn[:, :p].sum(0)
+        lead = int((prompt_cols == 0).long().cumprod(0).sum().item())
+        width = int(cmask.sum(-1).max().item()) if cmask.numel() else 0
+        width = max(width, 1)
+        cols = slice(lead, p + width)
+        return SequenceBatch(
+            input_ids=ids[:, cols],
+            attention_mask=attn[:, cols],
+            position_ids=self.position_ids[idx][:, cols],
+            completion_ids=self.completion_ids[idx][:, :width],
+            completion_mask=cmask[:, :width],
+            prompt_width=p - lead,
+        )
+
+
+def build_batch(
+    prompt_ids: Sequence[Sequence[int]],
+    completion_ids: Sequence[Sequence[int]] | torch.Tensor,
+    pad_id: int,
+    completion_mask: torch.Tensor | None = None,
+    device: torch.device | str = "cpu",
+) -> SequenceBatch:
+    """Collate prompts (token lists) with completions (token lists or an (N, T) tensor)."""
+    n = len(prompt_ids)
+    if isinstance(completion_ids, torch.Tensor):
+        comp = completion_ids.to(device=device, dtype=torch.long)
+        if completion_mask is None:
+            raise ValueError("build_batch: a completion tensor needs its completion_mask")
+        cmask = completion_mask.to(device=device, dtype=torch.float32)
+    else:
+        t = max((len(c) for c in completion_ids), default=0)
+        comp = torch.full((n, max(t, 1)), pad_id, dtype=torch.long)
+        cmask = torch.zeros((n, max(t, 1)), dtype=torch.float32)
+        for i, c in enumerate(completion_ids):
+            comp[i, : len(c)] = torch.tensor(list(c), dtype=torch.long)
+            cmask[i, : len(c)] = 1.0
+        comp, cmask = comp.to(device), cmask.to(device)
+    if comp.shape[0] != n:
+        raise ValueError(f"build_batch: {n} prompts but {comp.shape[0]} completions")
+    p = max(len(x) for x in prompt_ids)
+    prompts = torch.full((n, p), pad_id, dtype=torch.long)
+    pmask = torch.zeros((n, p), dtype=torch.long)
+    for i, x in enumerate(prompt_ids):
+        if len(x) == 0:
+            raise ValueError(f"build_batch: prompt {i} is empty")
+        prompts[i, p - len(x) :] = torch.tensor(list(x), dtype=torch.long)
+        pmask[i, p - len(x) :] = 1
+    prompts, pmask = prompts.to(device), pmask.to(device)
+    input_ids = torch.cat([prompts, comp], dim=1)
+    attn = torch.cat([pmask, cmask.long()], dim=1)
+    positions = (attn.cumsum(-1) - 1).clamp(min=0)
+    return SequenceBatch(input_ids, attn, positions, comp, cmask, p)
+
+
+def tokenize_sft(
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    completions: Sequence[str],
+    *,
+    add_eos: bool = True,
+    max_length: int | None = None,
+    source: str = "data",
+) -> tuple[list[list[int]], list[list[int]]]:
+    """Token ids of prompts and completions (+ EOS). Empty completions are an error naming the
+    row; rows longer than `max_length` are an error too (never silently cut)."""
+    if len(prompts) != len(completions):
+        raise ValueError(f"{source}: {len(prompts)} prompts but {len(completions)} completions")
+    p_ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    c_ids = tokenizer(list(completions), add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    if add_eos and eos is None:
+        raise ValueError(f"{source}: the tokenizer has no eos token to end completions with")
+    out_c: list[list[int]] = []
+    for i, (p, c) in enumerate(zip(p_ids, c_ids, strict=True)):
+        if not p:
+            raise ValueError(f"{source}: row {i}: field 'prompt' is empty")
+        if not c:
+            raise ValueError(f"{source}: row {i}: field 'completion' is empty")
+        c = list(c) + ([eos] if add_eos else [])
+        if max_length is not None and len(p) + len(c) > max_length:
+            raise ValueError(
+                f"{source}: row {i}: prompt + completion is {len(p) + len(c)} tokens, over "
+                f"max_length={max_length}"
+            )
+        out_c.append(c)
+    return [list(p) for p in p_ids], out_c

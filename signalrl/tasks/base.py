@@ -1,0 +1,21 @@
+"""The task interface: a deterministic source of prompts that knows its own verifier."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+Row = dict[str, Any]
+
+
+@runtime_checkable
+class Task(Protocol):
+    """A verifiable task. Rows hold at least `prompt` (str) and `answer` (str); SFT uses
+    `completion` (the reference completion text, without EOS)."""
+
+    name: str
+
+    def train(self) -> list[Row]: ...
+
+    def test(self) -> list[Row]: ...
+
+    def verify(self, prompt_row: Row, completion: str) -> float: ...
