@@ -1,0 +1,250 @@
+"""Advantage estimators: group normalisation (GRPO, Dr. GRPO), RLOO, REINFORCE++ and GAE.
+
+Pure tensor functions. Conventions (see DESIGN.md, "Tensor conventions"):
+
+- sequence rewards are ``(N,)``; the rollouts of one prompt are contiguous groups of size ``G``;
+- per-token tensors are ``(B, T)``; ``mask`` is ``(B, T)`` float, 1.0 on completion tokens
+  that count and 0.0 on prompt and padding positions.
+
+Advantages and returns are training *targets*: every estimator here works on detached inputs
+and returns tensors that carry no gradient. ``whiten`` is a generic utility and does not
+detach.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "GROUP_SCALES",
+    "gae",
+    "group_advantages",
+    "reinforce_pp_advantages",
+    "rloo_advantages",
+    "token_level_rewards",
+    "whiten",
+]
+
+GROUP_SCALES: tuple[str, ...] = ("group", "batch", "none")
+
+
+def _float(x: Tensor) -> Tensor:
+    return x if x.is_floating_point() else x.to(torch.float32)
+
+
+def _check_groups(rewards: Tensor, group_size: int) -> None:
+    if rewards.dim() != 1:
+        raise ValueError(f"rewards must be 1-D (N,), got shape {tuple(rewards.shape)}")
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+    if rewards.numel() % group_size != 0:
+        raise ValueError(
+            f"group_size={group_size} does not divide the number of rewards N={rewards.numel()}"
+        )
+
+
+def _check_token_tensors(**tensors: Tensor) -> tuple[int, int]:
+    shape = None
+    for name, t in tensors.items():
+        if t.dim() != 2:
+            raise ValueError(f"{name} must be 2-D (B, T), got shape {tuple(t.shape)}")
+        if shape is None:
+            shape = tuple(t.shape)
+        elif tuple(t.shape) != shape:
+            names = ", ".join(tensors)
+            shapes = ", ".join(str(tuple(v.shape)) for v in tensors.values())
+            raise ValueError(f"{names} must have the same shape, got {shapes}")
+    assert shape is not None
+    return shape  # type: ignore[return-value]
+
+
+def _check_gamma(name: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {value}")
+
+
+def group_advantages(
+    rewards: Tensor,
+    group_size: int,
+    scale: Literal["group", "batch", "none"] = "group",
+    eps: float = 1e-6,
+) -> Tensor:
+    """Group-relative advantages of GRPO and its variants.
+
+    ``rewards`` is ``(N,)`` with the ``G = group_size`` rollouts of each prompt contiguous.
+    With ``mean_g`` the mean of the group a reward belongs to:
+
+    - ``scale="group"`` (GRPO, Shao et al. 2024, "DeepSeekMath"):
+      ``A_i = (r_i - mean_g) / (std_g + eps)`` where ``std_g`` is the unbiased (``G - 1``)
+      sample standard deviation of the group; a group of size 1 has ``std_g = 0``.
+      A constant group (including any group of size 1) gets exactly zero advantages, for
+      every ``scale`` and even with ``eps=0``.
+    - ``scale="batch"``: ``A_i = (r_i - mean_g) / (std_batch + eps)`` with ``std_batch`` the
+      unbiased standard deviation of all ``N`` rewards (0 when ``N == 1``).
+    - ``scale="none"`` (Dr. GRPO, Liu et al. 2025, "Understanding R1-Zero-Like Training"):
+      ``A_i = r_i - mean_g``, no division, which removes the difficulty bias of std scaling.
+
+    Returns a detached float tensor of shape ``(N,)``.
+    """
+    _check_groups(rewards, group_size)
+    if scale not in GROUP_SCALES:
+        raise ValueError(f"unknown scale {scale!r}; valid choices: {', '.join(GROUP_SCALES)}")
+    if eps < 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    r = _float(rewards.detach())
+    grouped = r.view(-1, group_size)
+    # A constant group has exactly zero advantage (no rounding noise, no 0/0 even if eps=0).
+    constant = grouped.amax(dim=-1, keepdim=True) == grouped.amin(dim=-1, keepdim=True)
+    centered = torch.where(constant, 0.0, grouped - grouped.mean(dim=-1, keepdim=True))
+    if scale == "none":
+        return centered.reshape(-1)
+    if scale == "group":
+        if group_size > 1:
+            std = grouped.std(dim=-1, unbiased=True, keepdim=True)
+        else:
+            std = torch.zeros_like(grouped)
+        scaled = centered / (std + eps)
+    else:  # scale == "batch"
+        std_b = r.std(unbiased=True) if r.numel() > 1 else r.new_zeros(())
+        scaled = centered / (std_b + eps)
+    return torch.where(constant, 0.0, scaled).reshape(-1)
+
+
+def rloo_advantages(rewards: Tensor, group_size: int) -> Tensor:
+    """REINFORCE Leave-One-Out advantages (Ahmadian et al. 2024, "Back to Basics").
+
+    Each reward minus the mean of the other ``G - 1`` rewards of its group:
+    ``A_i = r_i - (sum_{j in g} r_j - r_i) / (G - 1)``, equivalently
+    ``G / (G - 1) * (r_i - mean_g)``. Requires ``G >= 2``. Returns detached ``(N,)``.
+    """
+    _check_groups(rewards, group_size)
+    if group_size < 2:
+        raise ValueError(f"RLOO needs group_size >= 2, got {group_size}")
+    grouped = _float(rewards.detach()).view(-1, group_size)
+    others = (grouped.sum(dim=-1, keepdim=True) - grouped) / (group_size - 1)
+    return (grouped - others).reshape(-1)
+
+
+def _last_token_index(mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Index of the last position with ``mask > 0`` per row, and whether the row has any."""
+    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    last = torch.where(mask > 0, positions, torch.full_like(positions, -1)).max(dim=-1).values
+    return last.clamp(min=0), last >= 0
+
+
+def token_level_rewards(
+    seq_rewards: Tensor,
+    mask: Tensor,
+    kl: Tensor | None = None,
+    kl_coef: float = 0.0,
+) -> Tensor:
+    """Per-token rewards for REINFORCE++ / PPO (Ouyang et al. 2022 reward shaping; Hu 2025).
+
+    ``r_t = R * [t == last completion token] - kl_coef * kl_t`` on unmasked tokens and 0 on
+    masked ones, where ``R`` is the sequence reward ``(B,)`` and ``kl`` an optional ``(B, T)``
+    per-token KL estimate (e.g. :func:`signalrl.losses.kl.kl_estimate`). The last completion
+    token is the last position of the row with ``mask > 0`` (leading prompt zeros and
+    trailing padding are fine); a row with an empty mask gets all zeros. Returns detached
+    ``(B, T)``.
+    """
+    B, T = _check_token_tensors(mask=mask)
+    if seq_rewards.shape != (B,):
+        raise ValueError(f"seq_rewards must have shape ({B},), got {tuple(seq_rewards.shape)}")
+    if kl is not None:
+        _check_token_tensors(mask=mask, kl=kl)
+    out = torch.zeros(B, T, dtype=torch.float32, device=mask.device)
+    last, has_any = _last_token_index(mask)
+    rows = torch.arange(B, device=mask.device)
+    out[rows, last] = torch.where(has_any, _float(seq_rewards.detach()).to(out.dtype), 0.0)
+    if kl is not None and kl_coef != 0.0:
+        out = out - kl_coef * kl.detach().to(out.dtype)
+    return torch.where(mask > 0, out, 0.0)
+
+
+def whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+    """Whiten ``x`` over the unmasked entries of the whole batch.
+
+    ``y = (x - mu) / sqrt(var + eps)`` (or ``x / sqrt(var + eps)`` when ``shift_mean=False``),
+    where ``mu`` and ``var`` are the mean and the unbiased (``n - 1``) variance of ``x`` over
+    positions with ``mask > 0`` (``var = 0`` when ``n <= 1``). Masked positions are 0 in the
+    output. This is the advantage whitening of PPO implementations (e.g. Ouyang et al. 2022;
+    TRL's ``masked_whiten``). Keeps gradients.
+    """
+    _check_token_tensors(x=x, mask=mask)
+    keep = mask > 0
+    xm = torch.where(keep, x, 0.0)
+    n = keep.sum().to(xm.dtype)
+    mean = xm.sum() / n.clamp(min=1.0)
+    var = torch.where(keep, x - mean, 0.0).pow(2).sum() / (n - 1.0).clamp(min=1.0)
+    y = (xm - mean) if shift_mean else xm
+    return torch.where(keep, y * torch.rsqrt(var + eps), 0.0)
+
+
+def reinforce_pp_advantages(
+    token_rewards: Tensor,
+    mask: Tensor,
+    gamma: float = 1.0,
+    eps: float = 1e-8,
+) -> Tensor:
+    """REINFORCE++ advantages (Hu 2025, "REINFORCE++").
+
+    Discounted return-to-go over the unmasked tokens of each row,
+    ``G_t = r_t + gamma * G_{t'}`` with ``t'`` the next unmasked position (masked positions
+    are skipped and contribute no reward), then whitened over all unmasked tokens of the
+    global batch: ``A_t = (G_t - mean(G)) / sqrt(var(G) + eps)`` (see :func:`whiten`).
+    ``token_rewards`` usually comes from :func:`token_level_rewards` (sequence reward on the
+    last completion token minus a per-token KL penalty). Masked positions get 0.
+    Returns detached ``(B, T)``.
+    """
+    _check_token_tensors(token_rewards=token_rewards, mask=mask)
+    _check_gamma("gamma", gamma)
+    m = mask.detach() > 0
+    r = torch.where(m, _float(token_rewards.detach()), 0.0)
+    returns = torch.zeros_like(r)
+    running = r.new_zeros(r.shape[0])
+    for t in range(r.shape[1] - 1, -1, -1):
+        running = torch.where(m[:, t], r[:, t] + gamma * running, running)
+        returns[:, t] = running
+    return whiten(returns, m.to(r.dtype), shift_mean=True, eps=eps)
+
+
+def gae(
+    token_rewards: Tensor,
+    values: Tensor,
+    mask: Tensor,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+) -> tuple[Tensor, Tensor]:
+    """Generalised Advantage Estimation (Schulman et al. 2016, "High-Dimensional Continuous
+    Control Using Generalized Advantage Estimation").
+
+    Over the unmasked positions ``t_1 < t_2 < ... < t_n`` of a row:
+    ``delta_k = r_{t_k} + gamma * V_{t_{k+1}} - V_{t_k}`` with ``V_{t_{n+1}} = 0`` (no bootstrap
+    past the last completion token) and ``A_{t_k} = delta_k + gamma * lam * A_{t_{k+1}}``.
+    Masked positions (prompt, padding, or holes) are skipped and get advantage 0.
+    ``returns = advantages + values`` on unmasked tokens, 0 elsewhere.
+
+    Returns raw (not whitened) ``(advantages, returns)``, both detached ``(B, T)``; whiten the
+    advantages with :func:`whiten` if desired.
+    """
+    _check_token_tensors(token_rewards=token_rewards, values=values, mask=mask)
+    _check_gamma("gamma", gamma)
+    _check_gamma("lam", lam)
+    m = mask.detach() > 0
+    r = _float(token_rewards.detach())
+    v = _float(values.detach()).to(r.dtype)
+    advantages = torch.zeros_like(r)
+    next_value = r.new_zeros(r.shape[0])
+    next_adv = r.new_zeros(r.shape[0])
+    for t in range(r.shape[1] - 1, -1, -1):
+        delta = r[:, t] + gamma * next_value - v[:, t]
+        adv_t = delta + gamma * lam * next_adv
+        mt = m[:, t]
+        advantages[:, t] = torch.where(mt, adv_t, 0.0)
+        next_adv = torch.where(mt, adv_t, next_adv)
+        next_value = torch.where(mt, v[:, t], next_value)
+    returns = torch.where(m, advantages + v, 0.0)
+    return advantages, returns

@@ -1,0 +1,414 @@
+"""Policy-gradient losses: loss aggregation, PPO/DAPO clipped surrogate, GSPO, dual clip,
+CISPO, clipped value loss, and memory-bounded per-token log-prob / entropy from logits.
+
+Pure tensor functions. Conventions (DESIGN.md, "Tensor conventions"): ``logps`` are ``(B, T)``
+float32 log-probs of the realised tokens, ``mask`` is ``(B, T)`` float (1.0 on completion
+tokens that count), advantages are ``(B,)`` or ``(B, T)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+__all__ = [
+    "AGG_MODES",
+    "LOSS_TYPES",
+    "RATIO_LEVELS",
+    "aggregate",
+    "entropy_from_logits",
+    "explained_variance",
+    "policy_loss",
+    "token_logprobs",
+    "value_loss",
+]
+
+AGG_MODES: tuple[str, ...] = (
+    "token-mean",
+    "seq-mean-token-mean",
+    "seq-mean-token-sum",
+    "seq-mean-token-sum-norm",
+)
+RATIO_LEVELS: tuple[str, ...] = ("token", "sequence")
+LOSS_TYPES: tuple[str, ...] = ("ppo", "cispo")
+
+#: Bound on |log pi - log pi_old| before ``exp`` in the importance ratio.
+LOG_RATIO_CLAMP = 20.0
+
+DEFAULT_CHUNK_SIZE = 1024
+
+AggMode = Literal[
+    "token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"
+]
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check_same_2d(**tensors: Tensor) -> tuple[int, int]:
+    shape: tuple[int, ...] | None = None
+    for name, t in tensors.items():
+        if t.dim() != 2:
+            raise ValueError(f"{name} must be 2-D (B, T), got shape {tuple(t.shape)}")
+        if shape is None:
+            shape = tuple(t.shape)
+        elif tuple(t.shape) != shape:
+            desc = ", ".join(f"{k}={tuple(v.shape)}" for k, v in tensors.items())
+            raise ValueError(f"shape mismatch: {desc}")
+    assert shape is not None
+    return shape[0], shape[1]
+
+
+def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; valid choices: {', '.join(choices)}")
+
+
+def _check_chunk_size(chunk_size: int) -> None:
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+
+
+# --------------------------------------------------------------------------- aggregation
+
+
+def aggregate(
+    per_token: Tensor,
+    mask: Tensor,
+    mode: AggMode | str,
+    max_len: int | None = None,
+) -> Tensor:
+    """Reduce a ``(B, T)`` per-token loss to a scalar over the tokens where ``mask > 0``.
+
+    With ``l_{i,t}`` the per-token loss, ``m_{i,t}`` the mask and ``|o_i| = sum_t m_{i,t}``:
+
+    - ``"token-mean"``: ``sum_{i,t} m l / sum_{i,t} m`` -- every token weighs the same
+      (DAPO, Yu et al. 2025).
+    - ``"seq-mean-token-mean"``: ``mean_i (sum_t m l / |o_i|)`` -- the original GRPO
+      objective (Shao et al. 2024).
+    - ``"seq-mean-token-sum"``: ``mean_i sum_t m l``.
+    - ``"seq-mean-token-sum-norm"``: ``mean_i (sum_t m l / max_len)`` -- Dr. GRPO (Liu et al.
+      2025), a constant normaliser that removes the length bias; ``max_len`` is required.
+
+    In the three ``seq-mean-*`` modes, rows with an empty mask are excluded from the outer mean.
+    The mask may hold non-binary weights (they multiply the loss). An all-zero mask returns
+    0 that is still connected to the graph (its gradient is zero), never NaN; values at masked
+    positions (even NaN/inf) never reach the result.
+    """
+    _check_same_2d(per_token=per_token, mask=mask)
+    _check_choice("aggregation mode", mode, AGG_MODES)
+    if mode == "seq-mean-token-sum-norm":
+        if max_len is None:
+            raise ValueError("aggregation mode 'seq-mean-token-sum-norm' requires max_len")
+        if max_len <= 0:
+            raise ValueError(f"max_len must be positive, got {max_len}")
+    keep = mask > 0
+    w = torch.where(keep, mask, 0.0).to(per_token.dtype)
+    weighted = torch.where(keep, per_token, 0.0) * w
+    if mode == "token-mean":
+        total = w.sum()
+        return weighted.sum() / torch.where(total > 0, total, 1.0)
+    seq_sum = weighted.sum(dim=-1)
+    seq_weight = w.sum(dim=-1)
+    nonempty = keep.any(dim=-1)
+    if mode == "seq-mean-token-mean":
+        seq_val = seq_sum / torch.where(nonempty, seq_weight, 1.0)
+    elif mode == "seq-mean-token-sum":
+        seq_val = seq_sum
+    else:
+        assert max_len is not None
+        seq_val = seq_sum / float(max_len)
+    n_seq = nonempty.sum().clamp(min=1).to(per_token.dtype)
+    return torch.where(nonempty, seq_val, 0.0).sum() / n_seq
+
+
+# --------------------------------------------------------------------------- policy loss
+
+
+def _masked_stats(x: Tensor, keep: Tensor) -> tuple[float, float, float]:
+    if not bool(keep.any()):
+        return 1.0, 1.0, 1.0
+    vals = x.detach()[keep].float()
+    return float(vals.mean()), float(vals.max()), float(vals.min())
+
+
+def _frac(cond: Tensor, keep: Tensor, n: int) -> float:
+    return float((cond & keep).sum()) / max(n, 1)
+
+
+def policy_loss(
+    logps: Tensor,
+    old_logps: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    agg: AggMode | str = "seq-mean-token-mean",
+    max_len: int | None = None,
+    ratio_level: Literal["token", "sequence"] = "token",
+    dual_clip: float | None = None,
+    loss_type: Literal["ppo", "cispo"] = "ppo",
+) -> tuple[Tensor, dict[str, float]]:
+    """Clipped policy-gradient loss (PPO, DAPO clip-higher, GSPO, dual clip, CISPO).
+
+    With ``r_t = exp(logp_t - old_logp_t)`` (log-ratio clamped to ``[-20, 20]``), ``A`` the
+    advantage (``(B,)`` broadcast over tokens, or ``(B, T)``; detached here, as is
+    ``old_logps``) and ``clip(r) = clamp(r, 1 - clip_low, 1 + clip_high)``:
+
+    - ``loss_type="ppo"`` (Schulman et al. 2017, "Proximal Policy Optimization Algorithms"):
+      ``l_t = max(-r_t A, -clip(r_t) A)``; ``clip_low != clip_high`` is the asymmetric
+      "clip-higher" of DAPO (Yu et al. 2025), e.g. ``clip_low=0.2, clip_high=0.28``.
+    - ``dual_clip=c`` (``c > 1``, Ye et al. 2020, "Mastering Complex Control in MOBA Games
+      with Deep RL"): for ``A < 0`` the loss is additionally capped,
+      ``l_t = min(max(-r_t A, -clip(r_t) A), -c A)``. PPO only.
+    - ``loss_type="cispo"`` (MiniMax-M1, MiniMax 2025): ``l_t = -sg(clip(r_t)) * A * logp_t``;
+      the clipped importance weight is detached, so every token keeps a gradient
+      ``-clip(r_t) A grad(logp_t)``. (The paper uses a very large ``clip_low``, i.e. no
+      lower bound; ``clip_low=1.0`` gives that.)
+    - ``ratio_level="sequence"`` (GSPO, Zheng et al. 2025, "Group Sequence Policy
+      Optimization"): the ratio is the length-normalised sequence ratio
+      ``s_i = exp(mean_{t in o_i} (logp_t - old_logp_t))`` (geometric mean of token ratios),
+      used per token in the gradient form ``s_{i,t} = sg(s_i) * exp(logp_t - sg(logp_t))`` whose
+      value is ``s_i`` and whose gradient is ``s_i grad(logp_t)``; clipping is therefore
+      decided per sequence. The per-sequence loss is the token mean, averaged over sequences,
+      so ``agg`` must be ``"seq-mean-token-mean"`` (anything else raises). Note GSPO uses much
+      smaller clip ranges than PPO (the paper: 3e-4 / 4e-4).
+
+    The per-token loss is reduced with :func:`aggregate` (``agg``, ``max_len``).
+
+    Metrics (python floats, over tokens with ``mask > 0``): ``clip_frac/low`` -- fraction of
+    tokens where the low clip is active (``A < 0`` and ``r < 1 - clip_low``);
+    ``clip_frac/high`` -- ``A > 0`` and ``r > 1 + clip_high``; for CISPO the weight is
+    truncated whatever the sign of ``A``, so there they count ``r < 1 - clip_low`` /
+    ``r > 1 + clip_high``; ``ratio/mean``, ``ratio/max``, ``ratio/min`` (1.0 when no token
+    counts; under GSPO these are over tokens, each carrying its sequence ratio);
+    ``dual_clip_frac`` (only when ``dual_clip`` is set) -- fraction of tokens where the
+    ``-c A`` cap is active.
+    """
+    B, T = _check_same_2d(logps=logps, old_logps=old_logps, mask=mask)
+    _check_choice("aggregation mode", agg, AGG_MODES)
+    _check_choice("ratio_level", ratio_level, RATIO_LEVELS)
+    _check_choice("loss_type", loss_type, LOSS_TYPES)
+    if not 0.0 <= clip_low <= 1.0:
+        raise ValueError(f"clip_low must be in [0, 1], got {clip_low}")
+    if clip_high < 0.0:
+        raise ValueError(f"clip_high must be >= 0, got {clip_high}")
+    if dual_clip is not None:
+        if loss_type != "ppo":
+            raise ValueError("dual_clip is only defined for loss_type='ppo'")
+        if dual_clip <= 1.0:
+            raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
+    if ratio_level == "sequence" and agg != "seq-mean-token-mean":
+        raise ValueError(
+            "ratio_level='sequence' (GSPO) averages the per-sequence loss over sequences; "
+            f"use agg='seq-mean-token-mean', got {agg!r}"
+        )
+    if advantages.shape == (B,):
+        adv = advantages.detach().unsqueeze(-1).expand(B, T)
+    elif advantages.shape == (B, T):
+        adv = advantages.detach()
+    else:
+        raise ValueError(
+            f"advantages must have shape ({B},) or ({B}, {T}), got {tuple(advantages.shape)}"
+        )
+    adv = adv.to(logps.dtype)
+    keep = mask > 0
+    n_tokens = int(keep.sum())
+
+    log_ratio = torch.where(keep, logps - old_logps.detach(), 0.0)
+    if ratio_level == "token":
+        ratio = torch.exp(log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+    else:
+        w = torch.where(keep, mask, 0.0).to(logps.dtype)
+        seq_len = w.sum(dim=-1).clamp(min=1e-8)
+        seq_log_ratio = (log_ratio * w).sum(dim=-1) / seq_len
+        seq_ratio = torch.exp(seq_log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+        safe_logps = torch.where(keep, logps, 0.0)
+        ratio = seq_ratio.detach().unsqueeze(-1) * torch.exp(safe_logps - safe_logps.detach())
+
+    lo, hi = 1.0 - clip_low, 1.0 + clip_high
+    clipped_ratio = ratio.clamp(lo, hi)
+    metrics: dict[str, float] = {}
+    r_det = ratio.detach()
+    if loss_type == "cispo":
+        per_token = -clipped_ratio.detach() * adv * logps
+        metrics["clip_frac/low"] = _frac(r_det < lo, keep, n_tokens)
+        metrics["clip_frac/high"] = _frac(r_det > hi, keep, n_tokens)
+    else:
+        pg1 = -adv * ratio
+        pg2 = -adv * clipped_ratio
+        per_token = torch.maximum(pg1, pg2)
+        metrics["clip_frac/low"] = _frac((adv < 0) & (r_det < lo), keep, n_tokens)
+        metrics["clip_frac/high"] = _frac((adv > 0) & (r_det > hi), keep, n_tokens)
+        if dual_clip is not None:
+            pg3 = -dual_clip * adv
+            capped = (adv < 0) & (per_token.detach() > pg3)
+            per_token = torch.where(adv < 0, torch.minimum(per_token, pg3), per_token)
+            metrics["dual_clip_frac"] = _frac(capped, keep, n_tokens)
+
+    loss = aggregate(per_token, mask, agg, max_len=max_len)
+    r_mean, r_max, r_min = _masked_stats(ratio, keep)
+    metrics["ratio/mean"] = r_mean
+    metrics["ratio/max"] = r_max
+    metrics["ratio/min"] = r_min
+    return loss, metrics
+
+
+# --------------------------------------------------------------------------- value loss
+
+
+def value_loss(
+    values: Tensor,
+    old_values: Tensor,
+    returns: Tensor,
+    mask: Tensor,
+    *,
+    clip: float | None = 0.2,
+    agg: AggMode | str = "token-mean",
+    max_len: int | None = None,
+) -> tuple[Tensor, dict[str, float]]:
+    """Clipped value-function loss of PPO (Schulman et al. 2017; as in OpenAI baselines).
+
+    ``v_clip = old + clamp(v - old, -clip, clip)`` and
+    ``l_t = 0.5 * max((v - R)^2, (v_clip - R)^2)``, reduced with :func:`aggregate`.
+    ``clip=None`` disables clipping (``l_t = 0.5 (v - R)^2``). ``old_values`` and ``returns``
+    are detached. Metric ``value/clip_frac``: fraction of tokens with ``mask > 0`` where the
+    clipped term is strictly larger (so the clip is what the gradient sees).
+    """
+    _check_same_2d(values=values, old_values=old_values, returns=returns, mask=mask)
+    if clip is not None and clip < 0:
+        raise ValueError(f"clip must be >= 0 or None, got {clip}")
+    keep = mask > 0
+    n_tokens = int(keep.sum())
+    ret = returns.detach().to(values.dtype)
+    vf1 = (values - ret).pow(2)
+    if clip is None:
+        per_token = 0.5 * vf1
+        clip_frac = 0.0
+    else:
+        old = old_values.detach().to(values.dtype)
+        v_clipped = old + (values - old).clamp(-clip, clip)
+        vf2 = (v_clipped - ret).pow(2)
+        per_token = 0.5 * torch.maximum(vf1, vf2)
+        clip_frac = _frac(vf2.detach() > vf1.detach(), keep, n_tokens)
+    loss = aggregate(per_token, mask, agg, max_len=max_len)
+    return loss, {"value/clip_frac": clip_frac}
+
+
+def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> float:
+    """Explained variance of the value predictions, ``1 - Var[R - V] / Var[R]``, over tokens
+    with ``mask > 0`` (a standard PPO diagnostic, e.g. OpenAI baselines; 1 is perfect, 0 is
+    no better than a constant, negative is worse). Returns ``nan`` when ``Var[R] = 0`` or no
+    token counts (the quantity is undefined there).
+    """
+    _check_same_2d(values=values, returns=returns, mask=mask)
+    keep = mask > 0
+    if not bool(keep.any()):
+        return float("nan")
+    v = values.detach()[keep].double()
+    r = returns.detach()[keep].double()
+    var_r = torch.var(r, unbiased=False)
+    if float(var_r) == 0.0:
+        return float("nan")
+    return float(1.0 - torch.var(r - v, unbiased=False) / var_r)
+
+
+# --------------------------------------------------------------------------- from logits
+
+
+def _map_row_chunks(fn: Callable[..., Tensor], inputs: Sequence[Tensor], chunk_size: int) -> Tensor:
+    """Apply ``fn`` to row chunks of 2-D ``inputs`` (split along dim 0) and concatenate.
+
+    When a gradient is needed, each chunk runs under activation checkpointing so that only
+    one chunk's float32 intermediates are alive at a time, in the backward pass as well.
+    """
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
+    outs: list[Tensor] = []
+    for parts in zip(*(t.split(chunk_size, dim=0) for t in inputs), strict=True):
+        if needs_grad:
+            out = checkpoint(fn, *parts, use_reentrant=False)
+            assert isinstance(out, Tensor)
+            outs.append(out)
+        else:
+            outs.append(fn(*parts))
+    if not outs:
+        return torch.zeros(0, dtype=torch.float32, device=inputs[0].device)
+    return torch.cat(outs)
+
+
+def _check_logits(logits: Tensor, name: str = "logits") -> None:
+    if logits.dim() < 2:
+        raise ValueError(
+            f"{name} must have a vocabulary dimension (..., V), got {tuple(logits.shape)}"
+        )
+    if not logits.is_floating_point():
+        raise ValueError(f"{name} must be floating point, got {logits.dtype}")
+
+
+def entropy_from_logits(logits: Tensor, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Tensor:
+    """Per-token entropy of ``softmax(logits)``: ``H = logsumexp(z) - sum_v softmax(z)_v z_v``.
+
+    ``logits`` is ``(B, T, V)`` (any ``(..., V)``; bf16/fp16 allowed); the result has shape
+    ``logits.shape[:-1]`` in float32. Computed over chunks of ``chunk_size`` tokens, each cast
+    to float32 on its own, so no float32 ``(B, T, V)`` tensor is ever materialised (with
+    gradients, chunks are recomputed in backward via activation checkpointing). The input
+    is flattened to ``(B*T, V)`` with ``reshape``, which copies (in its own dtype) only if the
+    logits are not contiguous. Entropy bonus as in Mnih et al. 2016 / Schulman et al. 2017.
+    """
+    _check_logits(logits)
+    _check_chunk_size(chunk_size)
+    lead = logits.shape[:-1]
+    flat = logits.reshape(-1, logits.shape[-1])
+
+    def _chunk(z: Tensor) -> Tensor:
+        z = z.float()
+        logz = torch.logsumexp(z, dim=-1)
+        p = torch.softmax(z, dim=-1)
+        return logz - (p * z).sum(dim=-1)
+
+    return _map_row_chunks(_chunk, [flat], chunk_size).view(lead)
+
+
+def token_logprobs(
+    logits: Tensor,
+    ids: Tensor,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    temperature: float = 1.0,
+) -> Tensor:
+    """Float32 log-probabilities of ``ids`` under ``softmax(logits / temperature)``.
+
+    ``log p(y_t) = z_{t, y_t} / tau - logsumexp_v(z_{t, v} / tau)`` for ``logits`` ``(B, T, V)``
+    (any ``(..., V)``) and integer ``ids`` of shape ``logits.shape[:-1]``; result has the same
+    shape as ``ids``. Computed in chunks of ``chunk_size`` tokens, each cast to float32 on
+    its own (no float32 ``(B, T, V)`` log-softmax; chunks are recomputed in backward via
+    activation checkpointing when a gradient is needed). The caller aligns ``logits`` and
+    ``ids`` (usually ``logits[:, :-1]`` with ``input_ids[:, 1:]``). This is the standard
+    sampled-token log-likelihood of the policy-gradient theorem (Williams 1992).
+    """
+    _check_logits(logits)
+    _check_chunk_size(chunk_size)
+    if ids.shape != logits.shape[:-1]:
+        raise ValueError(
+            f"ids must have shape {tuple(logits.shape[:-1])} (logits without the vocabulary "
+            f"dim), got {tuple(ids.shape)}"
+        )
+    if ids.is_floating_point() or ids.dtype == torch.bool:
+        raise ValueError(f"ids must be an integer tensor, got {ids.dtype}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    V = logits.shape[-1]
+    flat = logits.reshape(-1, V)
+    flat_ids = ids.reshape(-1, 1).long()
+
+    def _chunk(z: Tensor, y: Tensor) -> Tensor:
+        z = z.float()
+        if temperature != 1.0:
+            z = z / temperature
+        return z.gather(-1, y).squeeze(-1) - torch.logsumexp(z, dim=-1)
+
+    return _map_row_chunks(_chunk, [flat, flat_ids], chunk_size).view(ids.shape)
