@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
@@ -29,6 +29,7 @@ class SamplingParams:
     greedy: bool = False
     n: int = 1
     stop_strings: Sequence[str] = ()
+    share_prefix: bool = True  # False encodes each of the n copies of a prompt separately
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -132,6 +133,20 @@ def _generate(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     eos_ids = _eos_ids(model, tokenizer)
     n_prompts, g = len(prompt_ids), params.n
+    if not params.share_prefix and g > 1:  # reference path: every row encodes its own prompt
+        r = _generate(
+            model,
+            tokenizer,
+            [p for p in prompt_ids for _ in range(g)],
+            replace(params, n=1),
+            generator,
+            autocast_dtype,
+        )
+        r.group_size = g
+        r.prompt_index = torch.arange(n_prompts, device=r.completion_ids.device).repeat_interleave(
+            g
+        )
+        return r
     n_rows = n_prompts * g
     max_new = params.max_new_tokens
     stop_strings = [s for s in params.stop_strings if s]

@@ -84,6 +84,7 @@ class TrainerBase:
         resume: bool = False,
         overwrite: bool = False,
         console: Console | None = None,
+        task: Task | None = None,
     ) -> None:
         hf_logging.disable_progress_bar()
         self.recipe = recipe
@@ -94,7 +95,8 @@ class TrainerBase:
         self.run = RunDir(recipe.run_dir, tensorboard=recipe.logging.tensorboard)
         self.run.write_config(dump_recipe(recipe))
         seed_everything(recipe.seed)
-        self.task: Task = make_task(recipe.task.name, **recipe.task.kwargs())
+        # a researcher may pass any object with train()/test()/verify(); else the recipe's task
+        self.task: Task = task or make_task(recipe.task.name, **recipe.task.kwargs())
         self.resume_from = latest_checkpoint(self.run.path) if resume else None
         source = str(self.resume_from) if self.resume_from else recipe.model.name_or_path
         self.model, self.tokenizer = load_model(
@@ -128,7 +130,9 @@ class TrainerBase:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(self.recipe))
         self.params = params
 
-    def optimizer_step(self) -> dict[str, float]:
+    def optimizer_step(self, step_scheduler: bool = True) -> dict[str, float]:
+        """Clip, step AdamW (skipped on a non-finite gradient), zero grads, advance the LR
+        schedule unless `step_scheduler` is False (several updates in one training step)."""
         t = self.recipe.train
         if t.grad_clip is not None:
             norm = torch.nn.utils.clip_grad_norm_(self.params, t.grad_clip)
@@ -142,7 +146,8 @@ class TrainerBase:
         else:  # a non-finite gradient: skip the update, keep going, and log it
             self.console.print(f"[yellow]step {self.step}: non-finite grad norm, update skipped")
         self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
+        if step_scheduler:
+            self.scheduler.step()
         return {"grad_norm": float(norm), "lr": lr}
 
     # -- checkpoints ----------------------------------------------------------------------

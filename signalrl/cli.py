@@ -1,0 +1,123 @@
+"""The `signalrl` command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(
+    help="signalrl: LLM post-training where every method is a choice of training signal.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+err = Console(stderr=True)
+
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="override a recipe key: section.key=value (repeatable)"),
+]
+
+
+def _fail(msg: str) -> None:
+    err.print(f"[red]error:[/red] {msg}", highlight=False)
+    raise typer.Exit(2)
+
+
+@app.command()
+def train(
+    recipe: Annotated[Path, typer.Argument(help="recipe YAML")],
+    set_: SetOpt = None,
+    resume: Annotated[bool, typer.Option(help="continue from the latest checkpoint")] = False,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing run directory")] = False,
+) -> None:
+    """Train as RECIPE says; writes runs/<name>/ (config, metrics, checkpoints, final/)."""
+    from signalrl.config import RecipeError, load_recipe
+    from signalrl.trainers import run_recipe
+
+    try:
+        r = load_recipe(recipe, set_ or [])
+        result = run_recipe(r, resume=resume, overwrite=overwrite)
+    except (RecipeError, FileExistsError, FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+        return
+    print(json.dumps(result, indent=2))
+
+
+@app.command("eval")
+def eval_(
+    model: Annotated[str, typer.Option(help="checkpoint directory or preset")],
+    task: Annotated[str, typer.Option(help="built-in task")] = "arithmetic",
+    k: Annotated[int, typer.Option(help="pass@k (0: greedy accuracy only)")] = 0,
+    samples: Annotated[int | None, typer.Option(help="samples per problem (>= k)")] = None,
+    n: Annotated[int | None, typer.Option(help="test problems (default: all)")] = None,
+    max_new_tokens: Annotated[int, typer.Option()] = 16,
+    temperature: Annotated[float, typer.Option()] = 1.0,
+    seed: Annotated[int, typer.Option()] = 0,
+    set_: SetOpt = None,
+    out: Annotated[Path | None, typer.Option(help="write the result as JSON here")] = None,
+) -> None:
+    """Greedy accuracy and unbiased pass@k of MODEL on TASK's test split."""
+    from signalrl.config import parse_override
+    from signalrl.eval import evaluate
+    from signalrl.models import load_model
+    from signalrl.tasks import make_task
+
+    try:
+        task_kw = {}
+        for ov in set_ or []:
+            key, value = parse_override(ov)
+            if not key.startswith("task."):
+                _fail(f"--set {ov!r}: eval only takes task.* overrides")
+            task_kw[key[5:]] = value
+        t = make_task(task, **task_kw)
+        m, tok = load_model(model)
+        rows = t.test()[:n] if n else t.test()
+        res = evaluate(
+            m,
+            tok,
+            rows,
+            t.verify,
+            max_new_tokens=max_new_tokens,
+            k=k,
+            samples=samples,
+            temperature=temperature,
+            seed=seed,
+        )
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+        return
+    result = {"model": model, "task": task, **res.metrics(prefix=""), "n": res.n}
+    text = json.dumps(result, indent=2)
+    if out:
+        out.write_text(text + "\n")
+    print(text)
+
+
+@app.command()
+def quickstart(
+    out: Annotated[Path, typer.Option(help="output directory")] = Path("runs/quickstart"),
+    recipe: Annotated[Path | None, typer.Option(help="a quickstart recipe (sft + grpo)")] = None,
+    set_: SetOpt = None,
+) -> None:
+    """SFT a tiny model on arithmetic, improve it with GRPO, print a before/after table."""
+    from signalrl.config import RecipeError
+    from signalrl.quickstart import run_quickstart
+
+    try:
+        run_quickstart(out, str(recipe) if recipe else None, set_ or [])
+    except (RecipeError, ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+
+
+def main() -> None:  # pragma: no cover
+    sys.exit(app())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
