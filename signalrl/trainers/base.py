@@ -74,6 +74,40 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return max(steps)[1] if steps else None
 
 
+class DataCursor:
+    """Epoch-wise shuffled order over `n` rows, resumable: `take(k)` returns the next k
+    indices, reshuffling (seeded by the epoch) when an epoch ends."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        if n <= 0:
+            raise ValueError("no training rows")
+        self.n, self.seed = n, seed
+        self.order: list[int] = []
+        self.cursor = 0
+        self.epoch = 0
+
+    def take(self, k: int) -> list[int]:
+        out: list[int] = []
+        while len(out) < k:
+            if self.cursor >= len(self.order):
+                self.order = list(range(self.n))
+                random.Random(self.seed * 7919 + self.epoch).shuffle(self.order)
+                self.epoch += 1
+                self.cursor = 0
+            step = min(k - len(out), len(self.order) - self.cursor)
+            out.extend(self.order[self.cursor : self.cursor + step])
+            self.cursor += step
+        return out
+
+    def state(self) -> dict[str, Any]:
+        return {"order": self.order, "cursor": self.cursor, "epoch": self.epoch}
+
+    def load(self, state: dict[str, Any]) -> None:
+        self.order = list(state.get("order", []))
+        self.cursor = int(state.get("cursor", 0))
+        self.epoch = int(state.get("epoch", 0))
+
+
 class TrainerBase:
     """Run directory, model, optimiser, schedule, checkpoints, progress and evaluation."""
 
@@ -251,6 +285,40 @@ class TrainerBase:
         every = self.recipe.eval.every
         if every and self.step % every == 0 and self.step < self.recipe.train.steps:
             metrics.update(self.evaluate(with_pass_k=False).metrics())
+
+    # -- the loop ---------------------------------------------------------------------------
+    def train_step(self) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        """One optimiser step; returns its metrics and rows for samples.jsonl."""
+        raise NotImplementedError
+
+    def progress_info(self, metrics: dict[str, Any]) -> str:
+        return f"loss {metrics.get('loss', float('nan')):.4f}"
+
+    def train(self) -> dict[str, Any]:
+        """Step until `train.steps`, with logging, samples, evaluation and checkpoints; then
+        the final evaluation and `final/`."""
+        t, lg = self.recipe.train, self.recipe.logging
+        metrics: dict[str, Any] = {}
+        name = (
+            self.recipe.rl.algorithm if self.recipe.trainer == "online_rl" else self.recipe.trainer
+        )
+        with self.progress() as bar:
+            task = bar.add_task(name, total=t.steps, completed=self.step, info="")
+            while self.step < t.steps:
+                metrics, samples = self.train_step()
+                self.step += 1
+                self.maybe_evaluate(metrics)
+                if samples and lg.samples_every and self.step % lg.samples_every == 0:
+                    self.run.log_samples(self.step, samples[: lg.samples_n])
+                if self.step % lg.every == 0 and self.step < t.steps:
+                    metrics["time/elapsed_s"] = self.elapsed()
+                    self.run.log_metrics(self.step, metrics)
+                info = self.progress_info(metrics)
+                if "eval/accuracy" in metrics:
+                    info += f"  acc {metrics['eval/accuracy']:.3f}"
+                bar.update(task, completed=self.step, info=info)
+                self.maybe_checkpoint()
+        return self.finish(metrics)
 
     def finish(self, metrics: dict[str, Any]) -> dict[str, Any]:
         """Final evaluation, `final/` and the last metrics row."""

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import math
-import random
 import time
 from typing import Any
 
@@ -29,7 +28,7 @@ from signalrl.losses.policy import aggregate, policy_loss
 from signalrl.models import count_parameters
 from signalrl.models.logprobs import completion_logps
 from signalrl.rollout.sampler import Rollout, SamplingParams, generate
-from signalrl.trainers.base import TrainerBase
+from signalrl.trainers.base import DataCursor, TrainerBase
 
 
 class OnlineRLTrainer(TrainerBase):
@@ -52,9 +51,7 @@ class OnlineRLTrainer(TrainerBase):
             stop_strings=tuple(s.stop_strings),
         )
         self.generator = torch.Generator(device=self.device).manual_seed(recipe.seed)
-        self.order: list[int] = []
-        self.cursor = 0
-        self.epoch = 0
+        self.data = DataCursor(len(self.rows), recipe.seed)
         self.build_optimizer()
         self.maybe_resume()
         held = [self.model] + ([self.ref_model] if self.ref_model is not None else [])
@@ -65,31 +62,12 @@ class OnlineRLTrainer(TrainerBase):
 
     # -- state ----------------------------------------------------------------------------
     def extra_state(self) -> dict[str, Any]:
-        return {
-            "order": self.order,
-            "cursor": self.cursor,
-            "epoch": self.epoch,
-            "generator": self.generator.get_state(),
-        }
+        return {"data": self.data.state(), "generator": self.generator.get_state()}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
-        self.order = list(state.get("order", []))
-        self.cursor = int(state.get("cursor", 0))
-        self.epoch = int(state.get("epoch", 0))
+        self.data.load(state.get("data", {}))
         if "generator" in state:
             self.generator.set_state(state["generator"])
-
-    def next_rows(self, n: int) -> list[dict[str, Any]]:
-        out: list[dict[str, Any]] = []
-        while len(out) < n:
-            if self.cursor >= len(self.order):
-                self.order = list(range(len(self.rows)))
-                random.Random(self.recipe.seed * 7919 + self.epoch).shuffle(self.order)
-                self.epoch += 1
-                self.cursor = 0
-            out.append(self.rows[self.order[self.cursor]])
-            self.cursor += 1
-        return out
 
     # -- one step ---------------------------------------------------------------------------
     def score(self, rows: list[dict[str, Any]], rollout: Rollout) -> torch.Tensor:
@@ -120,10 +98,26 @@ class OnlineRLTrainer(TrainerBase):
         total = float(nonempty.sum()) or 1.0
         return [float(nonempty[s].sum()) / total for s in slices]
 
+    @torch.no_grad()
+    def _logps_no_grad(
+        self, model: torch.nn.Module, batch: SequenceBatch, slices: list[slice]
+    ) -> torch.Tensor:
+        width = batch.completion_ids.shape[1]
+        out = torch.zeros(len(batch), width, device=self.device)
+        for s in slices:
+            lp, _ = completion_logps(
+                model,
+                batch.select(s),
+                temperature=self.sampling.temperature,
+                autocast_dtype=self.autocast_dtype,
+            )
+            out[s, : lp.shape[1]] = lp
+        return out
+
     def train_step(self) -> tuple[dict[str, float], list[dict[str, Any]]]:
         rl, t = self.recipe.rl, self.recipe.train
         t0 = time.time()
-        rows = self.next_rows(t.batch_size)
+        rows = [self.rows[i] for i in self.data.take(t.batch_size)]
         rollout = generate(
             self.model,
             self.tokenizer,
@@ -146,31 +140,10 @@ class OnlineRLTrainer(TrainerBase):
         weights = self._weights(batch, slices)
         temp = self.sampling.temperature
         ref_logps = old_logps = None
-        with torch.no_grad():
-            if self.ref_model is not None:
-                ref_logps = torch.cat(
-                    [
-                        completion_logps(
-                            self.ref_model,
-                            batch.select(s),
-                            temperature=temp,
-                            autocast_dtype=self.autocast_dtype,
-                        )[0]
-                        for s in slices
-                    ]
-                )
-            if rl.mu > 1:
-                old_logps = torch.cat(
-                    [
-                        completion_logps(
-                            self.model,
-                            batch.select(s),
-                            temperature=temp,
-                            autocast_dtype=self.autocast_dtype,
-                        )[0]
-                        for s in slices
-                    ]
-                )
+        if self.ref_model is not None:
+            ref_logps = self._logps_no_grad(self.ref_model, batch, slices)
+        if rl.mu > 1:  # the policy before this step's updates: the ratio's denominator
+            old_logps = self._logps_no_grad(self.model, batch, slices)
         self.model.train()
         sums: dict[str, float] = {}
         ent_sum, kl_sum = 0.0, 0.0
@@ -247,25 +220,5 @@ class OnlineRLTrainer(TrainerBase):
         ]
         return metrics, samples
 
-    def train(self) -> dict[str, Any]:
-        t, lg = self.recipe.train, self.recipe.logging
-        metrics: dict[str, Any] = {}
-        with self.progress() as bar:
-            task = bar.add_task(
-                self.recipe.rl.algorithm, total=t.steps, completed=self.step, info=""
-            )
-            while self.step < t.steps:
-                metrics, samples = self.train_step()
-                self.step += 1
-                self.maybe_evaluate(metrics)
-                if lg.samples_every and self.step % lg.samples_every == 0:
-                    self.run.log_samples(self.step, samples[: lg.samples_n])
-                if (self.step % lg.every == 0) and self.step < t.steps:
-                    metrics["time/elapsed_s"] = self.elapsed()
-                    self.run.log_metrics(self.step, metrics)
-                info = f"reward {metrics['reward/mean']:.3f}"
-                if "eval/accuracy" in metrics:
-                    info += f"  acc {metrics['eval/accuracy']:.3f}"
-                bar.update(task, completed=self.step, info=info)
-                self.maybe_checkpoint()
-        return self.finish(metrics)
+    def progress_info(self, metrics: dict[str, Any]) -> str:
+        return f"reward {metrics['reward/mean']:.3f}"
