@@ -23,6 +23,7 @@ class ModelConfig(Section):
     name_or_path: str = "tiny"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     seed: int = Field(0, description="initialisation seed for presets")
+    device: str = Field("auto", description="auto (cuda if available, else cpu), cpu, cuda:N")
 
 
 class TaskConfig(BaseModel):
@@ -96,9 +97,65 @@ class CheckpointConfig(Section):
     keep: int = Field(2, ge=1)
 
 
+REFERENCE_FREE_LOSSES: tuple[str, ...] = ("simpo", "orpo")
+EXTRA_PREFERENCE_LOSSES: tuple[str, ...] = ("simpo", "orpo", "kto", "rpo")
+
+
+def preference_loss_types() -> tuple[str, ...]:
+    """Every `preference.loss_type`: the DPO family plus SimPO, ORPO, KTO and RPO."""
+    from signalrl.losses.preference import DPO_LOSS_TYPES
+
+    return (*DPO_LOSS_TYPES, *EXTRA_PREFERENCE_LOSSES)
+
+
+class PreferenceConfig(Section):
+    """Preference optimisation (trainer `preference`); see `signalrl/trainers/preference.py`."""
+
+    loss_type: str = Field(
+        "sigmoid", description="a DPO loss type (sigmoid, ipo, robust, ...), simpo, orpo, kto, rpo"
+    )
+    beta: float = Field(0.1, gt=0)
+    label_smoothing: float = Field(0.0, ge=0, le=0.5)
+    simpo_gamma: float = 0.5
+    rpo_alpha: float = Field(1.0, ge=0, description="weight of the chosen NLL (rpo)")
+    reference: Literal["copy", "lora", "precomputed", "none"] = "copy"
+    lora_r: int = Field(8, ge=1)
+    lora_alpha: int = Field(16, ge=1)
+    kto_desirable_weight: float = Field(1.0, ge=0)
+    kto_undesirable_weight: float = Field(1.0, ge=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> PreferenceConfig:
+        valid = preference_loss_types()
+        if self.loss_type not in valid:
+            raise ValueError(
+                f"preference.loss_type: unknown loss type {self.loss_type!r}; valid: "
+                f"{', '.join(valid)}"
+            )
+        if self.reference == "none" and self.loss_type not in REFERENCE_FREE_LOSSES:
+            raise ValueError(
+                f"preference.reference 'none' needs a reference-free loss "
+                f"({', '.join(REFERENCE_FREE_LOSSES)}); loss_type {self.loss_type!r} needs a "
+                "reference model (copy, lora or precomputed)"
+            )
+        return self
+
+
+class DataConfig(Section):
+    """A preference data file: rows {prompt, chosen, rejected} or, for kto,
+    {prompt, completion, label}. Relative paths are relative to the working directory."""
+
+    path: str | None = None
+    format: Literal["auto", "jsonl", "parquet", "hf"] = "auto"
+    test_path: str | None = None
+    test_fraction: float = Field(
+        0.1, ge=0, lt=1, description="held-out rows for eval metrics when test_path is unset"
+    )
+
+
 class Recipe(Section):
     name: str = "run"
-    trainer: Literal["sft", "online_rl"] = "sft"
+    trainer: Literal["sft", "online_rl", "preference"] = "sft"
     seed: int = 0
     output_dir: str = "runs"
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -109,11 +166,15 @@ class Recipe(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
 
     @model_validator(mode="after")
     def _check(self) -> Recipe:
         if self.eval.samples is not None and self.eval.samples < self.eval.k:
             raise ValueError("eval.samples must be >= eval.k")
+        if self.trainer == "preference" and not self.data.path:
+            raise ValueError("trainer 'preference' needs data.path (a preference data file)")
         return self
 
     @property

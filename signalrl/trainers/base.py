@@ -133,8 +133,11 @@ class TrainerBase:
         self.task: Task = task or make_task(recipe.task.name, **recipe.task.kwargs())
         self.resume_from = latest_checkpoint(self.run.path) if resume else None
         source = str(self.resume_from) if self.resume_from else recipe.model.name_or_path
+        device = recipe.model.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model, self.tokenizer = load_model(
-            source, dtype=recipe.model.dtype, seed=recipe.model.seed
+            source, dtype=recipe.model.dtype, seed=recipe.model.seed, device=device
         )
         self.device = next(self.model.parameters()).device
         self.autocast_dtype = torch.bfloat16 if recipe.train.precision == "bf16" else None
