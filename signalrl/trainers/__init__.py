@@ -9,9 +9,14 @@ from signalrl.config import Recipe
 
 def trainer_class(name: str) -> type:
     from signalrl.trainers.online_rl import OnlineRLTrainer
+    from signalrl.trainers.preference import PreferenceTrainer
     from signalrl.trainers.sft import SFTTrainer
 
-    table: dict[str, type] = {"sft": SFTTrainer, "online_rl": OnlineRLTrainer}
+    table: dict[str, type] = {
+        "sft": SFTTrainer,
+        "online_rl": OnlineRLTrainer,
+        "preference": PreferenceTrainer,
+    }
     if name not in table:
         raise ValueError(f"unknown trainer {name!r}; available: {', '.join(table)}")
     return table[name]

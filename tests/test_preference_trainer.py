@@ -1,0 +1,161 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from signalrl.config import RecipeError, recipe_from_dict
+from signalrl.data.preference import PreferenceDataError, load_preference_data
+from signalrl.logging import read_metrics
+from signalrl.models import load_model
+from signalrl.models.logprobs import completion_logps
+from signalrl.trainers import run_recipe
+from signalrl.trainers.preference import REF_FILE, PreferenceTrainer
+
+DATA = Path(__file__).parent / "data"
+
+
+def _pref(tmp_path, **over):
+    data = {
+        "name": "pref",
+        "output_dir": str(tmp_path),
+        "trainer": "preference",
+        "model": {"name_or_path": "tiny"},
+        "task": {"name": "arithmetic", "digits": 1, "n_train": 8, "n_test": 4},
+        "data": {"path": str(DATA / "prefs_sample.jsonl"), "test_fraction": 0.2},
+        "preference": {"loss_type": "sigmoid", "beta": 0.1},
+        "train": {"steps": 3, "lr": 2e-3, "batch_size": 6, "micro_batch_size": 4},
+        "sampling": {"max_new_tokens": 3},
+        "eval": {"every": 0},
+        "logging": {"progress": False, "samples_every": 0},
+        "checkpoint": {"every": 0},
+    }
+    for k, v in over.items():
+        data[k] = {**data.get(k, {}), **v} if isinstance(v, dict) else v
+    return recipe_from_dict(data, "test")
+
+
+def test_dpo_learns_preferences(tmp_path):
+    r = _pref(tmp_path, train={"steps": 30})
+    out = run_recipe(r)
+    rows = read_metrics(tmp_path / "pref")
+    assert len(rows) == 30
+    first = sum(x["rewards/margins"] for x in rows[:3]) / 3
+    last = sum(x["rewards/margins"] for x in rows[-5:]) / 5
+    assert last > first + 0.5, (first, last)
+    assert sum(x["rewards/accuracies"] for x in rows[-5:]) / 5 == pytest.approx(1.0)
+    assert rows[-1]["loss"] < 0.5 * rows[0]["loss"]
+    for k in ("eval/rewards/accuracies", "eval/logratio_chosen", "eval/kl_ref", "grad_norm", "lr"):
+        assert k in rows[-1], k
+    assert out["eval/kl_ref"] >= 0
+
+
+def test_lora_reference_is_policy_without_adapter_and_final_is_plain(tmp_path):
+    r = _pref(tmp_path, preference={"reference": "lora"}, train={"steps": 2})
+    t = PreferenceTrainer(r)
+    assert t.ref_model is None
+    base, _ = load_model("tiny", seed=0)
+    idx = [0, 1, 2]
+    batch = t._rows_batch(t.train_data, idx, "pair")
+    want, _ = completion_logps(base.eval(), batch)
+    torch.testing.assert_close(t._ref_logps(batch), want)
+    n_train = sum(p.numel() for p in t.model.parameters() if p.requires_grad)
+    assert 0 < n_train < sum(p.numel() for p in base.parameters())
+    t.train()
+    m = AutoModelForCausalLM.from_pretrained(tmp_path / "pref" / "final")
+    assert not any("lora" in n for n, _ in m.named_parameters())
+    # after training the merged model differs from the base: the adapter was merged in
+    got, _ = completion_logps(m.eval(), batch)
+    assert not torch.allclose(got, want)
+
+
+def test_precomputed_reference_matches_copy(tmp_path):
+    losses = {}
+    for mode in ("copy", "precomputed"):
+        r = _pref(tmp_path / mode, preference={"reference": mode}, train={"steps": 2})
+        run_recipe(r)
+        losses[mode] = [x["loss"] for x in read_metrics(tmp_path / mode / "pref")]
+    assert (tmp_path / "precomputed" / "pref" / REF_FILE).is_file()
+    assert not (tmp_path / "copy" / "pref" / REF_FILE).exists()
+    assert losses["precomputed"][0] == pytest.approx(losses["copy"][0], rel=1e-5)
+    cache = torch.load(tmp_path / "precomputed" / "pref" / REF_FILE, weights_only=False)
+    assert cache["train"]["chosen"].shape == (10,) and cache["test"]["rejected"].shape == (2,)
+
+
+def test_simpo_without_reference_and_kto(tmp_path):
+    r = _pref(tmp_path / "s", preference={"loss_type": "simpo", "reference": "none", "beta": 2})
+    t = PreferenceTrainer(r)
+    assert t.ref_model is None and not t.uses_ref
+    t.train()
+    rows = read_metrics(tmp_path / "s" / "pref")
+    assert "rewards/accuracies" in rows[-1] and "eval/kl_ref" not in rows[-1]
+    r = _pref(
+        tmp_path / "k",
+        preference={"loss_type": "kto"},
+        data={"path": str(DATA / "kto_sample.jsonl")},
+    )
+    run_recipe(r)
+    last = read_metrics(tmp_path / "k" / "pref")[-1]
+    assert "kl" in last and last["kl"] >= 0 and "rewards/margins" in last
+
+
+def test_chat_format_renders_template(tiny):
+    _, tok = tiny
+    d = load_preference_data(DATA / "prefs_chat_sample.jsonl", tok)
+    assert d.prompts is not None and d.prompts[0].endswith("<|im_start|>assistant\n")
+    text = tok.decode(d.completion_ids[0])
+    assert text.startswith("72<|im_end|>") and text.endswith(tok.eos_token)
+
+
+def _write(tmp_path, rows, name="bad.jsonl"):
+    p = tmp_path / name
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return p
+
+
+@pytest.mark.parametrize(
+    ("bad", "field", "kind"),
+    [
+        ({"prompt": "1+1=", "chosen": "2"}, "rejected", "paired"),
+        ({"prompt": "1+1=", "chosen": "", "rejected": "3"}, "chosen", "paired"),
+        ({"prompt": "1+1=", "chosen": "2", "rejected": "2"}, "rejected", "paired"),
+        (
+            {
+                "prompt": [{"role": "wizard", "content": "1+1="}],
+                "chosen": [{"role": "assistant", "content": "2"}],
+                "rejected": [{"role": "assistant", "content": "3"}],
+            },
+            "prompt",
+            "paired",
+        ),
+        ({"prompt": "1+1=", "completion": "2", "label": "yes"}, "label", "kto"),
+    ],
+)
+def test_malformed_rows_name_file_row_and_field(tmp_path, tiny, bad, field, kind):
+    _, tok = tiny
+    if kind == "kto":
+        good = {"prompt": "2+2=", "completion": "4", "label": True}
+    else:
+        good = {"prompt": "2+2=", "chosen": "4", "rejected": "5"}
+        if isinstance(bad["prompt"], list):
+            good = {
+                k: [{"role": "user" if k == "prompt" else "assistant", "content": v}]
+                for k, v in good.items()
+            }
+    p = _write(tmp_path, [good, good, bad])
+    with pytest.raises(PreferenceDataError) as e:
+        load_preference_data(p, tok, kind=kind)
+    msg = str(e.value)
+    assert str(p) in msg and "row 3" in msg and f"'{field}'" in msg, msg
+
+
+def test_reference_none_needs_reference_free_loss(tmp_path):
+    with pytest.raises(RecipeError, match="reference 'none'"):
+        _pref(tmp_path, preference={"reference": "none", "loss_type": "sigmoid"})
+    with pytest.raises(RecipeError, match="valid: sigmoid.*simpo"):
+        _pref(tmp_path, preference={"loss_type": "dpo2"})
+    with pytest.raises(RecipeError, match="data.path"):
+        _pref(tmp_path, data={"path": None})
