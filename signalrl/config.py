@@ -14,6 +14,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from signalrl.rewards.registry import RewardSpec
+
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -60,18 +62,142 @@ class SamplingConfig(Section):
     stop_strings: list[str] = Field(default_factory=list)
 
 
+AggName = Literal[
+    "token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"
+]
+Algorithm = Literal["grpo", "dr_grpo", "dapo", "gspo", "rloo", "reinforce_pp", "ppo"]
+
+# Each algorithm is a preset of the pieces; any key set in a recipe wins over its preset.
+ALGORITHM_PRESETS: dict[str, dict[str, Any]] = {
+    "grpo": dict(
+        advantage="group",
+        adv_scale="group",
+        loss_agg="seq-mean-token-mean",
+        clip_low=0.2,
+        clip_high=0.2,
+        kl_placement="loss",
+        beta=0.04,
+    ),
+    "dr_grpo": dict(
+        advantage="group",
+        adv_scale="none",
+        loss_agg="seq-mean-token-sum-norm",
+        clip_low=0.2,
+        clip_high=0.2,
+        kl_placement="off",
+        beta=0.0,
+    ),
+    "dapo": dict(
+        advantage="group",
+        adv_scale="group",
+        loss_agg="token-mean",
+        clip_low=0.2,
+        clip_high=0.28,
+        kl_placement="off",
+        beta=0.0,
+        dynamic_sampling=True,
+        overlong_cache=4,
+    ),
+    "gspo": dict(
+        advantage="group",
+        adv_scale="group",
+        loss_agg="seq-mean-token-mean",
+        ratio_level="sequence",
+        clip_low=3e-4,
+        clip_high=4e-4,
+        kl_placement="off",
+        beta=0.0,
+    ),
+    "rloo": dict(
+        advantage="rloo",
+        loss_agg="token-mean",
+        clip_low=0.2,
+        clip_high=0.2,
+        kl_placement="reward",
+        beta=0.05,
+    ),
+    "reinforce_pp": dict(
+        advantage="reinforce_pp",
+        loss_agg="token-mean",
+        clip_low=0.2,
+        clip_high=0.2,
+        kl_placement="reward",
+        beta=0.01,
+    ),
+    "ppo": dict(
+        advantage="gae",
+        loss_agg="token-mean",
+        clip_low=0.2,
+        clip_high=0.2,
+        kl_placement="reward",
+        beta=0.05,
+        whiten_advantages=True,
+    ),
+}
+
+
 class RLConfig(Section):
-    algorithm: Literal["grpo"] = "grpo"
-    group_size: int = Field(8, ge=2)
+    """Online RL. `algorithm` picks a preset (ALGORITHM_PRESETS); every other key left unset
+    takes the preset's value, and any key set here overrides it."""
+
+    algorithm: Algorithm = "grpo"
+    group_size: int = Field(8, ge=1)
     mu: int = Field(1, ge=1, description="policy updates per batch of rollouts")
-    clip_low: float = Field(0.2, ge=0)
-    clip_high: float = Field(0.2, ge=0)
-    loss_agg: Literal[
-        "token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"
-    ] = "seq-mean-token-mean"
-    adv_scale: Literal["group", "batch", "none"] = "group"
-    beta: float = Field(0.0, ge=0, description="KL coefficient; 0 keeps no reference model")
-    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    advantage: Literal["group", "rloo", "reinforce_pp", "gae"] | None = None
+    adv_scale: Literal["group", "batch", "none"] | None = None
+    whiten_advantages: bool | None = None
+    loss_agg: AggName | None = None
+    ratio_level: Literal["token", "sequence"] | None = None
+    loss_type: Literal["ppo", "cispo"] = "ppo"
+    clip_low: float | None = Field(None, ge=0)
+    clip_high: float | None = Field(None, ge=0)
+    dual_clip: float | None = Field(None, gt=1)
+    kl_placement: Literal["loss", "reward", "off"] | None = None
+    beta: float | None = Field(None, ge=0, description="KL coefficient; 0 keeps no reference")
+    kl_estimator: Literal["k1", "k2", "k3"] | None = Field(
+        None, description="default: k3 in the loss, k1 in the reward"
+    )
+    dynamic_sampling: bool | None = None
+    max_sampling_rounds: int = Field(4, ge=1, description="dynamic sampling: rounds per step")
+    overlong_cache: int | None = Field(None, ge=0, description="DAPO soft overlong window")
+    overlong_factor: float = Field(1.0, ge=0)
+    mask_truncated: bool = False
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1)
+    vf_coef: float = Field(0.5, ge=0)
+    value_clip: float | None = Field(0.2, gt=0)
+    critic_lr: float | None = Field(None, gt=0, description="default: train.lr")
+    critic_path: str | None = Field(None, description="critic init; default: the policy")
+
+    @model_validator(mode="after")
+    def _fill_from_preset(self) -> RLConfig:
+        preset = {
+            "ratio_level": "token",
+            "whiten_advantages": False,
+            "dynamic_sampling": False,
+            "adv_scale": "group",
+            **ALGORITHM_PRESETS[self.algorithm],
+        }
+        if self.beta and self.kl_placement is None and preset["kl_placement"] == "off":
+            preset["kl_placement"] = "loss"  # a KL asked for explicitly goes in the loss
+        for key, value in preset.items():
+            if getattr(self, key) is None:
+                object.__setattr__(self, key, value)
+        if self.advantage in ("group", "rloo") and self.group_size < 2:
+            raise ValueError(f"advantage {self.advantage!r} needs group_size >= 2")
+        if self.ratio_level == "sequence" and self.loss_agg != "seq-mean-token-mean":
+            raise ValueError("ratio_level 'sequence' (GSPO) needs loss_agg seq-mean-token-mean")
+        if self.kl_estimator is None:
+            object.__setattr__(
+                self, "kl_estimator", "k1" if self.kl_placement == "reward" else "k3"
+            )
+        if self.kl_placement == "off" and self.beta:
+            raise ValueError("beta > 0 with kl_placement 'off': set kl_placement to loss or reward")
+        return self
+
+    @property
+    def uses_reference(self) -> bool:
+        return bool(self.beta) and self.kl_placement != "off"
 
 
 class EvalConfig(Section):
@@ -163,6 +289,11 @@ class Recipe(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     rl: RLConfig = Field(default_factory=RLConfig)
+    rewards: list[RewardSpec] = Field(
+        default_factory=lambda: [RewardSpec(type="task")],
+        description="weighted reward terms (online RL); default: the task's verifier",
+    )
+    reward_on_error: Literal["raise", "zero"] = "raise"
     eval: EvalConfig = Field(default_factory=EvalConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)

@@ -121,7 +121,7 @@ def _grpo(tmp_path, **over):
         "seed": 0,
         "model": {"name_or_path": "tiny"},
         "train": {"steps": 30, "lr": 3e-3, "batch_size": 4},
-        "rl": {"group_size": 8},
+        "rl": {"group_size": 8, "beta": 0.0},
         "sampling": {"max_new_tokens": 4},
         "eval": {"k": 0, "n": 4},
         "logging": {"progress": False, "samples_every": 5, "samples_n": 2},
@@ -184,5 +184,5 @@ def test_nan_reward_fails_with_prompt_and_completion(tmp_path):
             return float("nan")
 
     t = OnlineRLTrainer(_grpo(tmp_path, train={"steps": 1}), task=Bad())
-    with pytest.raises(ValueError, match=r"not a finite number\) for prompt '\d+:'"):
+    with pytest.raises(ValueError, match=r"returned nan \(not a finite number\)\n  prompt: '\d+:'"):
         t.train_step()

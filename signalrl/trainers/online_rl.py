@@ -1,20 +1,26 @@
-"""Online RL for reasoning: sample a group per prompt, score it, turn rewards into advantages,
-and take clipped policy-gradient steps. The algorithm is a configuration of pure pieces from
-`signalrl.losses` (group advantages, clipped surrogate, aggregation, KL estimator).
+"""Online RL: sample a group per prompt, score it, turn rewards into advantages, and take
+clipped policy-gradient steps. Every algorithm (GRPO, Dr. GRPO, DAPO, GSPO, RLOO,
+REINFORCE++, PPO) is a configuration of pure pieces from `signalrl.losses`; the presets live
+in `signalrl.config.ALGORITHM_PRESETS` and every piece stays overridable in the recipe.
 
 One training step:
-1. `B` prompts x `G` completions from the sampler (prompt encoded once per group);
-2. rewards `(B*G,)` from the task verifier; group-normalised advantages;
-3. `mu` updates over the batch with the clipped surrogate, old log-probs stored once
-   (with `mu == 1` the ratio is 1 and the loss is the plain policy gradient);
-4. optional `beta * KL(pi || pi_ref)` in the loss, against a frozen copy of the start model
-   (`beta == 0` keeps no reference model in memory).
+1. `B` prompts x `G` completions from the sampler (each prompt encoded once per group); with
+   dynamic sampling (DAPO) groups whose rewards are all equal are dropped and more prompts are
+   sampled, up to `max_sampling_rounds`;
+2. rewards from the recipe's reward terms (default: the task verifier), plus DAPO's soft
+   overlong penalty when `overlong_cache` is set;
+3. advantages: group-normalised (GRPO family), leave-one-out (RLOO), global-normalised
+   token returns (REINFORCE++) or GAE from a critic (PPO); a KL to the frozen reference goes in
+   the loss (`kl_placement: loss`) or in the per-token reward (`reward`), or nowhere (`off`);
+4. `mu` updates over the batch with the clipped surrogate (old log-probs stored once; with
+   `mu == 1` the ratio is 1 and the loss is the plain policy gradient), and for PPO the
+   clipped value loss on the critic.
 """
 
 from __future__ import annotations
 
 import copy
-import math
+import resource
 import time
 from typing import Any
 
@@ -22,25 +28,57 @@ import torch
 
 from signalrl.config import Recipe
 from signalrl.data.collate import SequenceBatch, build_batch
-from signalrl.losses.advantages import group_advantages
+from signalrl.losses.advantages import (
+    gae,
+    group_advantages,
+    reinforce_pp_advantages,
+    rloo_advantages,
+    token_level_rewards,
+    whiten,
+)
 from signalrl.losses.kl import kl_estimate
-from signalrl.losses.policy import aggregate, policy_loss
+from signalrl.losses.policy import aggregate, explained_variance, policy_loss, value_loss
 from signalrl.models import count_parameters
 from signalrl.models.logprobs import completion_logps
-from signalrl.rollout.sampler import Rollout, SamplingParams, generate
+from signalrl.models.value_head import ValueModel
+from signalrl.rewards.length import overlong_penalty
+from signalrl.rewards.model import RewardModelScorer
+from signalrl.rewards.registry import RewardComposer
+from signalrl.rollout.sampler import SamplingParams, generate
 from signalrl.trainers.base import DataCursor, TrainerBase
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak resident memory of this process (CPU) or peak allocated CUDA memory, in MiB."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 class OnlineRLTrainer(TrainerBase):
     def __init__(self, recipe: Recipe, **kw: Any) -> None:
         super().__init__(recipe, **kw)
-        self.rows = self.task.train()
         rl = recipe.rl
+        self.rows = self.task.train()
+        self.rewards = RewardComposer(recipe.rewards, self.task, recipe.reward_on_error)
         self.ref_model = None
-        if rl.beta > 0:
+        if rl.uses_reference:
             self.ref_model = copy.deepcopy(self.model).eval()
             for p in self.ref_model.parameters():
                 p.requires_grad_(False)
+        self.critic: ValueModel | None = None
+        if rl.advantage == "gae":
+            self.critic = (
+                ValueModel.from_pretrained(rl.critic_path, self.device)
+                if rl.critic_path
+                else ValueModel.from_policy(self.model)
+            )
+            self.critic_optimizer = torch.optim.AdamW(
+                self.critic.parameters(),
+                lr=rl.critic_lr or recipe.train.lr,
+                betas=recipe.train.betas,
+                eps=recipe.train.adam_eps,
+            )
         s = recipe.sampling
         self.sampling = SamplingParams(
             max_new_tokens=s.max_new_tokens,
@@ -50,47 +88,126 @@ class OnlineRLTrainer(TrainerBase):
             n=rl.group_size,
             stop_strings=tuple(s.stop_strings),
         )
+        if rl.overlong_cache is not None and rl.overlong_cache > s.max_new_tokens:
+            raise ValueError(
+                f"rl.overlong_cache ({rl.overlong_cache}) exceeds "
+                f"sampling.max_new_tokens ({s.max_new_tokens})"
+            )
         self.generator = torch.Generator(device=self.device).manual_seed(recipe.seed)
         self.data = DataCursor(len(self.rows), recipe.seed)
         self.build_optimizer()
         self.maybe_resume()
-        held = [self.model] + ([self.ref_model] if self.ref_model is not None else [])
-        self.models_held = {
+        self.models_held = self._models_held()
+
+    def _models_held(self) -> dict[str, float]:
+        held: list[torch.nn.Module] = [self.model]
+        names = ["policy"]
+        if self.ref_model is not None:
+            held.append(self.ref_model)
+            names.append("reference")
+        if self.critic is not None:
+            held.append(self.critic)
+            names.append("critic")
+        for term in self.rewards.terms:
+            scorer = getattr(term, "scorer", None)
+            if isinstance(scorer, RewardModelScorer):
+                held.append(scorer.model)
+                names.append("reward_model")
+        self.console.print(f"models held: {', '.join(names)}")
+        return {
             "models/held": float(len(held)),
             "models/params_held": float(sum(count_parameters(m) for m in held)),
         }
 
     # -- state ----------------------------------------------------------------------------
     def extra_state(self) -> dict[str, Any]:
-        return {"data": self.data.state(), "generator": self.generator.get_state()}
+        state: dict[str, Any] = {"data": self.data.state(), "generator": self.generator.get_state()}
+        if self.critic is not None:
+            state["critic"] = self.critic.state_dict()
+            state["critic_optimizer"] = self.critic_optimizer.state_dict()
+        return state
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self.data.load(state.get("data", {}))
         if "generator" in state:
             self.generator.set_state(state["generator"])
+        if self.critic is not None and "critic" in state:
+            self.critic.load_state_dict(state["critic"])
+            self.critic_optimizer.load_state_dict(state["critic_optimizer"])
+
+    # -- rollouts -----------------------------------------------------------------------------
+    def _sample_round(self, n_prompts: int) -> dict[str, Any]:
+        rows = [self.rows[i] for i in self.data.take(n_prompts)]
+        g = self.sampling.n
+        r = generate(
+            self.model,
+            self.tokenizer,
+            [x["prompt"] for x in rows],
+            self.sampling,
+            generator=self.generator,
+            autocast_dtype=self.autocast_dtype,
+        )
+        lengths = [int(x) for x in r.lengths.tolist()]
+        row_of = [rows[i // g] for i in range(len(r))]
+        scored = self.rewards([x["prompt"] for x in row_of], r.texts, row_of, lengths)
+        total = torch.tensor(scored.total, dtype=torch.float32, device=self.device)
+        overlong = torch.zeros_like(total)
+        cache = self.recipe.rl.overlong_cache
+        if cache:
+            factor = self.recipe.rl.overlong_factor
+            overlong = torch.tensor(
+                [
+                    factor * overlong_penalty(n, self.sampling.max_new_tokens, cache)
+                    for n in lengths
+                ],
+                device=self.device,
+            )
+        return {
+            "rows": row_of,
+            "prompt_ids": r.prompt_ids,
+            "completions": [r.completion_ids[i, : lengths[i]].tolist() for i in range(len(r))],
+            "sampler_logps": [r.logps[i, : lengths[i]] for i in range(len(r))],
+            "texts": r.texts,
+            "truncated": r.truncated.tolist(),
+            "rewards": total + overlong,
+            "components": {k: torch.tensor(v) for k, v in scored.components.items()},
+            "overlong": overlong,
+            "errors": scored.errors,
+        }
+
+    def collect(self) -> tuple[dict[str, Any], dict[str, float]]:
+        """B groups of G samples; with dynamic sampling only groups with reward variance."""
+        rl, b, g = self.recipe.rl, self.recipe.train.batch_size, self.sampling.n
+        if not rl.dynamic_sampling:
+            return self._sample_round(b), {"batch/groups": float(b)}
+        kept: list[dict[str, Any]] = []
+        n_groups = n_seen = rounds = 0
+        while n_groups < b and rounds < rl.max_sampling_rounds:
+            rounds += 1
+            part = self._sample_round(b - n_groups if rounds > 1 else b)
+            std = part["rewards"].view(-1, g).std(-1) if g > 1 else torch.zeros(1)
+            keep_groups = (std > 0).nonzero().flatten().tolist()
+            n_seen += len(std)
+            if keep_groups:
+                idx = [gi * g + j for gi in keep_groups for j in range(g)]
+                kept.append(_select(part, idx))
+                n_groups += len(keep_groups)
+        stats = {
+            "batch/groups": float(n_groups),
+            "dynamic_sampling/rounds": float(rounds),
+            "dynamic_sampling/kept_frac": n_groups / max(n_seen, 1),
+        }
+        if not kept:  # every group had equal rewards: nothing to learn from this step
+            return {}, stats
+        return _concat(kept), stats
 
     # -- one step ---------------------------------------------------------------------------
-    def score(self, rows: list[dict[str, Any]], rollout: Rollout) -> torch.Tensor:
-        g = rollout.group_size
-        rewards = []
-        for i, text in enumerate(rollout.texts):
-            row = rows[i // g]
-            r = self.task.verify(row, text)
-            if r is None or not math.isfinite(float(r)):
-                raise ValueError(
-                    f"reward is {r!r} (not a finite number) for prompt {row['prompt']!r} and "
-                    f"completion {text!r}"
-                )
-            rewards.append(float(r))
-        return torch.tensor(rewards, dtype=torch.float32, device=self.device)
-
     def _micro_slices(self, n: int) -> list[slice]:
         micro = self.recipe.train.micro_batch_size or n
         return [slice(i, min(n, i + micro)) for i in range(0, n, micro)]
 
-    def _weights(self, batch: SequenceBatch, slices: list[slice]) -> list[float]:
+    def _weights(self, mask: torch.Tensor, slices: list[slice]) -> list[float]:
         """Share of each micro-batch in the full-batch aggregate, so accumulation is exact."""
-        mask = batch.completion_mask
         if self.recipe.rl.loss_agg == "token-mean":
             total = float(mask.sum()) or 1.0
             return [float(mask[s].sum()) / total for s in slices]
@@ -102,8 +219,7 @@ class OnlineRLTrainer(TrainerBase):
     def _logps_no_grad(
         self, model: torch.nn.Module, batch: SequenceBatch, slices: list[slice]
     ) -> torch.Tensor:
-        width = batch.completion_ids.shape[1]
-        out = torch.zeros(len(batch), width, device=self.device)
+        out = torch.zeros(batch.completion_ids.shape, device=self.device)
         for s in slices:
             lp, _ = completion_logps(
                 model,
@@ -114,66 +230,117 @@ class OnlineRLTrainer(TrainerBase):
             out[s, : lp.shape[1]] = lp
         return out
 
+    @torch.no_grad()
+    def _values_no_grad(self, batch: SequenceBatch, slices: list[slice]) -> torch.Tensor:
+        assert self.critic is not None
+        out = torch.zeros(batch.completion_ids.shape, device=self.device)
+        for s in slices:
+            v = self.critic(batch.select(s), self.autocast_dtype)
+            out[s, : v.shape[1]] = v
+        return out
+
+    def advantages(
+        self,
+        rewards: torch.Tensor,
+        batch: SequenceBatch,
+        behaviour: torch.Tensor,
+        ref_logps: torch.Tensor | None,
+        slices: list[slice],
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(N,) or (N, T) advantages; extras holds values/returns for PPO and the KL."""
+        rl = self.recipe.rl
+        mask = batch.completion_mask
+        extras: dict[str, torch.Tensor] = {}
+        kl = None
+        if ref_logps is not None and rl.kl_placement == "reward":
+            kl = kl_estimate(behaviour, ref_logps, kind=rl.kl_estimator) * mask
+            extras["kl"] = kl
+        if rl.advantage == "group":
+            return group_advantages(rewards, rl.group_size, scale=rl.adv_scale), extras
+        if rl.advantage == "rloo":
+            r = rewards - rl.beta * kl.sum(-1) if kl is not None else rewards
+            return rloo_advantages(r, rl.group_size), extras
+        token_rewards = token_level_rewards(
+            rewards, mask, kl=kl, kl_coef=rl.beta if kl is not None else 0.0
+        )
+        if rl.advantage == "reinforce_pp":
+            return reinforce_pp_advantages(token_rewards, mask, gamma=rl.gamma), extras
+        values = self._values_no_grad(batch, slices)
+        adv, returns = gae(token_rewards, values, mask, gamma=rl.gamma, lam=rl.lam)
+        if rl.whiten_advantages:
+            adv = whiten(adv, mask) * mask
+        extras.update(values=values, returns=returns)
+        return adv, extras
+
     def train_step(self) -> tuple[dict[str, float], list[dict[str, Any]]]:
-        rl, t = self.recipe.rl, self.recipe.train
+        rl = self.recipe.rl
         t0 = time.time()
-        rows = [self.rows[i] for i in self.data.take(t.batch_size)]
-        rollout = generate(
-            self.model,
-            self.tokenizer,
-            [r["prompt"] for r in rows],
-            self.sampling,
-            generator=self.generator,
-            autocast_dtype=self.autocast_dtype,
-        )
+        roll, stats = self.collect()
         t_rollout = time.time() - t0
-        rewards = self.score(rows, rollout)
-        adv = group_advantages(rewards, rl.group_size, scale=rl.adv_scale)
+        if not roll:
+            self.scheduler.step()
+            return {
+                **stats,
+                "reward/mean": float("nan"),
+                "time/step_s": time.time() - t0,
+                "skipped": 1.0,
+                **self.models_held,
+            }, []
+        rewards = roll["rewards"]
         batch = build_batch(
-            rollout.prompt_ids,
-            rollout.completion_ids,
-            self.tokenizer.pad_token_id,
-            rollout.completion_mask,
-            device=self.device,
+            roll["prompt_ids"], roll["completions"], self.tokenizer.pad_token_id, device=self.device
         )
+        truncated = torch.tensor(roll["truncated"], device=self.device)
+        loss_mask = batch.completion_mask
+        if rl.mask_truncated:
+            loss_mask = loss_mask * (~truncated).float()[:, None]
+        behaviour = torch.zeros(batch.completion_ids.shape, device=self.device)
+        for i, lp in enumerate(roll["sampler_logps"]):
+            behaviour[i, : lp.shape[0]] = lp
         slices = self._micro_slices(len(batch))
-        weights = self._weights(batch, slices)
-        temp = self.sampling.temperature
-        ref_logps = old_logps = None
-        if self.ref_model is not None:
-            ref_logps = self._logps_no_grad(self.ref_model, batch, slices)
-        if rl.mu > 1:  # the policy before this step's updates: the ratio's denominator
-            old_logps = self._logps_no_grad(self.model, batch, slices)
+        weights = self._weights(loss_mask, slices)
+        ref_logps = (
+            self._logps_no_grad(self.ref_model, batch, slices)
+            if self.ref_model is not None
+            else None
+        )
+        old_logps = self._logps_no_grad(self.model, batch, slices) if rl.mu > 1 else None
+        adv, extras = self.advantages(rewards, batch, behaviour, ref_logps, slices)
+
         self.model.train()
         sums: dict[str, float] = {}
-        ent_sum, kl_sum = 0.0, 0.0
+        ent_sum = kl_sum = 0.0
+        max_len = self.sampling.max_new_tokens
         for epoch in range(rl.mu):
             for s, w in zip(slices, weights, strict=True):
                 mb = batch.select(s)
                 width = mb.completion_ids.shape[1]
+                mask = loss_mask[s, :width]
                 logps, ent = completion_logps(
                     self.model,
                     mb,
-                    temperature=temp,
+                    temperature=self.sampling.temperature,
                     with_entropy=epoch == 0,
                     autocast_dtype=self.autocast_dtype,
                 )
                 old = old_logps[s, :width] if old_logps is not None else logps.detach()
+                a = adv[s] if adv.dim() == 1 else adv[s, :width]
                 loss, pm = policy_loss(
                     logps,
                     old,
-                    adv[s],
-                    mb.completion_mask,
+                    a,
+                    mask,
                     clip_low=rl.clip_low,
                     clip_high=rl.clip_high,
                     agg=rl.loss_agg,
-                    max_len=self.sampling.max_new_tokens,
+                    max_len=max_len,
+                    ratio_level=rl.ratio_level,
+                    dual_clip=rl.dual_clip,
+                    loss_type=rl.loss_type,
                 )
-                if ref_logps is not None:
+                if ref_logps is not None and rl.kl_placement == "loss":
                     kl = kl_estimate(logps, ref_logps[s, :width], kind=rl.kl_estimator)
-                    kl_term = aggregate(
-                        kl, mb.completion_mask, rl.loss_agg, max_len=self.sampling.max_new_tokens
-                    )
+                    kl_term = aggregate(kl, mask, rl.loss_agg, max_len=max_len)
                     loss = loss + rl.beta * kl_term
                     if epoch == 0:
                         kl_sum += w * float(kl_term.detach())
@@ -183,42 +350,107 @@ class OnlineRLTrainer(TrainerBase):
                 for k, v in pm.items():
                     sums[k] = sums.get(k, 0.0) + w * float(v) / rl.mu
                 sums["loss"] = sums.get("loss", 0.0) + w * float(loss.detach()) / rl.mu
+                if self.critic is not None:
+                    values = self.critic(mb, self.autocast_dtype)
+                    vl, vm = value_loss(
+                        values,
+                        extras["values"][s, :width],
+                        extras["returns"][s, :width],
+                        mask,
+                        clip=rl.value_clip,
+                    )
+                    (rl.vf_coef * vl * w).backward()
+                    sums["value_loss"] = (
+                        sums.get("value_loss", 0.0) + w * float(vl.detach()) / rl.mu
+                    )
+                    for k, v in vm.items():
+                        sums[k] = sums.get(k, 0.0) + w * float(v) / rl.mu
             opt = self.optimizer_step(step_scheduler=epoch == rl.mu - 1)
+            if self.critic is not None:
+                if self.recipe.train.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(
+                        self.critic.parameters(), self.recipe.train.grad_clip
+                    )
+                self.critic_optimizer.step()
+                self.critic_optimizer.zero_grad(set_to_none=True)
         t_total = time.time() - t0
         n_tok = float(batch.completion_mask.sum())
-        groups = rewards.view(-1, rl.group_size)
+        g = rl.group_size
+        groups = rewards.view(-1, g)
+        lengths = batch.completion_mask.sum(-1)
         metrics: dict[str, float] = {
             "reward/mean": float(rewards.mean()),
             "reward/std": float(rewards.std()) if len(rewards) > 1 else 0.0,
-            "frac_zero_std_groups": float((groups.std(-1) == 0).float().mean()),
+            "frac_zero_std_groups": float((groups.std(-1) == 0).float().mean()) if g > 1 else 0.0,
             "entropy": ent_sum / max(n_tok, 1.0),
-            "completion/mean_length": float(rollout.lengths.mean()),
-            "completion/truncated_frac": float(rollout.truncated.float().mean()),
+            "completion/mean_length": float(lengths.mean()),
+            "completion/truncated_frac": float(truncated.float().mean()),
             "loss": sums.pop("loss"),
-            "clip_frac/low": sums.get("clip_frac/low", 0.0),
-            "clip_frac/high": sums.get("clip_frac/high", 0.0),
+            "clip_frac/low": sums.pop("clip_frac/low", 0.0),
+            "clip_frac/high": sums.pop("clip_frac/high", 0.0),
             "grad_norm": opt["grad_norm"],
             "lr": opt["lr"],
             "time/rollout_s": t_rollout,
             "time/step_s": t_total,
             "tokens/completion_per_s": n_tok / max(t_total, 1e-9),
+            "memory/peak_mb": peak_memory_mb(self.device),
+            **stats,
             **self.models_held,
         }
-        if self.ref_model is not None:
+        for name, values in roll["components"].items():
+            metrics[f"reward/{name}"] = float(values.mean())
+        if rl.overlong_cache:
+            metrics["reward/overlong"] = float(roll["overlong"].mean())
+        if roll["errors"]:
+            metrics["reward/errors"] = float(roll["errors"])
+        if rl.kl_placement == "loss" and self.ref_model is not None:
             metrics["kl"] = kl_sum
-        for k, v in sums.items():
-            metrics.setdefault(k, v)
+        elif "kl" in extras:
+            metrics["kl"] = float(extras["kl"].sum() / max(n_tok, 1.0))
+        if "values" in extras:
+            metrics["explained_variance"] = explained_variance(
+                extras["values"], extras["returns"], batch.completion_mask
+            )
+        metrics.update(sums)
         samples = [
             {
-                "prompt": rows[i // rl.group_size]["prompt"],
-                "completion": rollout.texts[i],
-                "answer": rows[i // rl.group_size].get("answer"),
+                "prompt": roll["rows"][i]["prompt"],
+                "completion": roll["texts"][i],
+                "answer": roll["rows"][i].get("answer"),
                 "reward": float(rewards[i]),
-                "advantage": float(adv[i]),
+                "advantage": float(adv[i] if adv.dim() == 1 else adv[i].sum()),
             }
-            for i in range(len(rollout.texts))
+            for i in range(len(roll["texts"]))
         ]
         return metrics, samples
 
     def progress_info(self, metrics: dict[str, Any]) -> str:
         return f"reward {metrics['reward/mean']:.3f}"
+
+
+def _select(part: dict[str, Any], idx: list[int]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in part.items():
+        if isinstance(v, torch.Tensor):
+            out[k] = v[idx]
+        elif isinstance(v, list):
+            out[k] = [v[i] for i in idx]
+        elif isinstance(v, dict):
+            out[k] = {n: t[idx] for n, t in v.items()}
+        else:
+            out[k] = v
+    return out
+
+
+def _concat(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in parts[0].items():
+        if isinstance(v, torch.Tensor):
+            out[k] = torch.cat([p[k] for p in parts])
+        elif isinstance(v, list):
+            out[k] = [x for p in parts for x in p[k]]
+        elif isinstance(v, dict):
+            out[k] = {n: torch.cat([p[k][n] for p in parts]) for n in v}
+        else:
+            out[k] = sum(p[k] for p in parts)
+    return out

@@ -1,0 +1,19 @@
+"""Custom reward functions used by the tests through `module:function` specs."""
+
+from __future__ import annotations
+
+
+def has_seven(prompts, completions, **cols):
+    return [1.0 if "7" in c else 0.0 for c in completions]
+
+
+def wrong_length(prompts, completions, **cols):
+    return [1.0]
+
+
+def boom(prompts, completions, **cols):
+    raise RuntimeError("reward server down")
+
+
+def answer_column(prompts, completions, answer, **cols):
+    return [1.0 if a in c else 0.0 for a, c in zip(answer, completions, strict=True)]
