@@ -12,8 +12,9 @@ decimals, LaTeX expressions, sets, intervals and equations. Every check runs und
 limit; errors and timeouts count as a mismatch.
 
 ``math-verify`` implements its own timeouts with ``SIGALRM``, which only works in the main
-thread. We always disable those and enforce our own limit instead: a ``setitimer`` alarm in
-the main thread, and a helper worker process (killed and replaced on timeout) elsewhere.
+thread. We always disable those and enforce our own limit instead: every comparison runs in a
+helper worker process, which times itself with a ``setitimer`` alarm and is killed and
+replaced by the caller when that is not enough (a long C call inside sympy ignores signals).
 
 This module imports only the standard library and ``math_verify``, so that the worker
 process can load it by file path without importing the rest of ``signalrl``.
@@ -285,7 +286,7 @@ def _call_with_alarm(fn: Callable[[], bool], timeout: float) -> bool:
 
 
 class _Worker:
-    """A helper process that runs comparisons for non-main threads (killable on timeout)."""
+    """A helper process that runs comparisons (killable on timeout)."""
 
     _BOOT = (
         "import sys\n"
