@@ -6,8 +6,14 @@ from typing import Any
 
 from signalrl.tasks.arithmetic import ArithmeticTask
 from signalrl.tasks.base import Row, Task
+from signalrl.tasks.countdown import CountdownTask
+from signalrl.tasks.dataset import DatasetTask
 
-TASKS: dict[str, type] = {"arithmetic": ArithmeticTask}
+TASKS: dict[str, type] = {
+    "arithmetic": ArithmeticTask,
+    "countdown": CountdownTask,
+    "dataset": DatasetTask,
+}
 
 
 def make_task(name: str, **kwargs: Any) -> Task:
@@ -19,4 +25,12 @@ def make_task(name: str, **kwargs: Any) -> Task:
         raise ValueError(f"task {name!r}: {e}") from e
 
 
-__all__ = ["ArithmeticTask", "Row", "TASKS", "Task", "make_task"]
+__all__ = [
+    "ArithmeticTask",
+    "CountdownTask",
+    "DatasetTask",
+    "Row",
+    "TASKS",
+    "Task",
+    "make_task",
+]
