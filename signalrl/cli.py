@@ -115,6 +115,85 @@ def quickstart(
         _fail(str(e))
 
 
+data_app = typer.Typer(help="Data tools: make preference pairs.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("make-preferences")
+def make_preferences_(
+    out: Annotated[Path, typer.Option(help="output JSONL: {prompt, chosen, rejected, answer}")],
+    model: Annotated[str, typer.Option(help="checkpoint directory (or preset) to sample")],
+    task: Annotated[str, typer.Option(help="built-in task whose train prompts are used")] = (
+        "arithmetic"
+    ),
+    samples: Annotated[int, typer.Option(help="completions sampled per prompt")] = 4,
+    pairs_per_prompt: Annotated[int, typer.Option(help="at most this many pairs a prompt")] = 1,
+    n_prompts: Annotated[int | None, typer.Option(help="distinct prompts (default all)")] = None,
+    temperature: Annotated[float, typer.Option()] = 1.0,
+    max_new_tokens: Annotated[int, typer.Option()] = 16,
+    seed: Annotated[int, typer.Option()] = 0,
+    set_: SetOpt = None,
+) -> None:
+    """On-policy preference pairs: the task verifier picks a correct sample as chosen and a
+    wrong one as rejected (no human labels); prompts with no correct or no wrong sample are
+    skipped."""
+    from signalrl.config import parse_override
+    from signalrl.data.make_preferences import make_preferences
+
+    try:
+        task_kw = {}
+        for ov in set_ or []:
+            key, value = parse_override(ov)
+            if not key.startswith("task."):
+                _fail(f"--set {ov!r}: make-preferences only takes task.* overrides")
+            task_kw[key[5:]] = value
+        st = make_preferences(
+            model,
+            out,
+            task_name=task,
+            task_kwargs=task_kw,
+            samples=samples,
+            pairs_per_prompt=pairs_per_prompt,
+            n_prompts=n_prompts,
+            temperature=temperature,
+            max_new_tokens=max_new_tokens,
+            seed=seed,
+        )
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+        return
+    err.print(
+        f"{st.pairs} pairs from {st.prompts} prompts -> {st.out}; skipped {st.skipped} prompts "
+        f"({st.skipped_no_correct} with no correct sample, {st.skipped_no_wrong} with no wrong "
+        f"one); sample accuracy {st.sample_accuracy:.3f}",
+        highlight=False,
+    )
+    print(json.dumps({**st.__dict__, "skipped": st.skipped}, indent=2))
+
+
+@app.command()
+def sweep(
+    recipe: Annotated[Path, typer.Argument(help="recipe YAML")],
+    param: Annotated[str, typer.Option(help="dotted recipe key to sweep, e.g. preference.beta")],
+    values: Annotated[str, typer.Option(help="comma-separated values (YAML), e.g. 0.1,0.5")],
+    set_: SetOpt = None,
+    overwrite: Annotated[bool, typer.Option(help="replace existing run directories")] = False,
+) -> None:
+    """Train RECIPE once per value of PARAM; writes <output_dir>/<name>-sweep/ (sweep.csv,
+    sweep.json, sweep.png) and prints a table of accuracy, reward accuracy, margin and KL."""
+    from signalrl.config import RecipeError
+    from signalrl.sweep import parse_values, print_table, run_sweep
+
+    try:
+        vals = parse_values(values)
+        rows, out = run_sweep(recipe, param, vals, set_ or [], overwrite=overwrite, console=err)
+    except (RecipeError, FileExistsError, FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+        return
+    print_table(rows, param, Console())
+    err.print(f"results: {out}", highlight=False)
+
+
 def main() -> None:  # pragma: no cover
     sys.exit(app())
 

@@ -66,7 +66,7 @@ def _import_fn(spec: str) -> Callable[..., Any]:
     return fn
 
 
-def build_term(spec: RewardSpec, task: Any = None) -> BatchReward:
+def build_term(spec: RewardSpec, task: Any = None, device: Any = None) -> BatchReward:
     """One reward term as a batch function."""
     if spec.type == "task":
         if task is None:
@@ -109,8 +109,13 @@ def build_term(spec: RewardSpec, task: Any = None) -> BatchReward:
 
         if not spec.path:
             raise RewardError("reward 'model' needs path (a reward model directory)")
-        scorer = RewardModelScorer(spec.path)
-        return lambda p, c, rows, n: scorer.score(p, c)
+        scorer = RewardModelScorer(spec.path, device=device)
+
+        def model_reward(p: list[str], c: list[str], rows: list[Row], n: list[int]) -> list[float]:
+            return scorer.score(p, c)
+
+        model_reward.scorer = scorer  # type: ignore[attr-defined]  # trainers count held models
+        return model_reward
     if spec.type == "function":
         if not spec.fn:
             raise RewardError("reward 'function' needs fn: 'module:function'")
@@ -132,14 +137,16 @@ class RewardComposer:
         specs: Sequence[RewardSpec],
         task: Any = None,
         on_error: Literal["raise", "zero"] = "raise",
+        device: Any = None,
     ) -> None:
+        """`device` is where model-based terms (a reward model) are placed."""
         if not specs:
             raise RewardError("at least one reward term is needed")
         labels = [s.label for s in specs]
         if len(set(labels)) != len(labels):
             raise RewardError(f"reward names must be unique, got {labels} (set name: ...)")
         self.specs = list(specs)
-        self.terms = [build_term(s, task) for s in specs]
+        self.terms = [build_term(s, task, device) for s in specs]
         self.on_error = on_error
 
     def __call__(

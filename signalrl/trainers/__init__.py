@@ -10,12 +10,14 @@ from signalrl.config import Recipe
 def trainer_class(name: str) -> type:
     from signalrl.trainers.online_rl import OnlineRLTrainer
     from signalrl.trainers.preference import PreferenceTrainer
+    from signalrl.trainers.reward_model import RewardModelTrainer
     from signalrl.trainers.sft import SFTTrainer
 
     table: dict[str, type] = {
         "sft": SFTTrainer,
         "online_rl": OnlineRLTrainer,
         "preference": PreferenceTrainer,
+        "reward_model": RewardModelTrainer,
     }
     if name not in table:
         raise ValueError(f"unknown trainer {name!r}; available: {', '.join(table)}")

@@ -1,0 +1,300 @@
+"""Reward model training: a Bradley-Terry classifier on preference pairs.
+
+The reward model is a causal LM body with a scalar head: `AutoModelForSequenceClassification`
+with `num_labels=1`, loaded from `model.name_or_path` (a local checkpoint, usually the SFT
+model; for a preset name the preset is built, saved to a temp dir and loaded from there). The
+head is newly initialised. `config.pad_token_id` is set, so the reward is read at the last
+non-pad token of each row (rows are right-padded).
+
+Data: `data.path` with rows {prompt, chosen, rejected} (strings or chat messages), loaded and
+validated by `signalrl.data.preference` exactly as for the preference trainer; an optional
+numeric `margin` column is used as a per-pair margin. `data.test_path`, or a
+`data.test_fraction` of the rows (the same rows `split_data` holds out for DPO with the same
+seed), is held out. Each row is scored as the text `prompt + completion` tokenised as a whole,
+without EOS: exactly what `signalrl.rewards.model.RewardModelScorer` scores at RL time (the
+sampler's completion texts carry no special tokens).
+
+Loss (`signalrl.losses.reward.bradley_terry_loss`): `-log sigmoid(r_c - r_r - margin)` per pair
+(Ouyang et al. 2022), plus `reward_model.center_coef * (r_c + r_r)^2`. Chosen and rejected rows
+of a micro-batch go through ONE forward (chosen rows stacked over rejected rows); per-pair
+losses are summed and divided by the step's pair count, so accumulation gives the mean exactly.
+
+Metrics: `loss`, `accuracy` (fraction of pairs with r_c > r_r; also as `rewards/accuracies`),
+`rewards/chosen`, `rewards/rejected`, `rewards/margins`, `grad_norm`, `lr`; at eval (every
+`eval.every` steps and at the end) the same on the held-out pairs with an `eval/` prefix. The
+recipe's task is not evaluated (a classifier does not generate): `finish()` returns the
+held-out pair accuracy as `accuracy`. `final/` loads with
+`AutoModelForSequenceClassification.from_pretrained` and holds the tokenizer.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from signalrl.config import Recipe
+from signalrl.data.preference import (
+    PreferenceData,
+    PreferenceDataError,
+    load_rows,
+    parse_rows,
+    split_data,
+)
+from signalrl.losses.reward import bradley_terry_loss, reward_pair_metrics
+from signalrl.models import check_tokenizer, is_preset, load_model, resolve_dtype, save_model
+from signalrl.models.logprobs import autocast_context
+from signalrl.trainers.base import DataCursor, TrainerBase
+
+
+def load_reward_model(
+    name_or_path: str,
+    *,
+    dtype: str | torch.dtype | None = "float32",
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """`(model, tokenizer)`: a one-label `AutoModelForSequenceClassification` from a local
+    checkpoint directory (a causal LM gets a new score head; a reward model keeps its own) or a
+    preset name (built with `load_model`, saved to a temp dir, loaded from there)."""
+    torch_dtype = resolve_dtype(dtype)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # the new score head is initialised from the model seed
+        if is_preset(name_or_path):
+            lm, tok = load_model(name_or_path, seed=seed)
+            with tempfile.TemporaryDirectory(prefix="signalrl-rm-") as tmp:
+                save_model(lm, tok, tmp)
+                del lm
+                model = AutoModelForSequenceClassification.from_pretrained(
+                    tmp, num_labels=1, dtype=torch_dtype, attn_implementation="sdpa"
+                )
+        else:
+            path = Path(name_or_path)
+            if not (path / "config.json").is_file():
+                raise FileNotFoundError(
+                    f"model {name_or_path!r}: not a preset nor a checkpoint directory"
+                )
+            model = AutoModelForSequenceClassification.from_pretrained(
+                path, num_labels=1, dtype=torch_dtype, attn_implementation="sdpa"
+            )
+            tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token_id is None:
+        if tok.eos_token_id is None:
+            raise ValueError(f"{name_or_path}: tokenizer has neither a pad nor an eos token")
+        tok.pad_token = tok.eos_token
+    model.config.pad_token_id = tok.pad_token_id  # the reward is read at the last non-pad token
+    check_tokenizer(model, tok, name_or_path)
+    return model.to(device), tok
+
+
+@dataclass
+class RewardPairs:
+    """Token ids of `prompt + chosen` and `prompt + rejected` (no EOS), optional margins."""
+
+    chosen_ids: list[list[int]]
+    rejected_ids: list[list[int]]
+    margins: list[float] | None = None
+
+    def __len__(self) -> int:
+        return len(self.chosen_ids)
+
+    def subset(self, idx: list[int]) -> RewardPairs:
+        return RewardPairs(
+            [self.chosen_ids[i] for i in idx],
+            [self.rejected_ids[i] for i in idx],
+            None if self.margins is None else [self.margins[i] for i in idx],
+        )
+
+
+def load_reward_pairs(
+    path: str | Path, tokenizer: PreTrainedTokenizerBase, fmt: str = "auto"
+) -> RewardPairs:
+    """Load and validate {prompt, chosen, rejected} rows (see `signalrl.data.preference`) and
+    tokenise each `prompt + completion` text as a whole, as the reward scorer does."""
+    source = str(path)
+    rows = load_rows(path, fmt)
+    prompts, chosen, rejected, _ = parse_rows(rows, tokenizer, kind="paired", source=source)
+    assert rejected is not None
+    margins: list[float] | None = None
+    if any(r.get("margin") is not None for r in rows):
+        margins = []
+        for n, r in enumerate(rows, start=1):
+            m = r.get("margin")
+            ok = isinstance(m, (int, float)) and not isinstance(m, bool) and math.isfinite(m)
+            if not ok:
+                raise PreferenceDataError(
+                    f"{source}: row {n}: field 'margin' must be a finite number (or absent "
+                    f"from every row), got {m!r}"
+                )
+            margins.append(float(m))
+
+    def encode(texts: list[str]) -> list[list[int]]:
+        return [list(x) for x in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+    c_ids = encode([p + c for p, c in zip(prompts, chosen, strict=True)])
+    r_ids = encode([p + r for p, r in zip(prompts, rejected, strict=True)])
+    return RewardPairs(c_ids, r_ids, margins)
+
+
+def split_pairs(
+    pairs: RewardPairs, fraction: float, seed: int
+) -> tuple[RewardPairs, RewardPairs | None]:
+    """The same held-out rows as `signalrl.data.preference.split_data` (same size rule and
+    shuffle), so a reward model and a DPO run with one seed hold out the same pairs."""
+    n = len(pairs)
+    index = PreferenceData([[i] for i in range(n)], [[i] for i in range(n)])
+    train, test = split_data(index, fraction, seed)
+    train_idx = [row[0] for row in train.prompt_ids]
+    if test is None:
+        return pairs.subset(train_idx), None
+    return pairs.subset(train_idx), pairs.subset([row[0] for row in test.prompt_ids])
+
+
+class RewardModelTrainer(TrainerBase):
+    def __init__(self, recipe: Recipe, **kw: Any) -> None:
+        super().__init__(recipe, **kw)
+        # TrainerBase loaded a causal LM; a reward model is a sequence classifier. Free the LM
+        # first, then load the classifier from the same source (the checkpoint on resume).
+        m = recipe.model
+        source = str(self.resume_from) if self.resume_from else m.name_or_path
+        del self.model
+        gc.collect()
+        self.model, self.tokenizer = load_reward_model(
+            source, dtype=m.dtype, device=self.device, seed=m.seed
+        )
+        d = recipe.data
+        assert d.path is not None
+        pairs = load_reward_pairs(d.path, self.tokenizer, d.format)
+        if d.test_path:
+            self.train_data: RewardPairs = pairs
+            self.test_data: RewardPairs | None = load_reward_pairs(
+                d.test_path, self.tokenizer, d.format
+            )
+        else:
+            self.train_data, self.test_data = split_pairs(pairs, d.test_fraction, recipe.seed)
+        self.data = DataCursor(len(self.train_data), recipe.seed)
+        self.build_optimizer()
+        self.maybe_resume()
+
+    # -- state ----------------------------------------------------------------------------
+    def extra_state(self) -> dict[str, Any]:
+        return {"data": self.data.state()}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.data.load(state.get("data", {}))
+
+    # -- forward --------------------------------------------------------------------------
+    def rewards(self, pairs: RewardPairs, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rewards (B,) of the chosen and the rejected rows of pairs `idx`, in one forward."""
+        seqs = [pairs.chosen_ids[i] for i in idx] + [pairs.rejected_ids[i] for i in idx]
+        pad = self.tokenizer.pad_token_id
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+        attn = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+            attn[i, : len(s)] = 1
+        ids, attn = ids.to(self.device), attn.to(self.device)
+        with autocast_context(self.device, self.autocast_dtype):
+            out = self.model(input_ids=ids, attention_mask=attn, use_cache=False)
+        r = out.logits[:, 0].float()
+        b = len(idx)
+        return r[:b], r[b:]
+
+    def _losses(
+        self, pairs: RewardPairs, idx: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        rc, rr = self.rewards(pairs, idx)
+        margin = None
+        if pairs.margins is not None:
+            margin = torch.tensor([pairs.margins[i] for i in idx], device=rc.device)
+        losses = bradley_terry_loss(
+            rc, rr, margin, center_coef=self.recipe.reward_model.center_coef
+        )
+        return losses, rc, rr
+
+    # -- the loop -------------------------------------------------------------------------
+    def train_step(self) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        t = self.recipe.train
+        idx = self.data.take(t.batch_size)
+        n = len(idx)
+        micro = t.micro_batch_size or n
+        total = 0.0
+        chosen, rejected = [], []
+        self.model.train()
+        for s in range(0, n, micro):
+            mb = idx[s : s + micro]
+            losses, rc, rr = self._losses(self.train_data, mb)
+            loss = losses.sum() / n
+            loss.backward()
+            total += float(loss.detach())
+            chosen.append(rc.detach())
+            rejected.append(rr.detach())
+        out = self.optimizer_step()
+        out.update(reward_pair_metrics(torch.cat(chosen), torch.cat(rejected)))
+        out.update({"loss": total, "epoch": float(self.data.epoch)})
+        return out, []
+
+    @torch.no_grad()
+    def pair_eval(self, pairs: RewardPairs | None = None) -> dict[str, float]:
+        """`eval/` metrics on the held-out pairs (empty without held-out data)."""
+        pairs = self.test_data if pairs is None else pairs
+        if pairs is None or len(pairs) == 0:
+            return {}
+        was_training = self.model.training
+        self.model.eval()
+        size = self.recipe.train.micro_batch_size or self.recipe.train.batch_size
+        losses, chosen, rejected = [], [], []
+        for s in range(0, len(pairs), size):
+            lo, rc, rr = self._losses(pairs, list(range(s, min(len(pairs), s + size))))
+            losses.append(lo)
+            chosen.append(rc)
+            rejected.append(rr)
+        self.model.train(was_training)
+        metrics = reward_pair_metrics(torch.cat(chosen), torch.cat(rejected))
+        metrics["loss"] = float(torch.cat(losses).mean())
+        return {f"eval/{k}": v for k, v in metrics.items()}
+
+    def maybe_evaluate(self, metrics: dict[str, Any]) -> None:
+        every = self.recipe.eval.every
+        if every and self.step % every == 0 and self.step < self.recipe.train.steps:
+            metrics.update(self.pair_eval())
+
+    def finish(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        """Held-out pair accuracy (no task sampling: a classifier does not generate),
+        `final/` and the last metrics row."""
+        ev = self.pair_eval()
+        if not ev:
+            self.console.print(
+                "[yellow]no held-out pairs (data.test_fraction 0, no data.test_path): "
+                "accuracy is nan"
+            )
+        metrics.update(ev)
+        metrics["time/elapsed_s"] = self.elapsed()
+        self.run.log_metrics(self.step, metrics)
+        self.save_final()
+        self.run.close()
+        return {
+            "accuracy": ev.get("eval/accuracy", float("nan")),
+            "seconds": self.elapsed(),
+            "model": str(self.run.final),
+            "steps": self.step,
+            **{k: v for k, v in ev.items() if k != "eval/accuracy"},
+        }
+
+    def progress_info(self, metrics: dict[str, Any]) -> str:
+        info = super().progress_info(metrics)
+        if "accuracy" in metrics:
+            info += f"  pair-acc {metrics['accuracy']:.2f}"
+        return info
