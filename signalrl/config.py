@@ -96,7 +96,7 @@ ALGORITHM_PRESETS: dict[str, dict[str, Any]] = {
         kl_placement="off",
         beta=0.0,
         dynamic_sampling=True,
-        overlong_cache=4,
+        overlong_cache="auto",
     ),
     "gspo": dict(
         advantage="group",
@@ -159,7 +159,9 @@ class RLConfig(Section):
     )
     dynamic_sampling: bool | None = None
     max_sampling_rounds: int = Field(4, ge=1, description="dynamic sampling: rounds per step")
-    overlong_cache: int | None = Field(None, ge=0, description="DAPO soft overlong window")
+    overlong_cache: int | Literal["auto"] | None = Field(
+        None, description="DAPO soft overlong window in tokens; auto: max_new_tokens // 5"
+    )
     overlong_factor: float = Field(1.0, ge=0)
     mask_truncated: bool = False
     gamma: float = Field(1.0, ge=0, le=1)
@@ -269,7 +271,11 @@ class PreferenceConfig(Section):
 
 class DataConfig(Section):
     """A preference data file: rows {prompt, chosen, rejected} or, for kto,
-    {prompt, completion, label}. Relative paths are relative to the working directory."""
+    {prompt, completion, label}. Relative paths are relative to the working directory.
+    `train_subset: k` (SFT and online RL on a task) trains on the first k rows of the task's
+    train split, repeated: `train_subset: 1` is 1-shot RLVR (Wang et al. 2025)."""
+
+    train_subset: int | None = Field(None, ge=1, description="first k train rows only")
 
     path: str | None = None
     format: Literal["auto", "jsonl", "parquet", "hf"] = "auto"
@@ -279,9 +285,17 @@ class DataConfig(Section):
     )
 
 
+class RewardModelConfig(Section):
+    """Reward model training (trainer `reward_model`); see `signalrl/trainers/reward_model.py`."""
+
+    center_coef: float = Field(
+        0.0, ge=0, description="adds center_coef * (r_chosen + r_rejected)^2 (TRL's centring)"
+    )
+
+
 class Recipe(Section):
     name: str = "run"
-    trainer: Literal["sft", "online_rl", "preference"] = "sft"
+    trainer: Literal["sft", "online_rl", "preference", "reward_model"] = "sft"
     seed: int = 0
     output_dir: str = "runs"
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -299,13 +313,14 @@ class Recipe(Section):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
     data: DataConfig = Field(default_factory=DataConfig)
+    reward_model: RewardModelConfig = Field(default_factory=RewardModelConfig)
 
     @model_validator(mode="after")
     def _check(self) -> Recipe:
         if self.eval.samples is not None and self.eval.samples < self.eval.k:
             raise ValueError("eval.samples must be >= eval.k")
-        if self.trainer == "preference" and not self.data.path:
-            raise ValueError("trainer 'preference' needs data.path (a preference data file)")
+        if self.trainer in ("preference", "reward_model") and not self.data.path:
+            raise ValueError(f"trainer {self.trainer!r} needs data.path (a preference data file)")
         return self
 
     @property

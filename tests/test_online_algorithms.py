@@ -157,3 +157,42 @@ def test_custom_function_reward_trains(tmp_path):
     rows = read_metrics(tmp_path / "fn")
     assert "reward/function" in rows[0]
     assert sum(x["reward/mean"] for x in rows[-5:]) > sum(x["reward/mean"] for x in rows[:5]) + 1
+
+
+def test_train_subset_is_one_shot(tmp_path):
+    r = recipe_from_dict(
+        {
+            "name": "oneshot",
+            "output_dir": str(tmp_path),
+            "trainer": "online_rl",
+            "model": {"name_or_path": "tiny"},
+            "train": {"steps": 1, "batch_size": 3},
+            "rl": {"algorithm": "grpo", "beta": 0.0, "group_size": 2},
+            "sampling": {"max_new_tokens": 2},
+            "data": {"train_subset": 1},
+            "logging": {"progress": False, "tensorboard": False},
+        },
+        "test",
+    )
+    t = OnlineRLTrainer(r, task=SevenTask())
+    assert len(t.rows) == 1
+    roll, _ = t.collect()
+    assert {row["prompt"] for row in roll["rows"]} == {"0:"}
+    with pytest.raises(ValueError, match="train_subset=99"):
+        OnlineRLTrainer(
+            r.model_copy(update={"data": r.data.model_copy(update={"train_subset": 99})}),
+            task=SevenTask(),
+            overwrite=True,
+        )
+
+
+def test_rows_with_messages_use_the_chat_template(tmp_path):
+    class ChatTask(SevenTask):
+        def train(self):
+            return [
+                {"prompt": "hi", "messages": [{"role": "user", "content": "hi"}], "answer": "7"}
+            ]
+
+    r = _recipe(tmp_path, "grpo", beta=0.0)
+    t = OnlineRLTrainer(r, task=ChatTask())
+    assert t.rows[0]["prompt"] == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"

@@ -262,8 +262,28 @@ class TrainerBase:
             transient=False,
         )
 
+    def train_rows(self) -> list[dict[str, Any]]:
+        """The task's train split, cut to `data.train_subset` rows when set, with prompts
+        rendered by the tokenizer's chat template for rows that carry `messages`."""
+        rows = self.task.train()
+        k = self.recipe.data.train_subset
+        if k is not None:
+            if k > len(rows):
+                raise ValueError(f"data.train_subset={k} but the train split has {len(rows)} rows")
+            rows = rows[:k]
+        return [self.render(r) for r in rows]
+
+    def render(self, row: dict[str, Any]) -> dict[str, Any]:
+        msgs = row.get("messages")
+        if not msgs or not getattr(self.tokenizer, "chat_template", None):
+            return row
+        prompt = self.tokenizer.apply_chat_template(
+            msgs, tokenize=False, add_generation_prompt=True
+        )
+        return {**row, "prompt": prompt}
+
     def test_rows(self) -> list[dict[str, Any]]:
-        rows = self.task.test()
+        rows = [self.render(r) for r in self.task.test()]
         n = self.recipe.eval.n
         return rows[:n] if n else rows
 

@@ -59,8 +59,10 @@ class OnlineRLTrainer(TrainerBase):
     def __init__(self, recipe: Recipe, **kw: Any) -> None:
         super().__init__(recipe, **kw)
         rl = recipe.rl
-        self.rows = self.task.train()
-        self.rewards = RewardComposer(recipe.rewards, self.task, recipe.reward_on_error)
+        self.rows = self.train_rows()
+        self.rewards = RewardComposer(
+            recipe.rewards, self.task, recipe.reward_on_error, device=self.device
+        )
         self.ref_model = None
         if rl.uses_reference:
             self.ref_model = copy.deepcopy(self.model).eval()
@@ -88,7 +90,10 @@ class OnlineRLTrainer(TrainerBase):
             n=rl.group_size,
             stop_strings=tuple(s.stop_strings),
         )
-        if rl.overlong_cache is not None and rl.overlong_cache > s.max_new_tokens:
+        self.overlong_cache = (
+            max(1, s.max_new_tokens // 5) if rl.overlong_cache == "auto" else rl.overlong_cache
+        )
+        if self.overlong_cache is not None and not 0 <= self.overlong_cache <= s.max_new_tokens:
             raise ValueError(
                 f"rl.overlong_cache ({rl.overlong_cache}) exceeds "
                 f"sampling.max_new_tokens ({s.max_new_tokens})"
@@ -152,7 +157,7 @@ class OnlineRLTrainer(TrainerBase):
         scored = self.rewards([x["prompt"] for x in row_of], r.texts, row_of, lengths)
         total = torch.tensor(scored.total, dtype=torch.float32, device=self.device)
         overlong = torch.zeros_like(total)
-        cache = self.recipe.rl.overlong_cache
+        cache = self.overlong_cache
         if cache:
             factor = self.recipe.rl.overlong_factor
             overlong = torch.tensor(
@@ -399,7 +404,7 @@ class OnlineRLTrainer(TrainerBase):
         }
         for name, values in roll["components"].items():
             metrics[f"reward/{name}"] = float(values.mean())
-        if rl.overlong_cache:
+        if self.overlong_cache:
             metrics["reward/overlong"] = float(roll["overlong"].mean())
         if roll["errors"]:
             metrics["reward/errors"] = float(roll["errors"])

@@ -18,7 +18,7 @@ from signalrl.trainers.base import DataCursor, TrainerBase
 class SFTTrainer(TrainerBase):
     def __init__(self, recipe: Recipe, **kw: Any) -> None:
         super().__init__(recipe, **kw)
-        rows = self.task.train()
+        rows = self.train_rows()
         prompts = [r["prompt"] for r in rows]
         completions = [r["completion"] for r in rows]
         self.prompt_ids, self.completion_ids = tokenize_sft(
