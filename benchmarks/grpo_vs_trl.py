@@ -16,7 +16,8 @@ signalrl/TRL of steps per second.
 
 What is held equal (all of it set in this file):
 
-- Model: one SFT checkpoint, loaded with `from_pretrained` (float32 weights, sdpa attention)
+- Model: one SFT checkpoint, loaded with `from_pretrained` (float32 weights, the quickstart
+  GRPO recipe's attention implementation, eager: faster than sdpa at this size, for both)
   from the same local directory by both. By default it is built first by the quickstart's SFT
   stage (`signalrl.quickstart` DEFAULT["sft"] through `signalrl.trainers.run_recipe`, into
   `--work`); `--sft PATH` uses an existing checkpoint instead.
@@ -45,9 +46,10 @@ What is held equal (all of it set in this file):
   fused variant), lr 1e-4, betas (0.9, 0.999), eps 1e-8, weight decay 0, gradient-norm
   clipping at 1.0, and a CONSTANT learning rate with no warm-up in both (the quickstart's
   GRPO stage uses cosine; it is overridden to constant for both here).
-- Precision: bf16 autocast over float32 weights in both (signalrl `train.precision=bf16`,
-  TRL `bf16=True` with `use_cpu=True`, which accelerate turns into CPU bf16 autocast for the
-  training forward and for generation). `--precision fp32` runs both in float32.
+- Precision: the quickstart GRPO stage's (fp32, which runs faster than bf16 autocast at this
+  size) in both. `--precision bf16` gives bf16 autocast over float32 weights in both
+  (signalrl `train.precision=bf16`, TRL `bf16=True` with `use_cpu=True`, which accelerate
+  turns into CPU bf16 autocast for the training forward and for generation).
 - Threads: `torch.set_num_threads(2)` (or `--threads`) for both; the JSON records the thread
   count each framework actually ran with.
 - No evaluation, logging, checkpointing, progress bars or TensorBoard during training in
@@ -135,7 +137,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="JSON results (default: WORK/grpo_vs_trl.json)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads for both (default: 2)")
     p.add_argument(
-        "--precision", choices=["bf16", "fp32"], default=None, help="default: the recipe's (bf16)"
+        "--precision", choices=["bf16", "fp32"], default=None, help="default: quickstart's"
     )
     p.add_argument("--eval-n", type=int, default=None, help="test rows scored (default: all)")
     p.add_argument("--recipe", default=None, help="quickstart-shaped YAML (default: built-in)")
@@ -348,7 +350,7 @@ def run_trl(
         return rewards
 
     model = AutoModelForCausalLM.from_pretrained(
-        sft_dir, dtype=torch.float32, attn_implementation="sdpa"
+        sft_dir, dtype=torch.float32, attn_implementation=recipe.model.attn_implementation
     )
     tokenizer = AutoTokenizer.from_pretrained(sft_dir)
     dataset = Dataset.from_dict(

@@ -78,7 +78,7 @@ def main() -> None:
     args = ap.parse_args()
     work = Path(args.work)
     results = []
-    console = Console()
+    console = Console(width=200)
     for alg in args.algorithms.split(","):
         console.print(f"running {alg} for {args.steps} steps ...")
         results.append(run_one(alg.strip(), args, work))

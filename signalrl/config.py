@@ -26,6 +26,9 @@ class ModelConfig(Section):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     seed: int = Field(0, description="initialisation seed for presets")
     device: str = Field("auto", description="auto (cuda if available, else cpu), cpu, cuda:N")
+    attn_implementation: Literal["sdpa", "eager"] = Field(
+        "sdpa", description="eager is faster than sdpa for very small models on CPU"
+    )
 
 
 class TaskConfig(BaseModel):

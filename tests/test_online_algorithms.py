@@ -196,3 +196,33 @@ def test_rows_with_messages_use_the_chat_template(tmp_path):
     r = _recipe(tmp_path, "grpo", beta=0.0)
     t = OnlineRLTrainer(r, task=ChatTask())
     assert t.rows[0]["prompt"] == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_skipping_zero_advantage_rows_keeps_the_gradient_exact(tmp_path):
+    """Rows with advantage 0 are not run through the model; the gradient must equal the one
+    computed with every row (forced here by a vanishing KL term that keeps all rows)."""
+
+    def grads(sub, **rl):
+        r = _recipe(tmp_path / sub, "grpo", **rl)
+        r = r.model_copy(update={
+            "train": r.train.model_copy(update={"batch_size": 8}),
+            "sampling": r.sampling.model_copy(update={"max_new_tokens": 10}),
+        })
+        t = OnlineRLTrainer(r, task=SevenTask())
+        out = {}
+
+        def capture(step_scheduler=True):
+            out["g"] = torch.cat([p.grad.flatten() for p in t.model.parameters()
+                                  if p.grad is not None])
+            t.optimizer.zero_grad(set_to_none=True)
+            return {"grad_norm": 0.0, "lr": 0.0}
+
+        t.optimizer_step = capture
+        metrics, _ = t.train_step()
+        return out["g"], metrics
+
+    skipped, m1 = grads("a", beta=0.0)
+    full, m2 = grads("b", beta=1e-12)
+    assert 0 < m1["batch/trained_rows"] < m2["batch/trained_rows"] == 64
+    assert skipped.abs().max() > 0
+    torch.testing.assert_close(skipped, full, atol=1e-7, rtol=1e-5)

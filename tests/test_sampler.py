@@ -192,3 +192,35 @@ def test_bad_params():
         SamplingParams(top_p=0.0)
     with pytest.raises(ValueError):
         SamplingParams(n=0)
+
+
+def test_shared_prefix_logps_match_values_and_gradients(tiny):
+    from signalrl.models.logprobs import shared_prefix_logps
+
+    model, tok = tiny
+    prompts = ["12+34=", "7+8=", "99+99="]
+    r = generate(
+        model,
+        tok,
+        prompts,
+        SamplingParams(max_new_tokens=5, n=3),
+        generator=torch.Generator().manual_seed(2),
+    )
+    batch = build_batch(r.prompt_ids, r.completion_ids, tok.pad_token_id, r.completion_mask)
+    rows = torch.tensor([0, 1, 2, 4, 7, 8])  # a subset, as when zero-advantage rows are skipped
+    sub = batch.select(rows)
+    weights = torch.randn(sub.completion_ids.shape, generator=torch.Generator().manual_seed(0))
+    model.zero_grad()
+    ref, _ = completion_logps(model, sub)
+    (ref * weights).sum().backward()
+    g_ref = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    distinct = [r.prompt_ids[0], r.prompt_ids[3], r.prompt_ids[6]]
+    got = shared_prefix_logps(
+        model, distinct, rows // 3, sub.completion_ids, sub.completion_mask, tok.pad_token_id
+    )
+    (got * weights).sum().backward()
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+    for a, b in zip(g_ref, (p.grad for p in model.parameters()), strict=True):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
+    model.zero_grad()

@@ -50,14 +50,16 @@ class Rollout:
 
     `prompt_ids[i]` are the token ids of row i's prompt; `completion_ids` is `(N, T)` padded with
     `pad_token_id`; `completion_mask` is 1.0 on generated tokens (EOS included); `logps` are
-    float32 log-probs of the sampled tokens (0 on padding); `truncated[i]` is True when row i hit
-    `max_new_tokens` without EOS or a stop string.
+    float32 log-probs of the sampled tokens (0 on padding); `entropy` the entropy of the
+    distribution each token was sampled from (softmax(logits / T), 0 on padding);
+    `truncated[i]` is True when row i hit `max_new_tokens` without EOS or a stop string.
     """
 
     prompt_ids: list[list[int]]
     completion_ids: torch.Tensor
     completion_mask: torch.Tensor
     logps: torch.Tensor
+    entropy: torch.Tensor
     truncated: torch.Tensor
     texts: list[str]
     group_size: int
@@ -109,7 +111,14 @@ def generate(
     autograd by the caller.
     """
     r = _generate(model, tokenizer, prompts, params, generator, autocast_dtype)
-    for name in ("completion_ids", "completion_mask", "logps", "truncated", "prompt_index"):
+    for name in (
+        "completion_ids",
+        "completion_mask",
+        "logps",
+        "entropy",
+        "truncated",
+        "prompt_index",
+    ):
         setattr(r, name, getattr(r, name).clone())
     return r
 
@@ -170,6 +179,7 @@ def _generate(
     )
     out_tokens = torch.full((n_rows, max_new), pad_id, dtype=torch.long, device=device)
     out_logps = torch.zeros((n_rows, max_new), dtype=torch.float32, device=device)
+    out_ent = torch.zeros((n_rows, max_new), dtype=torch.float32, device=device)
     lengths = torch.zeros(n_rows, dtype=torch.long, device=device)
     finished_by_stop = torch.zeros(n_rows, dtype=torch.bool, device=device)
     try:
@@ -206,6 +216,7 @@ def _generate(
                     tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
                 out_tokens[active, t] = tok
                 out_logps[active, t] = logp_all.gather(-1, tok[:, None]).squeeze(-1)
+                out_ent[active, t] = -(logp_all.exp() * logp_all).sum(-1)
                 lengths[active] = t + 1
                 done = (
                     torch.isin(tok, eos_tensor)
@@ -251,6 +262,7 @@ def _generate(
     mask = (steps < lengths[:, None]).float()
     completion_ids[mask == 0] = pad_id
     logps = out_logps[:, :width] * mask
+    entropy = out_ent[:, :width] * mask
     last_tok = completion_ids.gather(1, (lengths - 1).clamp(min=0)[:, None]).squeeze(1)
     ended = torch.isin(last_tok, eos_tensor) | finished_by_stop
     truncated = ~ended
@@ -262,6 +274,7 @@ def _generate(
         completion_ids=completion_ids,
         completion_mask=mask,
         logps=logps,
+        entropy=entropy,
         truncated=truncated,
         texts=texts,
         group_size=g,

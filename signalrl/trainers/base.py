@@ -137,7 +137,11 @@ class TrainerBase:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model, self.tokenizer = load_model(
-            source, dtype=recipe.model.dtype, seed=recipe.model.seed, device=device
+            source,
+            dtype=recipe.model.dtype,
+            seed=recipe.model.seed,
+            device=device,
+            attn_implementation=recipe.model.attn_implementation,
         )
         self.device = next(self.model.parameters()).device
         self.autocast_dtype = torch.bfloat16 if recipe.train.precision == "bf16" else None

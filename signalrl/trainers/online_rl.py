@@ -39,7 +39,7 @@ from signalrl.losses.advantages import (
 from signalrl.losses.kl import kl_estimate
 from signalrl.losses.policy import aggregate, explained_variance, policy_loss, value_loss
 from signalrl.models import count_parameters
-from signalrl.models.logprobs import completion_logps
+from signalrl.models.logprobs import shared_prefix_logps
 from signalrl.models.value_head import ValueModel
 from signalrl.rewards.length import overlong_penalty
 from signalrl.rewards.model import RewardModelScorer
@@ -172,6 +172,7 @@ class OnlineRLTrainer(TrainerBase):
             "prompt_ids": r.prompt_ids,
             "completions": [r.completion_ids[i, : lengths[i]].tolist() for i in range(len(r))],
             "sampler_logps": [r.logps[i, : lengths[i]] for i in range(len(r))],
+            "entropy": [r.entropy[i, : lengths[i]] for i in range(len(r))],
             "texts": r.texts,
             "truncated": r.truncated.tolist(),
             "rewards": total + overlong,
@@ -211,8 +212,9 @@ class OnlineRLTrainer(TrainerBase):
         micro = self.recipe.train.micro_batch_size or n
         return [slice(i, min(n, i + micro)) for i in range(0, n, micro)]
 
-    def _weights(self, mask: torch.Tensor, slices: list[slice]) -> list[float]:
-        """Share of each micro-batch in the full-batch aggregate, so accumulation is exact."""
+    def _weights(self, mask: torch.Tensor, slices: list[torch.Tensor]) -> list[float]:
+        """Share of each micro-batch (row indices) in the full-batch aggregate, so that
+        accumulation over micro-batches gives the full batch's gradient."""
         if self.recipe.rl.loss_agg == "token-mean":
             total = float(mask.sum()) or 1.0
             return [float(mask[s].sum()) / total for s in slices]
@@ -220,18 +222,42 @@ class OnlineRLTrainer(TrainerBase):
         total = float(nonempty.sum()) or 1.0
         return [float(nonempty[s].sum()) / total for s in slices]
 
+    def _grouped_logps(
+        self,
+        model: torch.nn.Module,
+        batch: SequenceBatch,
+        prompt_ids: list[list[int]],
+        rows: torch.Tensor,
+    ) -> torch.Tensor:
+        """Log-probs `(len(rows), width)` of the completions of `rows`, each distinct prompt
+        run once (rows of one prompt are contiguous groups of `group_size`)."""
+        g = self.sampling.n
+        groups, row_prompt = torch.unique(rows // g, return_inverse=True)
+        cmask = batch.completion_mask[rows]
+        width = max(int(cmask.sum(-1).max().item()), 1)
+        return shared_prefix_logps(
+            model,
+            [prompt_ids[int(k) * g] for k in groups],
+            row_prompt.to(self.device),
+            batch.completion_ids[rows, :width],
+            cmask[:, :width],
+            self.tokenizer.pad_token_id,
+            temperature=self.sampling.temperature,
+            autocast_dtype=self.autocast_dtype,
+        )
+
     @torch.no_grad()
     def _logps_no_grad(
-        self, model: torch.nn.Module, batch: SequenceBatch, slices: list[slice]
+        self,
+        model: torch.nn.Module,
+        batch: SequenceBatch,
+        prompt_ids: list[list[int]],
+        slices: list[slice],
     ) -> torch.Tensor:
         out = torch.zeros(batch.completion_ids.shape, device=self.device)
+        every = torch.arange(len(batch), device=self.device)
         for s in slices:
-            lp, _ = completion_logps(
-                model,
-                batch.select(s),
-                temperature=self.sampling.temperature,
-                autocast_dtype=self.autocast_dtype,
-            )
+            lp = self._grouped_logps(model, batch, prompt_ids, every[s])
             out[s, : lp.shape[1]] = lp
         return out
 
@@ -303,31 +329,41 @@ class OnlineRLTrainer(TrainerBase):
         for i, lp in enumerate(roll["sampler_logps"]):
             behaviour[i, : lp.shape[0]] = lp
         slices = self._micro_slices(len(batch))
-        weights = self._weights(loss_mask, slices)
         ref_logps = (
-            self._logps_no_grad(self.ref_model, batch, slices)
+            self._logps_no_grad(self.ref_model, batch, roll["prompt_ids"], slices)
             if self.ref_model is not None
             else None
         )
-        old_logps = self._logps_no_grad(self.model, batch, slices) if rl.mu > 1 else None
+        old_logps = (
+            self._logps_no_grad(self.model, batch, roll["prompt_ids"], slices)
+            if rl.mu > 1
+            else None
+        )
         adv, extras = self.advantages(rewards, batch, behaviour, ref_logps, slices)
+        # Rows whose advantage is exactly 0 (e.g. groups with equal rewards) contribute exactly
+        # zero gradient when no per-token term (KL in the loss, a critic) applies to them: they
+        # are not run through the model. Weights keep the full batch's normalisation, so the
+        # gradient is the same as with every row.
+        skip_zero = (
+            adv.dim() == 1
+            and self.critic is None
+            and not (ref_logps is not None and rl.kl_placement == "loss")
+        )
+        kept = (adv != 0).nonzero().flatten() if skip_zero else torch.arange(len(batch))
+        micro = self.recipe.train.micro_batch_size or max(len(kept), 1)
+        chunks = [kept[i : i + micro] for i in range(0, len(kept), micro)]
+        weights = self._weights(loss_mask, chunks)
+        trained_share = sum(weights) or 1.0
 
         self.model.train()
         sums: dict[str, float] = {}
-        ent_sum = kl_sum = 0.0
+        kl_sum = 0.0
         max_len = self.sampling.max_new_tokens
         for epoch in range(rl.mu):
-            for s, w in zip(slices, weights, strict=True):
-                mb = batch.select(s)
-                width = mb.completion_ids.shape[1]
+            for s, w in zip(chunks, weights, strict=True):
+                logps = self._grouped_logps(self.model, batch, roll["prompt_ids"], s)
+                width = logps.shape[1]
                 mask = loss_mask[s, :width]
-                logps, ent = completion_logps(
-                    self.model,
-                    mb,
-                    temperature=self.sampling.temperature,
-                    with_entropy=epoch == 0,
-                    autocast_dtype=self.autocast_dtype,
-                )
                 old = old_logps[s, :width] if old_logps is not None else logps.detach()
                 a = adv[s] if adv.dim() == 1 else adv[s, :width]
                 loss, pm = policy_loss(
@@ -350,13 +386,11 @@ class OnlineRLTrainer(TrainerBase):
                     if epoch == 0:
                         kl_sum += w * float(kl_term.detach())
                 (loss * w).backward()
-                if epoch == 0 and ent is not None:
-                    ent_sum += float((ent * mb.completion_mask).sum())
-                for k, v in pm.items():
-                    sums[k] = sums.get(k, 0.0) + w * float(v) / rl.mu
+                for k, v in pm.items():  # averaged over the rows that were trained
+                    sums[k] = sums.get(k, 0.0) + w / trained_share * float(v) / rl.mu
                 sums["loss"] = sums.get("loss", 0.0) + w * float(loss.detach()) / rl.mu
                 if self.critic is not None:
-                    values = self.critic(mb, self.autocast_dtype)
+                    values = self.critic(batch.select(s), self.autocast_dtype)
                     vl, vm = value_loss(
                         values,
                         extras["values"][s, :width],
@@ -387,10 +421,11 @@ class OnlineRLTrainer(TrainerBase):
             "reward/mean": float(rewards.mean()),
             "reward/std": float(rewards.std()) if len(rewards) > 1 else 0.0,
             "frac_zero_std_groups": float((groups.std(-1) == 0).float().mean()) if g > 1 else 0.0,
-            "entropy": ent_sum / max(n_tok, 1.0),
+            "entropy": float(sum(float(e.sum()) for e in roll["entropy"])) / max(n_tok, 1.0),
+            "batch/trained_rows": float(len(kept)),
             "completion/mean_length": float(lengths.mean()),
             "completion/truncated_frac": float(truncated.float().mean()),
-            "loss": sums.pop("loss"),
+            "loss": sums.pop("loss", 0.0),
             "clip_frac/low": sums.pop("clip_frac/low", 0.0),
             "clip_frac/high": sums.pop("clip_frac/high", 0.0),
             "grad_norm": opt["grad_norm"],
