@@ -204,10 +204,15 @@ class TrainerBase:
         }
 
     def extra_state(self) -> dict[str, Any]:
-        return {}
+        """What a checkpoint needs beyond model, optimiser and schedule (subclasses extend);
+        the data order of `self.data` (a DataCursor) when the trainer has one."""
+        data = getattr(self, "data", None)
+        return {"data": data.state()} if isinstance(data, DataCursor) else {}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
-        pass
+        data = getattr(self, "data", None)
+        if isinstance(data, DataCursor):
+            data.load(state.get("data", {}))
 
     def save_checkpoint(self) -> Path:
         buf = io.BytesIO()

@@ -126,14 +126,14 @@ class OnlineRLTrainer(TrainerBase):
 
     # -- state ----------------------------------------------------------------------------
     def extra_state(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"data": self.data.state(), "generator": self.generator.get_state()}
+        state = {**super().extra_state(), "generator": self.generator.get_state()}
         if self.critic is not None:
             state["critic"] = self.critic.state_dict()
             state["critic_optimizer"] = self.critic_optimizer.state_dict()
         return state
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
-        self.data.load(state.get("data", {}))
+        super().load_extra_state(state)
         if "generator" in state:
             self.generator.set_state(state["generator"])
         if self.critic is not None and "critic" in state:

@@ -216,13 +216,6 @@ class PreferenceTrainer(TrainerBase):
         assert self.ref_cache is not None
         return self.ref_cache[split][name][idx].to(self.device)
 
-    # -- state ----------------------------------------------------------------------------
-    def extra_state(self) -> dict[str, Any]:
-        return {"data": self.data.state()}
-
-    def load_extra_state(self, state: dict[str, Any]) -> None:
-        self.data.load(state.get("data", {}))
-
     # -- losses ---------------------------------------------------------------------------
     def _pair_losses(
         self, pol: torch.Tensor, ref: torch.Tensor | None, mask: torch.Tensor

@@ -187,13 +187,6 @@ class RewardModelTrainer(TrainerBase):
         self.build_optimizer()
         self.maybe_resume()
 
-    # -- state ----------------------------------------------------------------------------
-    def extra_state(self) -> dict[str, Any]:
-        return {"data": self.data.state()}
-
-    def load_extra_state(self, state: dict[str, Any]) -> None:
-        self.data.load(state.get("data", {}))
-
     # -- forward --------------------------------------------------------------------------
     def rewards(self, pairs: RewardPairs, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Rewards (B,) of the chosen and the rejected rows of pairs `idx`, in one forward."""

@@ -28,12 +28,6 @@ class SFTTrainer(TrainerBase):
         self.build_optimizer()
         self.maybe_resume()
 
-    def extra_state(self) -> dict[str, Any]:
-        return {"data": self.data.state()}
-
-    def load_extra_state(self, state: dict[str, Any]) -> None:
-        self.data.load(state.get("data", {}))
-
     def train_step(self) -> tuple[dict[str, float], list[dict[str, Any]]]:
         t = self.recipe.train
         idx = self.data.take(t.batch_size)
