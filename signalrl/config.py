@@ -296,9 +296,24 @@ class RewardModelConfig(Section):
     )
 
 
+class DistillConfig(Section):
+    """Distillation from a teacher (trainer `distill`); see `signalrl/trainers/distill.py`.
+
+    `on_policy`: the student samples, the teacher scores the samples in one forward pass and
+    `-(logp_student - logp_teacher)` per token is the advantage (Agarwal et al. 2024; Thinking
+    Machines 2025). `off_policy`: the teacher generates and the student is trained with NLL on
+    the teacher's samples (sequence-level KD, the baseline)."""
+
+    teacher: str | None = Field(None, description="teacher checkpoint directory or preset")
+    mode: Literal["on_policy", "off_policy"] = "on_policy"
+    reward_weight: float = Field(
+        0.0, ge=0, description="adds this times the group-normalised verifier reward per token"
+    )
+
+
 class Recipe(Section):
     name: str = "run"
-    trainer: Literal["sft", "online_rl", "preference", "reward_model"] = "sft"
+    trainer: Literal["sft", "online_rl", "preference", "reward_model", "distill"] = "sft"
     seed: int = 0
     output_dir: str = "runs"
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -317,6 +332,18 @@ class Recipe(Section):
     preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     reward_model: RewardModelConfig = Field(default_factory=RewardModelConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _distill_defaults(cls, data: Any) -> Any:
+        """Distillation's policy-gradient defaults: token-mean and no reference KL (any key
+        the recipe sets wins)."""
+        if isinstance(data, dict) and data.get("trainer") == "distill":
+            rl = data.get("rl") or {}
+            if isinstance(rl, dict):
+                data = {**data, "rl": {"loss_agg": "token-mean", "beta": 0.0, **rl}}
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> Recipe:
@@ -324,6 +351,13 @@ class Recipe(Section):
             raise ValueError("eval.samples must be >= eval.k")
         if self.trainer in ("preference", "reward_model") and not self.data.path:
             raise ValueError(f"trainer {self.trainer!r} needs data.path (a preference data file)")
+        if self.trainer == "distill":
+            if not self.distill.teacher:
+                raise ValueError(
+                    "trainer 'distill' needs distill.teacher (a checkpoint directory or preset)"
+                )
+            if self.distill.reward_weight > 0 and self.rl.group_size < 2:
+                raise ValueError("distill.reward_weight > 0 needs rl.group_size >= 2")
         return self
 
     @property

@@ -8,6 +8,7 @@ from signalrl.config import Recipe
 
 
 def trainer_class(name: str) -> type:
+    from signalrl.trainers.distill import DistillTrainer
     from signalrl.trainers.online_rl import OnlineRLTrainer
     from signalrl.trainers.preference import PreferenceTrainer
     from signalrl.trainers.reward_model import RewardModelTrainer
@@ -18,6 +19,7 @@ def trainer_class(name: str) -> type:
         "online_rl": OnlineRLTrainer,
         "preference": PreferenceTrainer,
         "reward_model": RewardModelTrainer,
+        "distill": DistillTrainer,
     }
     if name not in table:
         raise ValueError(f"unknown trainer {name!r}; available: {', '.join(table)}")
