@@ -204,16 +204,19 @@ def test_skipping_zero_advantage_rows_keeps_the_gradient_exact(tmp_path):
 
     def grads(sub, **rl):
         r = _recipe(tmp_path / sub, "grpo", **rl)
-        r = r.model_copy(update={
-            "train": r.train.model_copy(update={"batch_size": 8}),
-            "sampling": r.sampling.model_copy(update={"max_new_tokens": 10}),
-        })
+        r = r.model_copy(
+            update={
+                "train": r.train.model_copy(update={"batch_size": 8}),
+                "sampling": r.sampling.model_copy(update={"max_new_tokens": 10}),
+            }
+        )
         t = OnlineRLTrainer(r, task=SevenTask())
         out = {}
 
         def capture(step_scheduler=True):
-            out["g"] = torch.cat([p.grad.flatten() for p in t.model.parameters()
-                                  if p.grad is not None])
+            out["g"] = torch.cat(
+                [p.grad.flatten() for p in t.model.parameters() if p.grad is not None]
+            )
             t.optimizer.zero_grad(set_to_none=True)
             return {"grad_norm": 0.0, "lr": 0.0}
 
