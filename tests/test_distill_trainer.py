@@ -171,5 +171,5 @@ def test_distill_recipe_needs_a_teacher(tmp_path):
     )
     assert r.rl.beta == 0.1 and r.rl.loss_agg == "token-mean"
     r = load_recipe(ROOT / "recipes" / "distill-arithmetic.yaml")
-    assert r.trainer == "distill" and r.distill.teacher == "runs/sft-small-arithmetic/final"
-    assert (r.train.batch_size, r.rl.group_size, r.train.steps) == (16, 4, 100)
+    assert r.trainer == "distill" and r.distill.teacher == "runs/teacher-arithmetic/final"
+    assert (r.train.batch_size, r.rl.group_size, r.train.steps) == (16, 8, 300)
