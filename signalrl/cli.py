@@ -24,6 +24,19 @@ SetOpt = Annotated[
 ]
 
 
+def _task_overrides(overrides: list[str] | None, command: str) -> dict[str, object]:
+    """`--set task.key=value` options as task constructor arguments; other keys are refused."""
+    from signalrl.config import parse_override
+
+    kw: dict[str, object] = {}
+    for ov in overrides or []:
+        key, value = parse_override(ov)
+        if not key.startswith("task."):
+            _fail(f"--set {ov!r}: {command} only takes task.* overrides")
+        kw[key[5:]] = value
+    return kw
+
+
 def _fail(msg: str) -> None:
     err.print(f"[red]error:[/red] {msg}", highlight=False)
     raise typer.Exit(2)
@@ -63,18 +76,12 @@ def eval_(
     out: Annotated[Path | None, typer.Option(help="write the result as JSON here")] = None,
 ) -> None:
     """Greedy accuracy and unbiased pass@k of MODEL on TASK's test split."""
-    from signalrl.config import parse_override
     from signalrl.eval import evaluate
     from signalrl.models import load_model
     from signalrl.tasks import make_task
 
     try:
-        task_kw = {}
-        for ov in set_ or []:
-            key, value = parse_override(ov)
-            if not key.startswith("task."):
-                _fail(f"--set {ov!r}: eval only takes task.* overrides")
-            task_kw[key[5:]] = value
+        task_kw = _task_overrides(set_, "eval")
         t = make_task(task, **task_kw)
         m, tok = load_model(model)
         rows = t.test()[:n] if n else t.test()
@@ -137,16 +144,10 @@ def make_preferences_(
     """On-policy preference pairs: the task verifier picks a correct sample as chosen and a
     wrong one as rejected (no human labels); prompts with no correct or no wrong sample are
     skipped."""
-    from signalrl.config import parse_override
     from signalrl.data.make_preferences import make_preferences
 
     try:
-        task_kw = {}
-        for ov in set_ or []:
-            key, value = parse_override(ov)
-            if not key.startswith("task."):
-                _fail(f"--set {ov!r}: make-preferences only takes task.* overrides")
-            task_kw[key[5:]] = value
+        task_kw = _task_overrides(set_, "make-preferences")
         st = make_preferences(
             model,
             out,

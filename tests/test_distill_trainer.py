@@ -107,13 +107,13 @@ def test_advantage_is_negative_reverse_kl(tmp_path):
     for i, lp in enumerate(roll["sampler_logps"]):
         behaviour[i, : lp.shape[0]] = lp
     slices = t._micro_slices(len(batch))
-    adv, _ = t.advantages(roll["rewards"], batch, behaviour, None, slices)
+    adv, _ = t.advantages(roll["rewards"], batch, behaviour, None, slices, roll["prompt_ids"])
     assert adv.shape == batch.completion_ids.shape
     assert adv.abs().max() < 1e-4
     assert abs(t._distill_metrics["distill/reverse_kl"]) < 1e-4
     # with another teacher: the advantage is exactly -(student - teacher) on the tokens
     t.teacher, _ = load_model("tiny", seed=5)
-    adv, _ = t.advantages(roll["rewards"], batch, behaviour, None, slices)
+    adv, _ = t.advantages(roll["rewards"], batch, behaviour, None, slices, roll["prompt_ids"])
     teacher = t._logps_no_grad(t.teacher, batch, roll["prompt_ids"], slices)
     mask = batch.completion_mask
     torch.testing.assert_close(adv, -(behaviour - teacher) * mask)
@@ -121,7 +121,7 @@ def test_advantage_is_negative_reverse_kl(tmp_path):
     # reward mixing adds reward_weight * group-normalised reward on every token
     t.recipe.distill.reward_weight = 0.5
     rewards = torch.tensor([1.0, 0.0, 0.0, 0.0] * 4)
-    mixed, _ = t.advantages(rewards, batch, behaviour, None, slices)
+    mixed, _ = t.advantages(rewards, batch, behaviour, None, slices, roll["prompt_ids"])
     g = (rewards.view(-1, 4) - rewards.view(-1, 4).mean(-1, keepdim=True)) / (
         rewards.view(-1, 4).std(-1, keepdim=True) + 1e-6
     )

@@ -60,7 +60,7 @@ def test_lora_reference_is_policy_without_adapter_and_final_is_plain(tmp_path):
     base, _ = load_model("tiny", seed=0)
     idx = [0, 1, 2]
     batch = t._rows_batch(t.train_data, idx, "pair")
-    want, _ = completion_logps(base.eval(), batch)
+    want = completion_logps(base.eval(), batch)
     torch.testing.assert_close(t._ref_logps(batch), want)
     n_train = sum(p.numel() for p in t.model.parameters() if p.requires_grad)
     assert 0 < n_train < sum(p.numel() for p in base.parameters())
@@ -68,7 +68,7 @@ def test_lora_reference_is_policy_without_adapter_and_final_is_plain(tmp_path):
     m = AutoModelForCausalLM.from_pretrained(tmp_path / "pref" / "final")
     assert not any("lora" in n for n, _ in m.named_parameters())
     # after training the merged model differs from the base: the adapter was merged in
-    got, _ = completion_logps(m.eval(), batch)
+    got = completion_logps(m.eval(), batch)
     assert not torch.allclose(got, want)
 
 

@@ -82,7 +82,7 @@ def test_logps_match_a_full_forward(tiny):
     )
     batch = build_batch(r.prompt_ids, r.completion_ids, tok.pad_token_id, r.completion_mask)
     with torch.no_grad():
-        lp, _ = completion_logps(model, batch)
+        lp = completion_logps(model, batch)
     torch.testing.assert_close(lp, r.logps, atol=1e-5, rtol=0)
     assert r.completion_ids.shape == r.completion_mask.shape == r.logps.shape
     assert (r.logps[r.completion_mask == 0] == 0).all()
@@ -211,7 +211,7 @@ def test_shared_prefix_logps_match_values_and_gradients(tiny):
     sub = batch.select(rows)
     weights = torch.randn(sub.completion_ids.shape, generator=torch.Generator().manual_seed(0))
     model.zero_grad()
-    ref, _ = completion_logps(model, sub)
+    ref = completion_logps(model, sub)
     (ref * weights).sum().backward()
     g_ref = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()

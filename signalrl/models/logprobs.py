@@ -9,7 +9,7 @@ import torch
 from transformers import PreTrainedModel
 
 from signalrl.data.collate import SequenceBatch
-from signalrl.losses.policy import entropy_from_logits, token_logprobs
+from signalrl.losses.policy import token_logprobs
 
 
 def autocast_context(device: torch.device, dtype: torch.dtype | None):  # noqa: ANN201
@@ -27,12 +27,11 @@ def completion_logps(
     batch: SequenceBatch,
     *,
     temperature: float = 1.0,
-    with_entropy: bool = False,
     autocast_dtype: torch.dtype | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-token log-probs `(N, T)` of the completion tokens (0 where the mask is 0), and
-    optionally the per-token entropy of the policy. Only the `T + 1` last positions go through
-    the LM head when the model supports `logits_to_keep`."""
+) -> torch.Tensor:
+    """Per-token log-probs `(N, T)` of the completion tokens (0 where the mask is 0). Only the
+    `T + 1` last positions go through the LM head when the model supports `logits_to_keep`.
+    (The policy's entropy comes from the sampler, which has the full distributions anyway.)"""
     t = batch.completion_ids.shape[1]
     kwargs = {}
     if _accepts(model, "logits_to_keep"):
@@ -48,13 +47,7 @@ def completion_logps(
         )
     logits = out.logits[:, -(t + 1) : -1, :]
     logps = token_logprobs(logits, batch.completion_ids, temperature=temperature)
-    logps = logps * batch.completion_mask
-    entropy = None
-    if with_entropy:
-        with torch.no_grad():
-            scaled = logits / temperature if temperature != 1.0 else logits
-            entropy = entropy_from_logits(scaled) * batch.completion_mask
-    return logps, entropy
+    return logps * batch.completion_mask
 
 
 def shared_prefix_logps(

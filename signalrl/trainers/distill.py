@@ -80,7 +80,6 @@ class DistillTrainer(OnlineRLTrainer):
         for p in self.teacher.parameters():
             p.requires_grad_(False)
         self.models_held = self._models_held()
-        self._prompt_ids: list[list[int]] = []
         self._distill_metrics: dict[str, float] = {}
 
     def _models_held(self) -> dict[str, float]:
@@ -94,11 +93,6 @@ class DistillTrainer(OnlineRLTrainer):
         }
 
     # -- on-policy ------------------------------------------------------------------------------
-    def collect(self) -> tuple[dict[str, Any], dict[str, float]]:
-        roll, stats = super().collect()
-        self._prompt_ids = roll.get("prompt_ids", [])
-        return roll, stats
-
     def advantages(
         self,
         rewards: torch.Tensor,
@@ -106,11 +100,12 @@ class DistillTrainer(OnlineRLTrainer):
         behaviour: torch.Tensor,
         ref_logps: torch.Tensor | None,
         slices: list[slice],
+        prompt_ids: list[list[int]],
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(N, T) advantages `-(logp_student - logp_teacher)` on the sampled tokens."""
         rl, d = self.recipe.rl, self.recipe.distill
         mask = batch.completion_mask
-        teacher = self._logps_no_grad(self.teacher, batch, self._prompt_ids, slices)
+        teacher = self._logps_no_grad(self.teacher, batch, prompt_ids, slices)
         rkl = reverse_kl_per_token(behaviour, teacher).detach() * mask
         adv = -rkl
         extras: dict[str, torch.Tensor] = {}
@@ -166,7 +161,7 @@ class DistillTrainer(OnlineRLTrainer):
         total = 0.0
         for s in self._micro_slices(len(batch)):
             mb = batch.select(s)
-            logps, _ = completion_logps(self.model, mb, autocast_dtype=self.autocast_dtype)
+            logps = completion_logps(self.model, mb, autocast_dtype=self.autocast_dtype)
             loss = -(logps * mb.completion_mask).sum() / n_tok
             loss.backward()
             total += float(loss.detach())

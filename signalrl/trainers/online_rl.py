@@ -277,8 +277,10 @@ class OnlineRLTrainer(TrainerBase):
         behaviour: torch.Tensor,
         ref_logps: torch.Tensor | None,
         slices: list[slice],
+        prompt_ids: list[list[int]],
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(N,) or (N, T) advantages; extras holds values/returns for PPO and the KL."""
+        """(N,) or (N, T) advantages; extras holds values/returns for PPO and the KL.
+        `prompt_ids` are the rows' prompts, for subclasses that score with another model."""
         rl = self.recipe.rl
         mask = batch.completion_mask
         extras: dict[str, torch.Tensor] = {}
@@ -339,7 +341,9 @@ class OnlineRLTrainer(TrainerBase):
             if rl.mu > 1
             else None
         )
-        adv, extras = self.advantages(rewards, batch, behaviour, ref_logps, slices)
+        adv, extras = self.advantages(
+            rewards, batch, behaviour, ref_logps, slices, roll["prompt_ids"]
+        )
         # Rows whose advantage is exactly 0 (e.g. groups with equal rewards) contribute exactly
         # zero gradient when no per-token term (KL in the loss, a critic) applies to them: they
         # are not run through the model. Weights keep the full batch's normalisation, so the

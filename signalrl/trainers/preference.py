@@ -150,11 +150,11 @@ class PreferenceTrainer(TrainerBase):
                 was_training = self.model.training
                 self.model.eval()
                 with self.model.disable_adapter():
-                    out, _ = completion_logps(self.model, batch, autocast_dtype=self.autocast_dtype)
+                    out = completion_logps(self.model, batch, autocast_dtype=self.autocast_dtype)
                 self.model.train(was_training)
                 return out
             assert self.ref_model is not None
-            out, _ = completion_logps(self.ref_model, batch, autocast_dtype=self.autocast_dtype)
+            out = completion_logps(self.ref_model, batch, autocast_dtype=self.autocast_dtype)
             return out
 
     def _seq_logps_nograd(self, model_fn, data: PreferenceData, which: str) -> torch.Tensor:
@@ -279,7 +279,7 @@ class PreferenceTrainer(TrainerBase):
             mb = idx[s : s + micro]
             batch = self._rows_batch(self.train_data, mb, "pair")
             ref = self._pair_ref("train", self.train_data, mb)
-            pol, _ = completion_logps(self.model, batch, autocast_dtype=self.autocast_dtype)
+            pol = completion_logps(self.model, batch, autocast_dtype=self.autocast_dtype)
             losses, cr, rr, lc, lr = self._pair_losses(pol, ref, batch.completion_mask)
             loss = losses.sum() / n
             loss.backward()
@@ -299,7 +299,7 @@ class PreferenceTrainer(TrainerBase):
             for s in range(0, len(idx), micro):
                 mb = idx[s : s + micro]
                 batch = self._rows_batch(data, mb, "kl")
-                pol, _ = completion_logps(self.model, batch, autocast_dtype=self.autocast_dtype)
+                pol = completion_logps(self.model, batch, autocast_dtype=self.autocast_dtype)
                 if self.ref_cache is not None:
                     ref = self._cached(split, "kl", mb)
                 else:
@@ -312,7 +312,7 @@ class PreferenceTrainer(TrainerBase):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         pc = self.recipe.preference
         batch = self._rows_batch(data, mb, "chosen")
-        pol, _ = completion_logps(self.model, batch, autocast_dtype=self.autocast_dtype)
+        pol = completion_logps(self.model, batch, autocast_dtype=self.autocast_dtype)
         if self.ref_cache is not None:
             ref = self._cached(split, "chosen", mb)
         else:
@@ -393,7 +393,7 @@ class PreferenceTrainer(TrainerBase):
             parts, ratio_sum, ratio_tokens = [], 0.0, 0.0
             for mb in chunks:
                 batch = self._rows_batch(data, mb, "pair")
-                pol, _ = completion_logps(self.model, batch, autocast_dtype=self.autocast_dtype)
+                pol = completion_logps(self.model, batch, autocast_dtype=self.autocast_dtype)
                 ref = self._pair_ref("test", data, mb)
                 parts.append(self._pair_losses(pol, ref, batch.completion_mask))
                 if ref is not None:
@@ -433,7 +433,7 @@ class PreferenceTrainer(TrainerBase):
             completion_mask=roll.completion_mask,
             device=self.device,
         )
-        pol, _ = completion_logps(self.model, batch, autocast_dtype=self.autocast_dtype)
+        pol = completion_logps(self.model, batch, autocast_dtype=self.autocast_dtype)
         ref = self._ref_logps(batch)
         mask = batch.completion_mask
         k3 = kl_estimate(pol, ref, "k3") * mask

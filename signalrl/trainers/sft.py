@@ -43,7 +43,7 @@ class SFTTrainer(TrainerBase):
         self.model.train()
         for start in range(0, len(batch), micro):
             mb = batch.select(slice(start, start + micro))
-            logps, _ = completion_logps(self.model, mb, autocast_dtype=self.autocast_dtype)
+            logps = completion_logps(self.model, mb, autocast_dtype=self.autocast_dtype)
             loss = -(logps * mb.completion_mask).sum() / n_tokens
             loss.backward()
             total += float(loss.detach())
