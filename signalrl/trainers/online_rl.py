@@ -15,6 +15,10 @@ One training step:
 4. `mu` updates over the batch with the clipped surrogate (old log-probs stored once; with
    `mu == 1` the ratio is 1 and the loss is the plain policy gradient), and for PPO the
    clipped value loss on the critic.
+
+Every step logs two cumulative budget counters (`account`): `student/forward_tokens` (see
+`count_forward_tokens`) and `time/train_s`, the seconds spent in training steps (sampling,
+scoring, forward, backward, update; evaluation, checkpoints and model loading excluded).
 """
 
 from __future__ import annotations
@@ -46,6 +50,21 @@ from signalrl.rewards.model import RewardModelScorer
 from signalrl.rewards.registry import RewardComposer
 from signalrl.rollout.sampler import SamplingParams, generate
 from signalrl.trainers.base import DataCursor, TrainerBase
+
+
+def count_forward_tokens(prompt_ids: list[list[int]], completion_tokens: int) -> int:
+    """Student forward tokens of one forward pass (or one generation): the non-padding tokens
+    of the distinct prompts it encodes plus `completion_tokens`.
+
+    `student/forward_tokens` is the sum of this over every pass of the student (the policy
+    being trained) in a step, with or without gradient: in generation each distinct prompt
+    once (its KV cache is shared by the group) plus every sampled token (the last one of a
+    completion is counted although it is never fed back, so sampling and scoring count the
+    same sequence); in a training forward (and a `mu > 1` old-log-prob pass) the prompts it
+    encodes (once per distinct prompt with prefix sharing, once per row otherwise) plus the
+    completion tokens. Teacher, reference, critic, reward-model and evaluation passes are not
+    counted. Padding is not counted."""
+    return sum(len(p) for p in prompt_ids) + int(completion_tokens)
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -100,6 +119,8 @@ class OnlineRLTrainer(TrainerBase):
             )
         self.generator = torch.Generator(device=self.device).manual_seed(recipe.seed)
         self.data = DataCursor(len(self.rows), recipe.seed)
+        self.forward_tokens = 0  # cumulative, see `count_forward_tokens`
+        self.train_seconds = 0.0  # cumulative seconds in train_step
         self.build_optimizer()
         self.maybe_resume()
         self.models_held = self._models_held()
@@ -126,7 +147,12 @@ class OnlineRLTrainer(TrainerBase):
 
     # -- state ----------------------------------------------------------------------------
     def extra_state(self) -> dict[str, Any]:
-        state = {**super().extra_state(), "generator": self.generator.get_state()}
+        state = {
+            **super().extra_state(),
+            "generator": self.generator.get_state(),
+            "forward_tokens": self.forward_tokens,
+            "train_seconds": self.train_seconds,
+        }
         if self.critic is not None:
             state["critic"] = self.critic.state_dict()
             state["critic_optimizer"] = self.critic_optimizer.state_dict()
@@ -136,6 +162,8 @@ class OnlineRLTrainer(TrainerBase):
         super().load_extra_state(state)
         if "generator" in state:
             self.generator.set_state(state["generator"])
+        self.forward_tokens = int(state.get("forward_tokens", 0))
+        self.train_seconds = float(state.get("train_seconds", 0.0))
         if self.critic is not None and "critic" in state:
             self.critic.load_state_dict(state["critic"])
             self.critic_optimizer.load_state_dict(state["critic_optimizer"])
@@ -153,6 +181,7 @@ class OnlineRLTrainer(TrainerBase):
             autocast_dtype=self.autocast_dtype,
         )
         lengths = [int(x) for x in r.lengths.tolist()]
+        self.forward_tokens += count_forward_tokens(r.prompt_ids[::g], sum(lengths))
         row_of = [rows[i // g] for i in range(len(r))]
         scored = self.rewards([x["prompt"] for x in row_of], r.texts, row_of, lengths)
         total = torch.tensor(scored.total, dtype=torch.float32, device=self.device)
@@ -235,6 +264,10 @@ class OnlineRLTrainer(TrainerBase):
         groups, row_prompt = torch.unique(rows // g, return_inverse=True)
         cmask = batch.completion_mask[rows]
         width = max(int(cmask.sum(-1).max().item()), 1)
+        if model is self.model:
+            self.forward_tokens += count_forward_tokens(
+                [prompt_ids[int(k) * g] for k in groups], int(cmask.sum())
+            )
         return shared_prefix_logps(
             model,
             [prompt_ids[int(k) * g] for k in groups],
@@ -312,13 +345,15 @@ class OnlineRLTrainer(TrainerBase):
         t_rollout = time.time() - t0
         if not roll:
             self.scheduler.step()
-            return {
-                **stats,
-                "reward/mean": float("nan"),
-                "time/step_s": time.time() - t0,
-                "skipped": 1.0,
-                **self.models_held,
-            }, []
+            return self.account(
+                {
+                    **stats,
+                    "reward/mean": float("nan"),
+                    "time/step_s": time.time() - t0,
+                    "skipped": 1.0,
+                    **self.models_held,
+                }
+            ), []
         rewards = roll["rewards"]
         batch = build_batch(
             roll["prompt_ids"], roll["completions"], self.tokenizer.pad_token_id, device=self.device
@@ -456,6 +491,7 @@ class OnlineRLTrainer(TrainerBase):
                 extras["values"], extras["returns"], batch.completion_mask
             )
         metrics.update(sums)
+        self.account(metrics)
         samples = [
             {
                 "prompt": roll["rows"][i]["prompt"],
@@ -467,6 +503,13 @@ class OnlineRLTrainer(TrainerBase):
             for i in range(len(roll["texts"]))
         ]
         return metrics, samples
+
+    def account(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Add this step's `time/step_s` to the budget and log the cumulative counters."""
+        self.train_seconds += metrics.get("time/step_s", 0.0)
+        metrics["student/forward_tokens"] = float(self.forward_tokens)
+        metrics["time/train_s"] = self.train_seconds
+        return metrics
 
     def progress_info(self, metrics: dict[str, Any]) -> str:
         return f"reward {metrics['reward/mean']:.3f}"
