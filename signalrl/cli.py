@@ -122,8 +122,44 @@ def quickstart(
         _fail(str(e))
 
 
-data_app = typer.Typer(help="Data tools: make preference pairs.", no_args_is_help=True)
+data_app = typer.Typer(
+    help="Data tools: make preference pairs, make a pretraining corpus.", no_args_is_help=True
+)
 app.add_typer(data_app, name="data")
+
+
+@data_app.command("make-corpus")
+def make_corpus_(
+    out: Annotated[Path, typer.Option(help="output JSONL of {text, type} documents")],
+    task: Annotated[str, typer.Option(help="built-in task (arithmetic)")] = "arithmetic",
+    docs: Annotated[int, typer.Option(help="number of documents")] = 20000,
+    seed: Annotated[int, typer.Option()] = 0,
+    mix: Annotated[
+        str | None,
+        typer.Option(help="document shares, e.g. equations=0.3,worded=0.2,r1_tagged=0.2"),
+    ] = None,
+    set_: SetOpt = None,
+) -> None:
+    """A synthetic pretraining corpus for TASK: arithmetic knowledge in plain text and the R1
+    <think>/<answer> format on other tasks, never the R1-Zero template on the task itself and
+    never a test problem (signalrl/data/corpus.py). Train on it with `trainer: sft` and
+    `data.path` (loss on every token)."""
+    from signalrl.data.corpus import parse_mix, write_corpus
+    from signalrl.tasks import ArithmeticTask, make_task
+
+    try:
+        task_kw = _task_overrides(set_, "make-corpus")
+        t = make_task(task, **task_kw)
+        if not isinstance(t, ArithmeticTask):
+            _fail(f"make-corpus: task {task!r} has no corpus generator; available: arithmetic")
+            return
+        st = write_corpus(out, t, docs, seed=seed, mix=parse_mix(mix) if mix else None)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+        return
+    parts = ", ".join(f"{k} {v}" for k, v in sorted(st.by_type.items()))
+    err.print(f"{st.docs} documents, {st.chars} characters -> {st.out} ({parts})", highlight=False)
+    print(json.dumps(st.__dict__, indent=2))
 
 
 @data_app.command("make-preferences")

@@ -273,15 +273,23 @@ class PreferenceConfig(Section):
 
 
 class DataConfig(Section):
-    """A preference data file: rows {prompt, chosen, rejected} or, for kto,
-    {prompt, completion, label}. Relative paths are relative to the working directory.
-    `train_subset: k` (SFT and online RL on a task) trains on the first k rows of the task's
-    train split, repeated: `train_subset: 1` is 1-shot RLVR (Wang et al. 2025)."""
+    """A data file. Preference trainers: rows {prompt, chosen, rejected} or, for kto,
+    {prompt, completion, label}. SFT (optional; without it SFT trains on the task's train
+    split): rows {text} (loss on every token: pretraining), {prompt, completion} or chat
+    {messages} (`kind`; see `signalrl.data.sft`). Relative paths are relative to the working
+    directory. `train_subset: k` (SFT and online RL) trains on the first k train rows,
+    repeated: `train_subset: 1` is 1-shot RLVR (Wang et al. 2025)."""
 
     train_subset: int | None = Field(None, ge=1, description="first k train rows only")
 
     path: str | None = None
     format: Literal["auto", "jsonl", "parquet", "hf"] = "auto"
+    kind: Literal["auto", "text", "prompt_completion", "messages"] = Field(
+        "auto", description="SFT rows: text, prompt_completion or messages (auto: by columns)"
+    )
+    max_length: int | None = Field(
+        None, ge=2, description="SFT: longest row in tokens (default: the model's positions)"
+    )
     test_path: str | None = None
     test_fraction: float = Field(
         0.1, ge=0, lt=1, description="held-out rows for eval metrics when test_path is unset"

@@ -34,7 +34,9 @@ class SequenceBatch:
         # trim left prompt padding that all selected rows share
         prompt_cols = attn[:, :p].sum(0)
         lead = int((prompt_cols == 0).long().cumprod(0).sum().item())
-        width = int(cmask.sum(-1).max().item()) if cmask.numel() else 0
+        # completion tokens present (attention), not their loss weights: a row may hold
+        # context tokens with weight 0 between trained ones (multi-turn chat)
+        width = int(attn[:, p:].sum(-1).max().item()) if cmask.numel() else 0
         width = max(width, 1)
         cols = slice(lead, p + width)
         return SequenceBatch(
@@ -53,22 +55,35 @@ def build_batch(
     pad_id: int,
     completion_mask: torch.Tensor | None = None,
     device: torch.device | str = "cpu",
+    masks: Sequence[Sequence[float]] | None = None,
 ) -> SequenceBatch:
-    """Collate prompts (token lists) with completions (token lists or an (N, T) tensor)."""
+    """Collate prompts (token lists) with completions (token lists or an (N, T) tensor).
+    With token lists, `masks` (one weight per completion token) sets `completion_mask`
+    (default: 1.0 on every completion token)."""
     n = len(prompt_ids)
     if isinstance(completion_ids, torch.Tensor):
         comp = completion_ids.to(device=device, dtype=torch.long)
         if completion_mask is None:
             raise ValueError("build_batch: a completion tensor needs its completion_mask")
         cmask = completion_mask.to(device=device, dtype=torch.float32)
+        present = (cmask > 0).long()
     else:
         t = max((len(c) for c in completion_ids), default=0)
         comp = torch.full((n, max(t, 1)), pad_id, dtype=torch.long)
         cmask = torch.zeros((n, max(t, 1)), dtype=torch.float32)
+        present = torch.zeros((n, max(t, 1)), dtype=torch.long)
+        if masks is not None and len(masks) != n:
+            raise ValueError(f"build_batch: {n} completions but {len(masks)} masks")
         for i, c in enumerate(completion_ids):
             comp[i, : len(c)] = torch.tensor(list(c), dtype=torch.long)
-            cmask[i, : len(c)] = 1.0
-        comp, cmask = comp.to(device), cmask.to(device)
+            present[i, : len(c)] = 1
+            if masks is None:
+                cmask[i, : len(c)] = 1.0
+            elif len(masks[i]) != len(c):
+                raise ValueError(f"build_batch: completion {i} and its mask differ in length")
+            else:
+                cmask[i, : len(c)] = torch.tensor(list(masks[i]), dtype=torch.float32)
+        comp, cmask, present = comp.to(device), cmask.to(device), present.to(device)
     if comp.shape[0] != n:
         raise ValueError(f"build_batch: {n} prompts but {comp.shape[0]} completions")
     p = max(len(x) for x in prompt_ids)
@@ -81,7 +96,7 @@ def build_batch(
         pmask[i, p - len(x) :] = 1
     prompts, pmask = prompts.to(device), pmask.to(device)
     input_ids = torch.cat([prompts, comp], dim=1)
-    attn = torch.cat([pmask, cmask.long()], dim=1)
+    attn = torch.cat([pmask, present], dim=1)
     positions = (attn.cumsum(-1) - 1).clamp(min=0)
     return SequenceBatch(input_ids, attn, positions, comp, cmask, p)
 

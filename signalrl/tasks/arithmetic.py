@@ -4,6 +4,12 @@ Difficulty knobs: `digits` (operand size: 1..10^digits - 1, or exactly `digits` 
 `exact_digits`), `ops` (a subset of "+-*"), `operands` (how many numbers). Train and test are
 disjoint by construction: a problem's split is decided by a hash of its text, so no train
 problem can ever appear in the test split, whatever the sizes and seeds.
+
+Prompts: `template: plain` (default) renders `prompt_template` (`"{expr}="`); `template:
+r1_zero` renders the DeepSeek-R1-Zero prompt (`signalrl.tasks.dataset.R1_ZERO_TEMPLATE`) around
+the question `"What is {expr}?"`, and the SFT completion becomes
+`" <think> {expr}={value} </think> <answer> {value} </answer>"`. With any template, a
+completion holding an `<answer>...</answer>` block is judged on the last such block.
 """
 
 from __future__ import annotations
@@ -13,7 +19,9 @@ import random
 import re
 from dataclasses import dataclass, field
 
+from signalrl.rewards.format import extract_tagged_answer
 from signalrl.tasks.base import Row
+from signalrl.tasks.dataset import R1_ZERO_TEMPLATE
 
 _INT = re.compile(r"-?\d+")
 _ANSWER_TAG = re.compile(r"(?:answer\s*(?:is|:)|####)\s*(-?\d[\d,]*)", re.IGNORECASE)
@@ -56,6 +64,7 @@ class ArithmeticTask:
     test_fraction: float = 0.1
     seed: int = 0
     prompt_template: str = "{expr}="
+    template: str = "plain"
     name: str = field(default="arithmetic", init=False)
 
     def __post_init__(self) -> None:
@@ -70,6 +79,10 @@ class ArithmeticTask:
             raise ValueError("arithmetic: test_fraction must be in (0, 1)")
         if "{expr}" not in self.prompt_template:
             raise ValueError("arithmetic: prompt_template must contain '{expr}'")
+        if self.template not in ("plain", "r1_zero"):
+            raise ValueError(
+                f"arithmetic: template must be 'plain' or 'r1_zero', got {self.template!r}"
+            )
         lo = 10 ** (self.digits - 1) if self.exact_digits else 0
         hi = 10**self.digits - 1
         self._lo, self._hi = lo, hi
@@ -92,11 +105,24 @@ class ArithmeticTask:
         expr = str(numbers[0]) + "".join(f"{o}{n}" for o, n in zip(ops, numbers[1:], strict=True))
         return expr, _evaluate(numbers, ops)
 
+    def render(self, expr: str) -> str:
+        """The prompt for one expression under this task's template."""
+        if self.template == "r1_zero":
+            return R1_ZERO_TEMPLATE.replace("{prompt}", f"What is {expr}?")
+        return self.prompt_template.format(expr=expr)
+
+    def is_test(self, expr: str) -> bool:
+        """Whether `expr` (e.g. `"37+48"`) belongs to the test part of the problem space."""
+        return self._is_test(expr)
+
     def _row(self, expr: str, value: int) -> Row:
+        completion = str(value)
+        if self.template == "r1_zero":
+            completion = f" <think> {expr}={value} </think> <answer> {value} </answer>"
         return {
-            "prompt": self.prompt_template.format(expr=expr),
+            "prompt": self.render(expr),
             "answer": str(value),
-            "completion": str(value),
+            "completion": completion,
             "expr": expr,
         }
 
@@ -127,7 +153,10 @@ class ArithmeticTask:
 
     # -- verification -------------------------------------------------------------------------
     def verify(self, prompt_row: Row, completion: str) -> float:
-        got = extract_int_answer(completion)
+        """1.0 when the final integer answer equals the reference: inside the last
+        `<answer>...</answer>` block if there is one, else as `extract_int_answer` finds it."""
+        tagged = extract_tagged_answer(completion)
+        got = extract_int_answer(tagged if tagged is not None else completion)
         if got is None:
             return 0.0
         try:

@@ -1,16 +1,26 @@
-"""Supervised fine-tuning with a completion-only loss.
+"""Supervised fine-tuning and plain language-model pretraining.
 
-Per optimiser step, `train.batch_size` (prompt, completion) rows are split into micro-batches;
-the loss is the mean negative log-likelihood over all completion tokens of the step (EOS
-included), so gradient accumulation gives the same gradient as one big batch.
+Data: the task's train split as (prompt, completion) rows (default), or a user data file
+(`data.path`): rows `{text}` with the loss on every token (pretraining), `{prompt,
+completion}` or chat `{messages}` (loss on the assistant turns); see `signalrl.data.sft`.
+With a data file, `data.test_path` or a `data.test_fraction` of the rows is held out and its
+loss is logged as `eval/loss` at every evaluation; the task's test split is still what
+`eval/accuracy` measures (so a pretraining run reports how its model does on the task).
+
+Per optimiser step, `train.batch_size` rows are split into micro-batches; the loss is the mean
+negative log-likelihood over all trained tokens of the step (EOS included), so gradient
+accumulation gives the same gradient as one big batch.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from signalrl.config import Recipe
 from signalrl.data.collate import build_batch, tokenize_sft
+from signalrl.data.sft import SFTExamples, load_sft_data, split_examples
 from signalrl.models.logprobs import completion_logps
 from signalrl.trainers.base import DataCursor, TrainerBase
 
@@ -18,35 +28,110 @@ from signalrl.trainers.base import DataCursor, TrainerBase
 class SFTTrainer(TrainerBase):
     def __init__(self, recipe: Recipe, **kw: Any) -> None:
         super().__init__(recipe, **kw)
-        rows = self.train_rows()
-        prompts = [r["prompt"] for r in rows]
-        completions = [r["completion"] for r in rows]
-        self.prompt_ids, self.completion_ids = tokenize_sft(
-            self.tokenizer, prompts, completions, source=f"task {self.task.name} (train)"
-        )
-        self.data = DataCursor(len(self.prompt_ids), recipe.seed)
+        self.test_data: SFTExamples | None = None
+        if recipe.data.path:
+            self.train_data, self.test_data = self._load_file()
+        else:
+            rows = self.train_rows()
+            source = f"task {self.task.name} (train)"
+            p_ids, c_ids = tokenize_sft(
+                self.tokenizer,
+                [r["prompt"] for r in rows],
+                [r["completion"] for r in rows],
+                source=source,
+            )
+            masks = [[1.0] * len(c) for c in c_ids]
+            self.train_data = SFTExamples(p_ids, c_ids, masks, "prompt_completion", source)
+        self.data = DataCursor(len(self.train_data), recipe.seed)
         self.build_optimizer()
         self.maybe_resume()
 
-    def train_step(self) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    def _load_file(self) -> tuple[SFTExamples, SFTExamples | None]:
+        d = self.recipe.data
+        assert d.path is not None
+        max_length = d.max_length or getattr(self.model.config, "max_position_embeddings", None)
+
+        def load(path: str) -> SFTExamples:
+            return load_sft_data(
+                path, self.tokenizer, kind=d.kind, file_format=d.format, max_length=max_length
+            )
+
+        data = load(d.path)
+        if d.test_path:
+            train, test = data, load(d.test_path)
+        else:
+            train, test = split_examples(data, d.test_fraction, self.recipe.seed)
+        if d.train_subset is not None:
+            if d.train_subset > len(train):
+                raise ValueError(
+                    f"data.train_subset={d.train_subset} but {d.path} has {len(train)} train rows"
+                )
+            train = train.subset(range(d.train_subset))
+        self.console.print(
+            f"data: {d.path} ({train.kind} rows): {len(train)} train rows, "
+            f"{train.loss_tokens} trained tokens; {len(test) if test else 0} held out"
+        )
+        return train, test
+
+    def _loss(self, data: SFTExamples, idx: list[int], *, backward: bool) -> tuple[float, float]:
+        """Mean NLL over the trained tokens of rows `idx` (gradients accumulated when
+        `backward`); returns (loss, trained tokens)."""
         t = self.recipe.train
-        idx = self.data.take(t.batch_size)
         batch = build_batch(
-            [self.prompt_ids[i] for i in idx],
-            [self.completion_ids[i] for i in idx],
+            [data.prompt_ids[i] for i in idx],
+            [data.completion_ids[i] for i in idx],
             self.tokenizer.pad_token_id,
             device=self.device,
+            masks=[data.completion_masks[i] for i in idx],
         )
         n_tokens = batch.completion_mask.sum()
         micro = t.micro_batch_size or len(batch)
         total = 0.0
-        self.model.train()
         for start in range(0, len(batch), micro):
             mb = batch.select(slice(start, start + micro))
             logps = completion_logps(self.model, mb, autocast_dtype=self.autocast_dtype)
             loss = -(logps * mb.completion_mask).sum() / n_tokens
-            loss.backward()
+            if backward:
+                loss.backward()
             total += float(loss.detach())
+        return total, float(n_tokens)
+
+    def train_step(self) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        idx = self.data.take(self.recipe.train.batch_size)
+        self.model.train()
+        total, n_tokens = self._loss(self.train_data, idx, backward=True)
         out = self.optimizer_step()
-        out.update({"loss": total, "tokens": float(n_tokens), "epoch": float(self.data.epoch)})
+        out.update({"loss": total, "tokens": n_tokens, "epoch": float(self.data.epoch)})
         return out, []
+
+    @torch.no_grad()
+    def held_out_loss(self) -> float | None:
+        """Token-weighted mean NLL on the held-out rows of the data file (None without)."""
+        if self.test_data is None:
+            return None
+        self.model.eval()
+        size = self.recipe.eval.batch_size
+        nll = tokens = 0.0
+        for start in range(0, len(self.test_data), size):
+            idx = list(range(start, min(start + size, len(self.test_data))))
+            loss, n = self._loss(self.test_data, idx, backward=False)
+            nll += loss * n
+            tokens += n
+        return nll / max(tokens, 1.0)
+
+    def maybe_evaluate(self, metrics: dict[str, Any]) -> None:
+        every = self.recipe.eval.every
+        if every and self.step % every == 0 and self.step < self.recipe.train.steps:
+            loss = self.held_out_loss()
+            if loss is not None:
+                metrics["eval/loss"] = loss
+        super().maybe_evaluate(metrics)
+
+    def finish(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        loss = self.held_out_loss()
+        if loss is not None:
+            metrics["eval/loss"] = loss
+        result = super().finish(metrics)
+        if loss is not None:
+            result["eval_loss"] = loss
+        return result
