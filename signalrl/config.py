@@ -310,12 +310,21 @@ class DistillConfig(Section):
     `on_policy`: the student samples, the teacher scores the samples in one forward pass and
     `-(logp_student - logp_teacher)` per token is the advantage (Agarwal et al. 2024; Thinking
     Machines 2025). `off_policy`: the teacher generates and the student is trained with NLL on
-    the teacher's samples (sequence-level KD, the baseline)."""
+    the teacher's samples (sequence-level KD, the baseline). `gkd`: with probability `lmbda`
+    a step trains on student samples, else on `gkd_data` (the task's reference completions or
+    teacher samples), with the full-vocabulary generalised JSD (`beta`) to the teacher."""
 
     teacher: str | None = Field(None, description="teacher checkpoint directory or preset")
-    mode: Literal["on_policy", "off_policy"] = "on_policy"
+    mode: Literal["on_policy", "off_policy", "gkd"] = "on_policy"
     reward_weight: float = Field(
         0.0, ge=0, description="adds this times the group-normalised verifier reward per token"
+    )
+    lmbda: float = Field(0.5, ge=0, le=1, description="gkd: share of steps on student samples")
+    beta: float = Field(
+        0.5, ge=0, le=1, description="gkd: JSD mixture weight (0: forward KL, 1: reverse KL)"
+    )
+    gkd_data: Literal["dataset", "teacher"] = Field(
+        "dataset", description="gkd: the off-policy batches (task reference answers or teacher)"
     )
 
 
@@ -366,6 +375,11 @@ class Recipe(Section):
                 )
             if self.distill.reward_weight > 0 and self.rl.group_size < 2:
                 raise ValueError("distill.reward_weight > 0 needs rl.group_size >= 2")
+            if self.distill.mode != "on_policy" and self.distill.reward_weight > 0:
+                raise ValueError(
+                    f"distill.reward_weight > 0 is only supported with distill.mode on_policy "
+                    f"(got mode {self.distill.mode!r})"
+                )
         return self
 
     @property

@@ -173,3 +173,105 @@ def test_distill_recipe_needs_a_teacher(tmp_path):
     r = load_recipe(ROOT / "recipes" / "distill-arithmetic.yaml")
     assert r.trainer == "distill" and r.distill.teacher == "runs/teacher-arithmetic/final"
     assert (r.train.batch_size, r.rl.group_size, r.train.steps) == (16, 8, 300)
+
+
+# -- GKD ------------------------------------------------------------------------------------
+
+
+def _sources(t: DistillTrainer) -> list[str]:
+    """Records which data each GKD step used: 'student', 'teacher' or 'dataset'."""
+    seen: list[str] = []
+    sampled, reference = t._sampled, t._reference_batch
+
+    def spy_sampled(model):
+        seen.append("student" if model is t.model else "teacher")
+        return sampled(model)
+
+    def spy_reference():
+        seen.append("dataset")
+        return reference()
+
+    t._sampled = spy_sampled  # type: ignore[method-assign]
+    t._reference_batch = spy_reference  # type: ignore[method-assign]
+    return seen
+
+
+def test_gkd_on_student_samples_lowers_jsd_and_raises_teacher_logp(tmp_path, seven_teacher):
+    r = _recipe(tmp_path, seven_teacher, distill={"mode": "gkd", "lmbda": 1.0}, train={"steps": 25})
+    t = DistillTrainer(r, task=SevenSFTTask())
+    assert t.ref_completions == []  # lmbda=1 never reads the references
+    seen = _sources(t)
+    t.train()
+    assert seen == ["student"] * 25
+    rows = read_metrics(tmp_path / "distill")
+    jsd = [x["distill/jsd"] for x in rows if "distill/jsd" in x]
+    tl = [x["distill/teacher_logp"] for x in rows if "distill/teacher_logp" in x]
+    assert all(x["distill/on_policy"] == 1.0 for x in rows if "distill/on_policy" in x)
+    # observed (seed 0): JSD 0.67 -> 0.002, teacher log-prob of student samples -12 -> -0.1
+    assert _mean(jsd[-3:]) < 0.5 * _mean(jsd[:3]), jsd
+    assert _mean(tl[-3:]) > _mean(tl[:3]) + 4.0, tl
+    tokens = [x["student/forward_tokens"] for x in rows]
+    assert tokens == sorted(tokens) and tokens[0] > 0
+    assert "distill/reverse_kl" in rows[0] and "reward/mean" in rows[0]
+
+
+def test_gkd_lambda_picks_the_data_source_deterministically(tmp_path, seven_teacher):
+    # lmbda=0, dataset: the task's reference completions ('7' + EOS), no student generation
+    r = _recipe(tmp_path, seven_teacher, distill={"mode": "gkd", "lmbda": 0.0})
+    t = DistillTrainer(r, task=SevenSFTTask())
+    seen = _sources(t)
+    m, samples = t.train_step()
+    assert seen == ["dataset"] and m["distill/on_policy"] == 0.0
+    assert len(samples) == 4 * 4 and {s["completion"] for s in samples} == {"7"}
+    assert "reward/mean" not in m and "distill/reverse_kl" not in m
+    eos = t.tokenizer.eos_token_id
+    assert t.ref_completions[0] == [*t.tokenizer("7", add_special_tokens=False)["input_ids"], eos]
+    # only the training forward counts: each row's prompt + '7' + EOS
+    assert m["student/forward_tokens"] == sum(len(s["prompt"]) + 2 for s in samples)
+    # lmbda=0, teacher: the teacher's samples
+    r = _recipe(
+        tmp_path, seven_teacher, distill={"mode": "gkd", "lmbda": 0.0, "gkd_data": "teacher"}
+    )
+    t = DistillTrainer(r, task=SevenTask(), overwrite=True)
+    seen = _sources(t)
+    t.train_step()
+    assert seen == ["teacher"]
+    # lmbda=0.5: a seeded coin, the same sequence and losses under the same seed
+    runs = []
+    for _ in range(2):
+        r = _recipe(tmp_path, seven_teacher, distill={"mode": "gkd", "lmbda": 0.5})
+        t = DistillTrainer(r, task=SevenSFTTask(), overwrite=True)
+        seen = _sources(t)
+        losses = [t.train_step()[0]["loss"] for _ in range(10)]
+        runs.append((seen, losses))
+    assert runs[0] == runs[1]
+    assert set(runs[0][0]) == {"student", "dataset"}, runs[0][0]
+    # the coin is checkpointed: a restored trainer draws what the original would
+    state = t.extra_state()
+    nxt = t.gkd_rng.random()
+    t.gkd_rng.random()
+    t.load_extra_state(state)
+    assert t.gkd_rng.random() == nxt
+
+
+def test_gkd_jsd_is_zero_when_teacher_equals_student(tmp_path):
+    r = _recipe(tmp_path, "tiny", model={"seed": 0}, distill={"mode": "gkd", "lmbda": 1.0})
+    t = DistillTrainer(r, task=SevenTask())
+    m, _ = t.train_step()
+    assert abs(m["distill/jsd"]) < 1e-6 and abs(m["distill/reverse_kl"]) < 1e-4
+
+
+def test_gkd_config_errors(tmp_path, seven_teacher):
+    with pytest.raises(RecipeError, match="only supported with distill.mode on_policy"):
+        recipe_from_dict(
+            {"trainer": "distill", "distill": {"teacher": "t", "mode": "gkd", "reward_weight": 1}},
+            "x",
+        )
+    with pytest.raises(RecipeError, match="lmbda"):
+        recipe_from_dict(
+            {"trainer": "distill", "distill": {"teacher": "t", "mode": "gkd", "lmbda": 1.5}}, "x"
+        )
+    # SevenTask rows have no reference completion: dataset data is refused, by name
+    r = _recipe(tmp_path, seven_teacher, distill={"mode": "gkd"})
+    with pytest.raises(ValueError, match="'completion'.*gkd_data: teacher"):
+        DistillTrainer(r, task=SevenTask())
