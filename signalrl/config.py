@@ -254,6 +254,13 @@ class PreferenceConfig(Section):
     lora_alpha: int = Field(16, ge=1)
     kto_desirable_weight: float = Field(1.0, ge=0)
     kto_undesirable_weight: float = Field(1.0, ge=0)
+    online: bool = Field(
+        False,
+        description="online (iterative) DPO: each step samples the task's train prompts from "
+        "the current policy and pairs the samples with the verifier (no data.path)",
+    )
+    online_samples: int = Field(8, ge=2, description="samples per prompt (online)")
+    online_pairs_per_prompt: int = Field(1, ge=1, description="pairs per prompt (online)")
 
     @model_validator(mode="after")
     def _check(self) -> PreferenceConfig:
@@ -263,6 +270,13 @@ class PreferenceConfig(Section):
                 f"preference.loss_type: unknown loss type {self.loss_type!r}; valid: "
                 f"{', '.join(valid)}"
             )
+        if self.online and self.reference == "precomputed":
+            raise ValueError(
+                "preference.online samples new completions every step; reference "
+                "'precomputed' cannot score them (use copy or lora)"
+            )
+        if self.online and self.loss_type == "kto":
+            raise ValueError("preference.online pairs samples; loss_type 'kto' is unpaired")
         if self.reference == "none" and self.loss_type not in REFERENCE_FREE_LOSSES:
             raise ValueError(
                 f"preference.reference 'none' needs a reference-free loss "
@@ -366,7 +380,9 @@ class Recipe(Section):
     def _check(self) -> Recipe:
         if self.eval.samples is not None and self.eval.samples < self.eval.k:
             raise ValueError("eval.samples must be >= eval.k")
-        if self.trainer in ("preference", "reward_model") and not self.data.path:
+        online_pref = self.trainer == "preference" and self.preference.online
+        needs_file = self.trainer in ("preference", "reward_model") and not online_pref
+        if needs_file and not self.data.path:
             raise ValueError(f"trainer {self.trainer!r} needs data.path (a preference data file)")
         if self.trainer == "distill":
             if not self.distill.teacher:

@@ -51,6 +51,9 @@ def test_dpo_learns_preferences(tmp_path):
     for k in ("eval/rewards/accuracies", "eval/logratio_chosen", "eval/kl_ref", "grad_norm", "lr"):
         assert k in rows[-1], k
     assert out["eval/kl_ref"] >= 0
+    # the final pass over every training pair agrees with the last steps' batches
+    assert out["train_eval/rewards/accuracies"] == pytest.approx(1.0)
+    assert "train_eval/kl_ref" not in out
 
 
 def test_lora_reference_is_policy_without_adapter_and_final_is_plain(tmp_path):
@@ -159,3 +162,69 @@ def test_reference_none_needs_reference_free_loss(tmp_path):
         _pref(tmp_path, preference={"loss_type": "dpo2"})
     with pytest.raises(RecipeError, match="data.path"):
         _pref(tmp_path, data={"path": None})
+
+
+class _SevenTask:
+    """Correct when the completion contains a '7': a random tiny model samples one sometimes."""
+
+    name = "seven"
+
+    def train(self):
+        return [{"prompt": f"{i}+{i}=", "answer": "7"} for i in range(16)]
+
+    def test(self):
+        return self.train()[:4]
+
+    def verify(self, row, completion):
+        return 1.0 if "7" in completion else 0.0
+
+
+def _online(tmp_path, **over):
+    base = {
+        "data": {"path": None, "test_fraction": 0.0},
+        "preference": {"online": True, "online_samples": 8, "online_pairs_per_prompt": 2},
+        "train": {"steps": 25, "lr": 3e-3, "batch_size": 8},
+        "logging": {"progress": False, "samples_every": 5},
+    }
+    for k, v in over.items():
+        base[k] = {**base.get(k, {}), **v} if isinstance(v, dict) else v
+    return _pref(tmp_path, **base)
+
+
+def test_online_dpo_samples_pairs_from_the_policy_and_learns(tmp_path):
+    t = PreferenceTrainer(_online(tmp_path))
+    t.task = _SevenTask()
+    t.rows = t.task.train()
+    t.train()
+    rows = read_metrics(tmp_path / "pref")
+    assert len(rows) == 25
+    assert all(r["online/samples_seen"] == 64 * (i + 1) for i, r in enumerate(rows))
+    acc = [r["online/sample_accuracy"] for r in rows]
+    assert sum(acc[-5:]) / 5 > sum(acc[:5]) / 5 + 0.3, acc
+    with_pairs = [r for r in rows if r["online/pairs"] > 0]
+    assert with_pairs and all("rewards/accuracies" in r for r in with_pairs)
+    lines = (tmp_path / "pref" / "samples.jsonl").read_text().splitlines()
+    samples = [json.loads(x) for x in lines]
+    assert samples and {"prompt", "completion", "reward"} <= set(samples[0])
+
+
+def test_online_dpo_pairs_are_the_sampled_tokens(tmp_path):
+    t = PreferenceTrainer(_online(tmp_path))
+    t.task = _SevenTask()
+    t.rows = t.task.train()
+    stats, _ = t._online_pairs()
+    d = t.train_data
+    assert stats["online/pairs"] == len(d) > 0
+    eos = t.tokenizer.eos_token_id
+    for p, c, r in zip(d.prompt_ids, d.completion_ids, d.rejected_ids, strict=True):
+        ctext = t.tokenizer.decode([x for x in c if x != eos])
+        rtext = t.tokenizer.decode([x for x in r if x != eos])
+        assert "7" in ctext and "7" not in rtext and rtext.strip()
+        assert t.tokenizer.decode(p).endswith("=")
+
+
+def test_online_dpo_rejects_precomputed_reference_and_kto(tmp_path):
+    with pytest.raises(RecipeError, match="precomputed"):
+        _online(tmp_path, preference={"reference": "precomputed"})
+    with pytest.raises(RecipeError, match="kto"):
+        _online(tmp_path, preference={"loss_type": "kto"})

@@ -43,21 +43,29 @@ class PreferenceStats:
         return self.skipped_no_wrong + self.skipped_no_correct
 
 
-def pick_pairs(completions: list[str], scores: list[float], k: int = 1) -> list[tuple[str, str]]:
-    """Up to `k` distinct (chosen, rejected) pairs: chosen from the distinct non-blank correct
+def pick_pair_indices(
+    completions: list[str], scores: list[float], k: int = 1
+) -> list[tuple[int, int]]:
+    """Up to `k` (chosen, rejected) index pairs: chosen from the distinct non-blank correct
     completions (score > 0), rejected from the distinct non-blank wrong ones, both in sampling
-    order, pair i = (correct[i mod C], wrong[i mod W]) for i < min(k, max(C, W)). Empty when
-    either kind is missing."""
-    correct: list[str] = []
-    wrong: list[str] = []
-    for c, s in zip(completions, scores, strict=True):
+    order (first occurrence of each text), pair i = (correct[i mod C], wrong[i mod W]) for
+    i < min(k, max(C, W)). Empty when either kind is missing."""
+    correct: dict[str, int] = {}
+    wrong: dict[str, int] = {}
+    for i, (c, s) in enumerate(zip(completions, scores, strict=True)):
         bucket = correct if s > 0 else wrong
         if c.strip() and c not in bucket:
-            bucket.append(c)
+            bucket[c] = i
     if not correct or not wrong:
         return []
-    n = min(k, max(len(correct), len(wrong)))
-    return [(correct[i % len(correct)], wrong[i % len(wrong)]) for i in range(n)]
+    ci, wi = list(correct.values()), list(wrong.values())
+    n = min(k, max(len(ci), len(wi)))
+    return [(ci[i % len(ci)], wi[i % len(wi)]) for i in range(n)]
+
+
+def pick_pairs(completions: list[str], scores: list[float], k: int = 1) -> list[tuple[str, str]]:
+    """The texts of `pick_pair_indices`: up to `k` distinct (chosen, rejected) pairs."""
+    return [(completions[a], completions[b]) for a, b in pick_pair_indices(completions, scores, k)]
 
 
 def write_jsonl_atomic(rows: list[dict[str, Any]], out: str | os.PathLike[str]) -> Path:

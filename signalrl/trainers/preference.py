@@ -37,7 +37,18 @@ undesirable rows and `kl`). At eval (every `eval.every` steps and at the end) th
 `eval/` prefix on the held-out rows, plus `eval/logratio_chosen` (mean over held-out chosen
 tokens of policy - ref log-prob) and `eval/kl_ref` (k3 estimate of the per-token
 KL(policy || ref) on completions sampled from the policy for the held-out prompts; live
-reference only). `finish()` then evaluates the recipe's task like the other trainers.
+reference only). At the end the same metrics over every training row are logged with a
+`train_eval/` prefix (e.g. `train_eval/rewards/accuracies`: the fraction of training pairs
+the final policy ranks correctly). `finish()` then evaluates the recipe's task like the other
+trainers.
+
+Online (iterative) DPO (`preference.online: true`, no data file): every step samples
+`preference.online_samples` completions for each of `train.batch_size` task train prompts from
+the current policy (`sampling.*`), the task verifier marks them, and
+`signalrl.data.make_preferences.pick_pair_indices` makes up to `online_pairs_per_prompt`
+(correct, wrong) pairs per prompt from the sampled token ids; one optimiser step is taken on
+that step's pairs (a step with no pair only advances the schedule). Logged: `online/pairs`,
+`online/sample_accuracy`, `online/prompts_without_pair`, `online/samples_seen`.
 """
 
 from __future__ import annotations
@@ -51,6 +62,7 @@ import torch
 
 from signalrl.config import REFERENCE_FREE_LOSSES, Recipe
 from signalrl.data.collate import SequenceBatch, build_batch
+from signalrl.data.make_preferences import pick_pair_indices
 from signalrl.data.preference import PreferenceData, load_preference_data, split_data
 from signalrl.losses.kl import kl_estimate
 from signalrl.losses.preference import (
@@ -63,6 +75,7 @@ from signalrl.losses.preference import (
 )
 from signalrl.models import load_model, save_model
 from signalrl.models.logprobs import completion_logps
+from signalrl.rollout.sampler import SamplingParams, generate
 from signalrl.trainers.base import STATE_FILE, DataCursor, TrainerBase
 
 REF_FILE = "ref_logps.pt"
@@ -85,16 +98,30 @@ class PreferenceTrainer(TrainerBase):
         pc, d = recipe.preference, recipe.data
         self.kto = pc.loss_type == "kto"
         kind = "kto" if self.kto else "paired"
-        assert d.path is not None
-        data = load_preference_data(d.path, self.tokenizer, kind=kind, fmt=d.format)
-        if d.test_path:
-            self.train_data: PreferenceData = data
-            self.test_data = load_preference_data(
-                d.test_path, self.tokenizer, kind=kind, fmt=d.format
-            )
+        self.online = pc.online
+        self.test_data: PreferenceData | None = None
+        if self.online:
+            # pairs are sampled every step (see `_online_pairs`); held-out pairs only from a file
+            self.rows = self.train_rows()
+            self.train_data = PreferenceData([], [], [], None, [])
+            if d.test_path:
+                self.test_data = load_preference_data(
+                    d.test_path, self.tokenizer, kind=kind, fmt=d.format
+                )
+            self.data = DataCursor(len(self.rows), recipe.seed)
+            self.generator = torch.Generator(device=self.device).manual_seed(recipe.seed)
+            self.samples_seen = 0
         else:
-            self.train_data, self.test_data = split_data(data, d.test_fraction, recipe.seed)
-        self.data = DataCursor(len(self.train_data), recipe.seed)
+            assert d.path is not None
+            data = load_preference_data(d.path, self.tokenizer, kind=kind, fmt=d.format)
+            if d.test_path:
+                self.train_data = data
+                self.test_data = load_preference_data(
+                    d.test_path, self.tokenizer, kind=kind, fmt=d.format
+                )
+            else:
+                self.train_data, self.test_data = split_data(data, d.test_fraction, recipe.seed)
+            self.data = DataCursor(len(self.train_data), recipe.seed)
         self.uses_ref = pc.loss_type not in REFERENCE_FREE_LOSSES and pc.reference != "none"
         self.ref_model: torch.nn.Module | None = None
         self.ref_cache: dict[str, Any] | None = None
@@ -366,14 +393,102 @@ class PreferenceTrainer(TrainerBase):
         return out
 
     def train_step(self) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        if self.online:
+            return self._train_step_online()
         idx = self.data.take(self.recipe.train.batch_size)
         step = self._train_step_kto if self.kto else self._train_step_paired
         return step(idx), []
 
+    # -- online (iterative) DPO -------------------------------------------------------------
+    @torch.no_grad()
+    def _online_pairs(self) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        """Sample `online_samples` completions for each of `train.batch_size` task prompts
+        from the current policy, score them with the task verifier, and make this step's
+        pairs (`pick_pair_indices`) from the sampled token ids themselves."""
+        pc = self.recipe.preference
+        g = pc.online_samples
+        rows = [self.rows[i] for i in self.data.take(self.recipe.train.batch_size)]
+        s = self.recipe.sampling
+        params = SamplingParams(
+            max_new_tokens=s.max_new_tokens,
+            temperature=s.temperature,
+            top_p=s.top_p,
+            top_k=s.top_k,
+            stop_strings=list(s.stop_strings),
+            n=g,
+        )
+        self.model.eval()
+        roll = generate(
+            self.model,
+            self.tokenizer,
+            [r["prompt"] for r in rows],
+            params,
+            generator=self.generator,
+            autocast_dtype=self.autocast_dtype,
+        )
+        self.model.train()
+        self.samples_seen += len(roll)
+        lengths = roll.lengths.tolist()
+        p_ids: list[list[int]] = []
+        c_ids: list[list[int]] = []
+        r_ids: list[list[int]] = []
+        prompts: list[str] = []
+        samples: list[dict[str, Any]] = []
+        correct = no_pair = 0
+        for i, row in enumerate(rows):
+            texts = roll.texts[i * g : (i + 1) * g]
+            scores = [float(self.task.verify(row, t)) for t in texts]
+            correct += sum(1 for x in scores if x > 0)
+            found = pick_pair_indices(texts, scores, pc.online_pairs_per_prompt)
+            no_pair += not found
+            for a, b in found:
+                ia, ib = i * g + a, i * g + b
+                p_ids.append(roll.prompt_ids[ia])
+                c_ids.append(roll.completion_ids[ia, : int(lengths[ia])].tolist())
+                r_ids.append(roll.completion_ids[ib, : int(lengths[ib])].tolist())
+                prompts.append(row["prompt"])
+            samples.append({"prompt": row["prompt"], "completion": texts[0], "reward": scores[0]})
+        self.train_data = PreferenceData(p_ids, c_ids, r_ids, None, prompts)
+        stats = {
+            "online/sample_accuracy": correct / max(len(roll), 1),
+            "online/pairs": float(len(p_ids)),
+            "online/prompts_without_pair": float(no_pair),
+            "online/samples_seen": float(self.samples_seen),
+        }
+        return stats, samples
+
+    def _train_step_online(self) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        stats, samples = self._online_pairs()
+        n = len(self.train_data)
+        if n == 0:  # every prompt's samples were all right or all wrong: no pair to learn from
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
+            return {**stats, "lr": self.scheduler.get_last_lr()[0]}, samples
+        out = self._train_step_paired(list(range(n)))
+        out.pop("epoch", None)
+        out.update(stats)
+        out["epoch"] = float(self.data.epoch)
+        return out, samples
+
+    def extra_state(self) -> dict[str, Any]:
+        state = super().extra_state()
+        if self.online:
+            state["generator"] = self.generator.get_state()
+            state["samples_seen"] = self.samples_seen
+        return state
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        super().load_extra_state(state)
+        if self.online and "generator" in state:
+            self.generator.set_state(state["generator"])
+            self.samples_seen = int(state.get("samples_seen", 0))
+
     # -- evaluation -----------------------------------------------------------------------
     @torch.no_grad()
-    def preference_eval(self) -> dict[str, float]:
-        data = self.test_data
+    def preference_eval(self, split: str = "test") -> dict[str, float]:
+        """Preference metrics over every row of `split` ("test": the held-out rows, prefix
+        `eval/`; "train": all training rows, prefix `train_eval/`, no sampled KL)."""
+        data = self.test_data if split == "test" else self.train_data
         if data is None:
             return {}
         was_training = self.model.training
@@ -383,8 +498,8 @@ class PreferenceTrainer(TrainerBase):
         chunks = [list(range(s, min(n, s + size))) for s in range(0, n, size)]
         out: dict[str, float] = {}
         if self.kto:
-            kl = self._kl_ref("test", data, list(range(n)))
-            parts = [self._kto_losses("test", data, mb, kl) for mb in chunks]
+            kl = self._kl_ref(split, data, list(range(n)))
+            parts = [self._kto_losses(split, data, mb, kl) for mb in chunks]
             losses = torch.cat([p[0] for p in parts])
             metrics = self._kto_metrics(*[torch.cat([p[i] for p in parts]) for i in (1, 2, 3)])
             metrics["loss"] = losses.mean().item()
@@ -394,7 +509,7 @@ class PreferenceTrainer(TrainerBase):
             for mb in chunks:
                 batch = self._rows_batch(data, mb, "pair")
                 pol = completion_logps(self.model, batch, autocast_dtype=self.autocast_dtype)
-                ref = self._pair_ref("test", data, mb)
+                ref = self._pair_ref(split, data, mb)
                 parts.append(self._pair_losses(pol, ref, batch.completion_mask))
                 if ref is not None:
                     b = len(mb)
@@ -405,9 +520,10 @@ class PreferenceTrainer(TrainerBase):
             metrics["loss"] = losses.mean().item()
             if ratio_tokens:
                 metrics["logratio_chosen"] = ratio_sum / ratio_tokens
-            if self.uses_ref and self.ref_cache is None:
+            if split == "test" and self.uses_ref and self.ref_cache is None:
                 metrics["kl_ref"] = self._sampled_kl(data)
-        out = {f"eval/{k}": v for k, v in metrics.items()}
+        prefix = "eval/" if split == "test" else "train_eval/"
+        out = {f"{prefix}{k}": v for k, v in metrics.items()}
         self.model.train(was_training)
         return out
 
@@ -447,8 +563,10 @@ class PreferenceTrainer(TrainerBase):
 
     def finish(self, metrics: dict[str, Any]) -> dict[str, Any]:
         metrics.update(self.preference_eval())
+        if not self.online:
+            metrics.update(self.preference_eval("train"))
         summary = super().finish(metrics)
-        summary.update({k: v for k, v in metrics.items() if k.startswith("eval/")})
+        summary.update({k: v for k, v in metrics.items() if k.startswith(("eval/", "train_eval/"))})
         return summary
 
     # -- saving ---------------------------------------------------------------------------
