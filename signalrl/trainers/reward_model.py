@@ -46,11 +46,10 @@ from transformers import (
 
 from signalrl.config import Recipe
 from signalrl.data.preference import (
-    PreferenceData,
     PreferenceDataError,
+    heldout_indices,
     load_rows,
     parse_rows,
-    split_data,
 )
 from signalrl.losses.reward import bradley_terry_loss, reward_pair_metrics
 from signalrl.models import check_tokenizer, is_preset, load_model, resolve_dtype, save_model
@@ -105,6 +104,7 @@ class RewardPairs:
     chosen_ids: list[list[int]]
     rejected_ids: list[list[int]]
     margins: list[float] | None = None
+    prompts: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.chosen_ids)
@@ -114,6 +114,7 @@ class RewardPairs:
             [self.chosen_ids[i] for i in idx],
             [self.rejected_ids[i] for i in idx],
             None if self.margins is None else [self.margins[i] for i in idx],
+            None if self.prompts is None else [self.prompts[i] for i in idx],
         )
 
 
@@ -144,21 +145,21 @@ def load_reward_pairs(
 
     c_ids = encode([p + c for p, c in zip(prompts, chosen, strict=True)])
     r_ids = encode([p + r for p, r in zip(prompts, rejected, strict=True)])
-    return RewardPairs(c_ids, r_ids, margins)
+    return RewardPairs(c_ids, r_ids, margins, prompts)
 
 
 def split_pairs(
     pairs: RewardPairs, fraction: float, seed: int
 ) -> tuple[RewardPairs, RewardPairs | None]:
-    """The same held-out rows as `signalrl.data.preference.split_data` (same size rule and
-    shuffle), so a reward model and a DPO run with one seed hold out the same pairs."""
+    """The same held-out rows as `signalrl.data.preference.split_data` (whole prompts, same
+    size rule and shuffle), so a reward model and a DPO run with one seed hold out the same
+    pairs and no held-out prompt is seen in training."""
     n = len(pairs)
-    index = PreferenceData([[i] for i in range(n)], [[i] for i in range(n)])
-    train, test = split_data(index, fraction, seed)
-    train_idx = [row[0] for row in train.prompt_ids]
-    if test is None:
-        return pairs.subset(train_idx), None
-    return pairs.subset(train_idx), pairs.subset([row[0] for row in test.prompt_ids])
+    test = heldout_indices(n, fraction, seed, pairs.prompts)
+    if not test:
+        return pairs, None
+    held = set(test)
+    return pairs.subset([i for i in range(n) if i not in held]), pairs.subset(test)
 
 
 class RewardModelTrainer(TrainerBase):
