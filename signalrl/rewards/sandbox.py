@@ -1,39 +1,67 @@
-"""Run untrusted Python programs against tests in a sandboxed subprocess.
+"""Run untrusted Python programs against tests in sandboxed, pooled subprocesses.
 
 This module is deliberately self-contained (standard library only): the same file is the
-host-side API *and* the in-sandbox runner (``python -I sandbox.py``), so nothing of
-``signalrl`` has to be importable inside the sandbox.
+host-side API *and* the in-sandbox runner (``python -I -S sandbox.py --serve``), so nothing
+of ``signalrl`` has to be importable inside the sandbox. The runner's part comes first and
+the runner stops reading there, so it does not import what only the host needs.
+
+How a check runs
+----------------
+The host keeps a small pool of long-lived **sandboxed runners** (one per concurrent caller,
+at most ``os.cpu_count()`` kept idle), started on first use and reused. Starting a sandbox
+(bubblewrap, the interpreter, the runner's imports) costs tens of milliseconds; a reused
+runner only forks. A check (one program and its tests) is sent to an idle runner through a
+pipe; the runner forks **one process per test**, which executes the program and then that
+test, each under its own resource limits and wall clock, so a test that hangs, crashes or
+exhausts a limit only fails itself. Every test's result is sent back as soon as it is
+known. If a runner dies (or stops answering), its in-flight test is scored ``killed`` (or
+``timeout``) and the remaining tests are re-run in a fresh runner.
 
 Layers of containment
 ---------------------
 1. **bubblewrap** (``bwrap``), when it is installed and actually usable (user namespaces or
    root are required; this is probed once by running the real runner on a trivial job):
-   a fresh root with read-only binds of ``/usr``, the libraries and the interpreter's
-   prefix only (not the whole ``/``), private size-limited tmpfs ``/tmp`` and working
-   directory ``/work``, new PID/network/IPC/UTS namespaces (no network at all, not even
-   the host's loopback), ``--die-with-parent --new-session``, and an empty environment
-   except a minimal ``PATH``.
-2. **An unprivileged, per-run user id** when the host process is root (the usual case in
-   containers): test processes ``setuid`` to a random high uid, so ``RLIMIT_NPROC``
-   really applies (the kernel never enforces it for uid 0), they cannot signal the
-   runner or the host, cannot read other processes' ``/proc/<pid>/environ`` and cannot
-   write root-owned files. Leftover processes of that uid are swept with
-   ``kill(-1, SIGKILL)`` issued *as that uid*.
+   a fresh root, remounted read-only, with read-only binds of ``/usr``, the libraries and
+   the interpreter's prefix only (not the whole ``/``), private size-limited tmpfs ``/tmp``
+   and working directory ``/work``, new PID/network/IPC/UTS namespaces (no network at all,
+   not even the host's loopback), ``--die-with-parent --new-session``, and an empty
+   environment except a minimal ``PATH``. As root the runner keeps only the capabilities
+   it needs (set uid/gid, kill, and override file permissions to wipe the tmpfs).
+2. **An unprivileged, per-check user id** when the host process is root (the usual case in
+   containers): test processes ``setuid`` to a random high uid chosen for that check, so
+   ``RLIMIT_NPROC`` really applies (the kernel never enforces it for uid 0), they cannot
+   signal the runner or the host, cannot read other processes' ``/proc/<pid>/environ``
+   and cannot write root-owned files.
 3. **Resource limits** per test process: ``RLIMIT_CPU``, ``RLIMIT_AS`` (address space),
    ``RLIMIT_FSIZE`` (which also caps the captured output), ``RLIMIT_NPROC``,
-   ``RLIMIT_NOFILE``, no core files; a wall-clock limit after which the test's process
-   group is killed; and a host-side wall clock that kills the whole sandbox session.
+   ``RLIMIT_NOFILE``, ``RLIMIT_MSGQUEUE`` = 0 (no POSIX message queues), no core files; a
+   wall-clock limit after which the test's process group is killed; and a host-side wall
+   clock that kills the whole runner if it stops answering.
+
+Isolation between checks that share a runner
+--------------------------------------------
+After **every test** the runner kills every other process in its PID namespace
+(``kill(-1)``; processes that escaped into their own session included). After **every
+check** it then empties ``/tmp``, ``/work`` and ``/dev/shm``, removes all System V IPC
+objects of its IPC namespace, and verifies that the writable parts of the sandbox (the
+modes, owners and extended attributes of ``/``, ``/tmp``, ``/work``, ``/dev``, ``/dev/shm``
+and the entries of ``/dev``) are exactly as they were when the runner started; if anything
+cannot be removed or differs, the runner exits and a fresh sandbox replaces it. The runner
+is not dumpable (``PR_SET_DUMPABLE`` 0), so even a test process with the runner's own uid
+(bwrap without root) cannot ptrace it or open its ``/proc/<pid>/mem`` or pipes; it can only
+kill it, which costs a restart and scores the in-flight test 0. The runner holds only the
+current check; earlier programs and tests are not referenced (their bytes may remain in
+freed memory, which a forked test process could read by introspection).
 
 Without bubblewrap (``sandbox="none"``, or ``"auto"`` when bwrap is missing or unusable,
-which logs a warning once) layers 2 and 3 still apply, plus a clean environment and a
-temporary working directory, but there is **no network or filesystem isolation**: the
-program can open sockets and read world-readable files. When the host is not root there is
-also no separate uid, so the program could signal processes of the same user.
+which logs a warning once) layers 2 and 3 still apply, plus a clean environment and a fresh
+temporary working directory per check; leftover processes of the check's uid are killed
+after every test and its System V IPC objects removed after every check. But there is **no
+network or filesystem isolation**: the program can open sockets, read world-readable files
+and leave files in world-writable host directories such as ``/tmp`` (where a later check
+could find them). When the host is not root there is also no separate uid, so the program
+could signal processes of the same user.
 Use ``sandbox="required"`` to refuse running without bubblewrap.
-
-Each test runs in its own forked process (the program is executed again for every test),
-so a test that hangs, crashes or exhausts a limit only fails itself. If the runner itself
-dies, the remaining tests are re-run in a fresh sandbox.
 
 A test counts as passed only when the harness, after executing the test to completion,
 reports back with a random per-test token; exiting early (``sys.exit(0)``,
@@ -45,45 +73,21 @@ defence against code that introspects the interpreter it runs in.
 from __future__ import annotations
 
 import json
-import logging
 import os
-import random
-import secrets
 import select
-import shutil
 import signal
 import stat
-import subprocess
 import sys
-import tempfile
-import threading
 import time
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
-from typing import Any, ClassVar, Literal, cast
+from typing import Any, cast
 
-__all__ = [
-    "SANDBOX_MODES",
-    "SandboxLimits",
-    "TestOutcome",
-    "TestStatus",
-    "bwrap_status",
-    "run_python_tests",
-]
-
-logger = logging.getLogger(__name__)
-
-TestStatus = Literal["passed", "failed", "error", "timeout", "killed"]
-SandboxMode = Literal["auto", "required", "none"]
-SANDBOX_MODES: tuple[str, ...] = ("auto", "required", "none")
 _STATUSES = ("passed", "failed", "error", "timeout", "killed")
-
 _DETAIL_CHARS = 1000
 _OUTPUT_HEAD_BYTES = 600
-_SANDBOX_PATH = "/usr/local/bin:/usr/bin:/bin"
-# Random high uids for the unprivileged test processes (only used when the host is root).
-_UID_BASE = 1_600_000_000
-_UID_SPAN = 100_000_000
+# Writable places inside the bubblewrap sandbox that are emptied after every check.
+_SCRATCH_DIRS = ("/tmp", "/work", "/dev/shm")
+# Places whose metadata (and, for /dev, entries) must be unchanged after every check.
+_CHECKED_DIRS = ("/", "/tmp", "/work", "/dev", "/dev/shm")
 # Standard-library modules imported by the runner before it drops privileges when running
 # without bubblewrap: the interpreter may live under a directory the sandbox uid cannot
 # traverse (e.g. pyenv under /root), so later imports of these would fail.
@@ -93,6 +97,600 @@ _PREIMPORT = (
     "io itertools json locale math numbers operator pprint queue random re shlex socket "
     "statistics string struct textwrap time typing unicodedata uuid warnings weakref zlib"
 ).split()
+
+
+# --------------------------------------------------------------------------------------
+# Sandbox side: ``python -I -S sandbox.py --serve ...`` reads framed JSON jobs on stdin.
+# It comes first, and the runner stops reading the file before the host side (see the end
+# of this section): a small runner makes each fork, one per test, cheaper.
+# --------------------------------------------------------------------------------------
+
+
+def _truncate(text: str, limit: int = _DETAIL_CHARS) -> str:
+    if len(text) <= limit:
+        return text
+    half = limit // 2 - 10
+    return f"{text[:half]} ...[truncated]... {text[-half:]}"
+
+
+def _has_exited(pid: int) -> bool:
+    """Whether ``pid`` has exited, without reaping it (so its pid cannot be reused yet)."""
+    try:
+        info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return True
+    return info is not None
+
+
+def _drop_privileges(uid: int | None) -> None:
+    if uid is None:
+        return
+    os.setgroups([])
+    os.setgid(uid)
+    os.setuid(uid)
+
+
+def _set_child_limits(limits: dict[str, Any], timeout: float) -> None:
+    import math
+    import resource
+
+    cpu = limits.get("cpu_seconds") or (math.ceil(timeout) + 1)
+    cpu = max(1, math.ceil(cpu))
+    settings = [
+        (resource.RLIMIT_CPU, cpu, cpu + 1),
+        (resource.RLIMIT_AS, limits["memory_bytes"], limits["memory_bytes"]),
+        (resource.RLIMIT_FSIZE, limits["file_size_bytes"], limits["file_size_bytes"]),
+        (resource.RLIMIT_NOFILE, limits["max_open_files"], limits["max_open_files"]),
+        (resource.RLIMIT_NPROC, limits["max_processes"], limits["max_processes"]),
+        (resource.RLIMIT_CORE, 0, 0),
+    ]
+    if hasattr(resource, "RLIMIT_MSGQUEUE"):  # POSIX message queues outlive processes
+        settings.append((resource.RLIMIT_MSGQUEUE, 0, 0))
+    for which, soft, hard in settings:
+        try:
+            _, old_hard = resource.getrlimit(which)
+            if old_hard != resource.RLIM_INFINITY:
+                soft, hard = min(soft, old_hard), min(hard, old_hard)
+            resource.setrlimit(which, (soft, hard))
+        except (ValueError, OSError):
+            pass
+
+
+_libc: Any = None
+
+
+def _libc_call(name: str, *args: Any) -> int:
+    """Call a libc function through ctypes (Linux); -1 when it is unavailable."""
+    global _libc
+    try:
+        import ctypes
+
+        if _libc is None:
+            _libc = ctypes.CDLL(None, use_errno=True)
+        return int(getattr(_libc, name)(*args))
+    except Exception:  # noqa: BLE001 - purely defensive
+        return -1
+
+
+def _prctl(option: int, arg: int) -> None:
+    """Call prctl(2) (Linux, best effort)."""
+    _libc_call("prctl", option, arg, 0, 0, 0)
+
+
+_PR_SET_PDEATHSIG = 1
+_PR_SET_DUMPABLE = 4
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+def _child_main(job: dict[str, Any], position: int, report_fd: int, token: str) -> None:
+    """Forked test process: run the program, then one test; report via ``report_fd``."""
+    import builtins
+    import linecache
+    import traceback
+    import types
+
+    os.setpgid(0, 0)
+    workdir = job["workdir"]
+    os.chdir(workdir)
+    _drop_privileges(job["uid"])
+    # Die with the runner. Set after the uid change, which clears the setting.
+    _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if not job["isolated"]:
+        os.environ["HOME"] = workdir
+    # Created after dropping privileges, so the program may read its own output.
+    out_path = os.path.join(workdir, f".output-{position}")
+    try:
+        os.unlink(out_path)
+    except OSError:
+        pass
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    out_fd = os.open(out_path, flags, 0o600)
+    null_fd = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null_fd, 0)
+    os.dup2(out_fd, 1)
+    os.dup2(out_fd, 2)
+    os.closerange(3, report_fd)  # also closes null_fd/out_fd (they are not report_fd)
+    os.closerange(report_fd + 1, 1 << 16)
+    _set_child_limits(job["limits"], job["timeout"])
+
+    # Keep private references: the program may monkeypatch modules before we report.
+    _exec, _compile, _write, _exit = builtins.exec, builtins.compile, os.write, os._exit
+    _format = traceback.format_exception
+
+    def report(status: str, detail: str = "") -> None:
+        data = f"{token} {status}\n{_truncate(detail)}".encode("utf-8", "replace")
+        try:
+            _write(report_fd, data)
+        finally:
+            _exit(0)
+
+    def describe(exc: BaseException) -> str:
+        tb = exc.__traceback__
+        if tb is not None and tb.tb_frame.f_code is _child_main.__code__:
+            tb = tb.tb_next  # hide the harness frame
+        try:
+            return "".join(_format(type(exc), exc, tb))[-_DETAIL_CHARS:]
+        except BaseException:  # noqa: BLE001 - user exceptions may have broken __str__
+            return type(exc).__name__
+
+    test = job["tests"][position]
+    entry_point = job["entry_point"]
+    for name, source in (("<solution>", job["program"]), ("<test>", test)):
+        linecache.cache[name] = (len(source), None, source.splitlines(True), name)
+    module = types.ModuleType("solution")
+    module.__dict__["__builtins__"] = builtins
+    sys.modules["solution"] = module
+    sys.argv = ["solution"]
+    namespace = module.__dict__
+    try:
+        _exec(_compile(job["program"], "<solution>", "exec"), namespace)
+    except BaseException as exc:  # noqa: BLE001 - SystemExit etc. are errors too
+        report("error", "the program raised while loading:\n" + describe(exc))
+    try:
+        _exec(_compile(test, "<test>", "exec"), namespace)
+        if entry_point is not None:
+            check = namespace.get("check")
+            if not callable(check):
+                report("error", "the test program does not define check(candidate)")
+            if entry_point not in namespace:
+                report("error", f"the program does not define {entry_point!r}")
+            check(namespace[entry_point])
+    except AssertionError as exc:
+        report("failed", describe(exc))
+    except BaseException as exc:  # noqa: BLE001
+        report("error", describe(exc))
+    report("passed")
+
+
+def _sweep(uid: int | None, mode: str) -> None:
+    """Kill every leftover process of a finished test and reap them all.
+
+    ``"ns"``: we are the runner in our own PID namespace, so ``kill(-1)`` reaches every
+    process but the namespace's init and ourselves. ``"uid"``: a helper switches to the
+    test's uid and sends ``kill(-1)``, which reaches exactly that uid's processes. One
+    ``kill(-1)`` is enough: the kernel holds the task list while it signals, so a process
+    that forks meanwhile is either signalled or fails to fork. (Its return value says
+    nothing useful: it reports success whenever *any* other process exists, and an error
+    when the last one it met was already dying.) Every process a test leaves behind is our
+    descendant (we are a child subreaper), so reaping until no child is left proves they
+    are gone. ``"none"`` (no private uid, no namespace): only finished children are reaped.
+    """
+    if mode == "uid" and uid is not None:
+        pid = os.fork()
+        if pid == 0:
+            try:
+                _drop_privileges(uid)
+                os.kill(-1, signal.SIGKILL)
+            finally:
+                os._exit(0)
+        os.waitpid(pid, 0)
+    elif mode == "ns" and os.getpid() != 1:
+        try:
+            os.kill(-1, signal.SIGKILL)
+        except OSError:
+            pass
+    else:
+        _reap_all(block=False)
+        return
+    _reap_all(block=True)
+
+
+def _reap_all(block: bool) -> None:
+    """Reap exited children; with ``block``, wait until there are no children at all."""
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, 0 if block else os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def _wait_child(
+    pid: int, report_fd: int, token: str, timeout: float
+) -> tuple[str | None, str, int | None]:
+    """Wait for a test process. Returns (reported status or None, detail, wait status)."""
+    deadline = time.monotonic() + timeout
+    try:
+        pidfd: int | None = os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        pidfd = None
+    os.set_blocking(report_fd, False)
+    buf = bytearray()
+    exited = False
+    report_open = True
+    try:
+        while True:
+            if _has_exited(pid):  # not reaped yet, so its process group id stays ours
+                exited = True
+                break
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            poller = select.poll()
+            if report_open:
+                poller.register(report_fd, select.POLLIN)
+            if pidfd is not None:
+                poller.register(pidfd, select.POLLIN)
+            # With a pidfd the poll wakes up when the process exits; without one, poll
+            # for its exit every 50 ms.
+            step = remaining if pidfd is not None else min(remaining, 0.05)
+            try:
+                events = poller.poll(max(1, int(step * 1000)))
+            except InterruptedError:
+                continue
+            if any(fd == report_fd for fd, _ in events) and _drain(report_fd, buf):
+                report_open = False  # EOF: stop polling it
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
+    # Kill the test's whole process group (on timeout, or stragglers after it exited).
+    for target in (-pid, pid):
+        try:
+            os.kill(target, signal.SIGKILL)
+        except OSError:
+            pass
+    _, status = os.waitpid(pid, 0)
+    wait_status = status if exited else None
+    _drain(report_fd, buf)
+    # The report: "<token> <status>\n<detail>", written once, right before the exit.
+    data = bytes(buf)
+    prefix = (token + " ").encode()
+    start = 0 if data.startswith(prefix) else data.find(b"\n" + prefix) + 1
+    if start or data.startswith(prefix):
+        status, _, detail = data[start + len(prefix) :].partition(b"\n")
+        return status.decode("ascii", "replace"), detail.decode("utf-8", "replace"), wait_status
+    return None, "", wait_status
+
+
+def _drain(fd: int, buf: bytearray, cap: int = 1 << 16) -> bool:
+    """Read what is available from non-blocking ``fd`` into ``buf``; True at end of file."""
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            return True
+        if not chunk:
+            return True
+        if len(buf) < cap:
+            buf += chunk[: cap - len(buf)]
+
+
+def _output_head(path: str) -> str:
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | os.O_NONBLOCK)
+    except OSError:
+        return ""
+    try:
+        regular = stat.S_ISREG(os.fstat(fd).st_mode)  # not a FIFO/device planted there
+        head = os.read(fd, _OUTPUT_HEAD_BYTES) if regular else b""
+    except OSError:
+        head = b""
+    finally:
+        os.close(fd)
+    return head.decode("utf-8", "replace").strip()
+
+
+def _classify(
+    reported: str | None, detail: str, wait_status: int | None, timeout: float, output: str
+) -> tuple[str, str]:
+    if reported in ("passed", "failed", "error"):
+        return reported, detail
+    if wait_status is None:
+        status, detail = "timeout", f"exceeded the {timeout:g} s wall-clock limit"
+    elif os.WIFSIGNALED(wait_status):
+        sig = os.WTERMSIG(wait_status)
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = str(sig)
+        if sig == signal.SIGXCPU:
+            status, detail = "timeout", "exceeded the CPU time limit (SIGXCPU)"
+        elif sig == signal.SIGXFSZ:
+            status, detail = "killed", "exceeded the file/output size limit (SIGXFSZ)"
+        else:
+            status, detail = "killed", f"killed by {name}"
+    else:
+        code = os.WEXITSTATUS(wait_status) if os.WIFEXITED(wait_status) else wait_status
+        status, detail = "error", f"the process exited (status {code}) before the test finished"
+    if output:
+        detail += f"; output: {output}"
+    return status, detail
+
+
+def _run_test(job: dict[str, Any], position: int) -> tuple[str, str]:
+    """Fork one test process, wait for it, kill its leftovers; returns (status, detail)."""
+    timeout = float(job["timeout"])
+    report_r, report_w = os.pipe()
+    token = os.urandom(16).hex()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(report_r)
+            _child_main(job, position, report_w, token)
+        finally:
+            os._exit(70)
+    os.close(report_w)
+    try:
+        reported, detail, wait_status = _wait_child(pid, report_r, token, timeout)
+    finally:
+        os.close(report_r)
+    _sweep(job["uid"], job["sweep"])
+    out_path = os.path.join(job["workdir"], f".output-{position}")
+    output = "" if reported == "passed" else _output_head(out_path)
+    try:
+        os.unlink(out_path)
+    except OSError:
+        pass
+    return _classify(reported, detail, wait_status, timeout, output)
+
+
+def _remove(path: str) -> None:
+    """Remove ``path`` (a directory recursively), making directories writable first."""
+    st = os.lstat(path)
+    if stat.S_ISDIR(st.st_mode):
+        if st.st_mode & 0o700 != 0o700:
+            os.chmod(path, 0o700)
+        for name in os.listdir(path):
+            _remove(os.path.join(path, name))
+        os.rmdir(path)
+    else:
+        os.unlink(path)
+
+
+def _empty_dir(path: str) -> bool:
+    """Remove everything inside ``path``; False if something could not be removed."""
+    try:
+        if not os.path.isdir(path):
+            return True
+        for name in os.listdir(path):
+            _remove(os.path.join(path, name))
+        return not os.listdir(path)
+    except (OSError, RecursionError, ValueError):
+        return False
+
+
+def _fs_state() -> tuple[Any, ...]:
+    """The metadata of the sandbox's writable places, compared before and after checks."""
+    state: list[Any] = []
+    for path in _CHECKED_DIRS:
+        try:
+            st = os.lstat(path)
+            state.append((path, st.st_mode, st.st_uid, st.st_gid))
+            state.append(tuple(sorted(os.listxattr(path, follow_symlinks=False))))
+        except OSError as exc:
+            state.append((path, type(exc).__name__))
+    for path in ("/dev", "/dev/shm"):
+        try:
+            with os.scandir(path) as entries:
+                for entry in sorted(entries, key=lambda e: e.name):
+                    st = entry.stat(follow_symlinks=False)
+                    state.append((entry.path, entry.inode(), st.st_mode, st.st_uid, st.st_size))
+        except OSError as exc:
+            state.append((path, type(exc).__name__))
+    return tuple(state)
+
+
+def _ipc_objects(owner: int | None) -> list[tuple[str, int]]:
+    """System V IPC objects (kind, id) visible here; only those of ``owner`` if given."""
+    found: list[tuple[str, int]] = []
+    for kind, id_column in (("shm", "shmid"), ("msg", "msqid"), ("sem", "semid")):
+        try:
+            with open(f"/proc/sysvipc/{kind}", encoding="ascii", errors="replace") as fh:
+                header = fh.readline().split()
+                rows = [line.split() for line in fh if line.strip()]
+        except OSError:
+            continue
+        try:
+            at_id, at_uid, at_cuid = (header.index(c) for c in (id_column, "uid", "cuid"))
+        except ValueError:
+            continue
+        for row in rows:
+            try:
+                uids = {int(row[at_uid]), int(row[at_cuid])}
+                if owner is None or owner in uids:
+                    found.append((kind, int(row[at_id])))
+            except (IndexError, ValueError):
+                continue
+    return found
+
+
+def _remove_ipc(owner: int | None, as_uid: int | None) -> bool:
+    """Remove System V IPC objects (all, or ``owner``'s); True if none is left.
+
+    Removing needs the owner's effective uid (or ``CAP_SYS_ADMIN``, which the runner
+    lacks under bwrap), so with ``as_uid`` the runner switches its effective uid briefly.
+    """
+    objects = _ipc_objects(owner)
+    if not objects:
+        return True
+    switched = as_uid is not None and os.geteuid() == 0
+    try:
+        if switched:
+            os.seteuid(cast(int, as_uid))
+        for kind, ident in objects:
+            if kind == "shm":
+                _libc_call("shmctl", ident, 0, None)  # IPC_RMID
+            elif kind == "msg":
+                _libc_call("msgctl", ident, 0, None)
+            else:
+                _libc_call("semctl", ident, 0, 0)
+    except OSError:
+        return False
+    finally:
+        if switched:
+            os.seteuid(0)
+    return not _ipc_objects(owner)
+
+
+def _cleanup(job: dict[str, Any], baseline: tuple[Any, ...] | None) -> bool:
+    """After a check: kill leftovers, empty the scratch space, remove IPC objects, and
+    verify that the sandbox is as it was at start. False means: do not reuse this runner.
+    """
+    uid = job["uid"]
+    _sweep(uid, job["sweep"])
+    if not job["isolated"]:  # the fallback: the host removes the per-check directory
+        return uid is None or _remove_ipc(uid, uid)
+    clean = all([_empty_dir(path) for path in _SCRATCH_DIRS])
+    clean = _remove_ipc(None, uid) and clean
+    return clean and _fs_state() == baseline
+
+
+def _read_job(stream: Any) -> dict[str, Any] | None:
+    """The next framed job (``<length>\\n<json>``) from ``stream``; None at end of input."""
+    header = stream.readline()
+    if not header:
+        return None
+    payload = stream.read(int(header))
+    return cast("dict[str, Any]", json.loads(payload.decode("utf-8")))
+
+
+def _emit(nonce: str, record: dict[str, Any]) -> None:
+    data = memoryview(f"{nonce} {json.dumps(record)}\n".encode("utf-8", "replace"))
+    while data:
+        data = data[os.write(1, data) :]
+
+
+def _serve(argv: list[str]) -> int:
+    """Entry point inside the sandbox: run checks read from stdin until end of input.
+
+    Arguments: ``--isolated`` under bwrap; ``--parent PID`` without it (the runner dies
+    with the host process); ``--preimport`` to import the standard library up front.
+    """
+    isolated = "--isolated" in argv
+    if "--parent" in argv:  # without bwrap (which has --die-with-parent): die with the host
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != int(argv[argv.index("--parent") + 1]):
+            return 1
+    # Not dumpable: processes of the same uid cannot ptrace us or open /proc/<pid>/fd/*.
+    _prctl(_PR_SET_DUMPABLE, 0)
+    # Orphans of the test processes are re-parented to us, so we can reap them.
+    _prctl(_PR_SET_CHILD_SUBREAPER, 1)
+    if "--preimport" in argv:
+        import importlib
+
+        for name in _PREIMPORT:
+            try:
+                importlib.import_module(name)
+            except ImportError:
+                pass
+    # Pre-import what the test processes need (they may lose access to the stdlib dir),
+    # and what ``site`` would have provided without its start-up cost (``-S``): the
+    # site-packages directories (without .pth hooks) and the exit()/quit() builtins.
+    import linecache  # noqa: F401
+    import math  # noqa: F401
+    import resource
+    import site
+    import traceback  # noqa: F401
+    import types  # noqa: F401
+
+    site.setquit()
+    for path in site.getsitepackages():
+        if os.path.isdir(path) and path not in sys.path:
+            sys.path.append(path)
+    _libc_call("getpid")  # load libc through ctypes now
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    # Exempt everything imported so far from garbage collection: a collection in a forked
+    # test process would otherwise touch (and so copy) every page of the runner's heap.
+    import gc
+
+    gc.freeze()
+    baseline = _fs_state() if isolated else None
+    stream = sys.stdin.buffer
+    while True:
+        job = _read_job(stream)
+        if job is None:
+            return 0
+        nonce = job["nonce"]
+        _emit(nonce, {"ack": True})
+        for position, index in enumerate(job["indices"]):
+            status, detail = _run_test(job, position)
+            _emit(nonce, {"index": index, "status": status, "detail": _truncate(detail)})
+        clean = _cleanup(job, baseline)
+        _emit(nonce, {"done": True, "clean": clean})
+        del job
+        if not clean:
+            return 0
+
+
+if __name__ == "__main__":
+    # The runner needs nothing below this point. Stopping here keeps the host side's
+    # imports (logging, subprocess, dataclasses, ...) out of the runner, which halves the
+    # memory every test process is forked from.
+    if sys.argv[1:2] != ["--serve"]:
+        sys.exit("usage: python -I -S sandbox.py --serve (--isolated | --parent PID) [--preimport]")
+    try:
+        sys.exit(_serve(sys.argv[2:]))
+    except BrokenPipeError:  # the host went away
+        sys.exit(1)
+
+
+# --------------------------------------------------------------------------------------
+# Host side
+# --------------------------------------------------------------------------------------
+
+import atexit  # noqa: E402
+import logging  # noqa: E402
+import random  # noqa: E402
+import secrets  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+import threading  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
+from dataclasses import asdict, dataclass, field  # noqa: E402
+from typing import ClassVar, Literal  # noqa: E402
+
+__all__ = [
+    "SANDBOX_MODES",
+    "SandboxLimits",
+    "TestOutcome",
+    "TestStatus",
+    "bwrap_status",
+    "close_sandbox_pool",
+    "run_python_tests",
+]
+
+logger = logging.getLogger(__name__)
+
+TestStatus = Literal["passed", "failed", "error", "timeout", "killed"]
+SandboxMode = Literal["auto", "required", "none"]
+SANDBOX_MODES: tuple[str, ...] = ("auto", "required", "none")
+
+_SANDBOX_PATH = "/usr/local/bin:/usr/bin:/bin"
+# Random high uids for the unprivileged test processes (only used when the host is root).
+_UID_BASE = 1_600_000_000
+_UID_SPAN = 100_000_000
+# Host-side patience beyond a test's own wall-clock limit (the runner kills and sweeps),
+# and extra patience for a runner that is still starting (bwrap, interpreter, imports).
+_SLACK_S = 5.0
+_STARTUP_S = 15.0
+# How long a runner that was told to stop (or has died) may take to exit before SIGKILL.
+_EXIT_GRACE_S = 2.0
+# Idle runners kept per sandbox configuration (more run while more threads check code).
+_MAX_IDLE = max(2, os.cpu_count() or 1)
 
 
 @dataclass(frozen=True)
@@ -130,7 +728,7 @@ class SandboxLimits:
         max_open_files: ``RLIMIT_NOFILE``.
         cpu_seconds: ``RLIMIT_CPU`` per test; ``None`` means ``ceil(timeout) + 1``.
         tmpfs_bytes: size of each private tmpfs (``/tmp``, ``/work``) under bwrap.
-        output_bytes: cap on the runner's own stdout/stderr read by the host.
+        output_bytes: cap on what the host reads from a runner for one check.
     """
 
     memory_bytes: int = 1 << 30
@@ -152,11 +750,6 @@ class SandboxLimits:
                 raise ValueError(f"SandboxLimits.{name} must be a positive int, got {value!r}")
         if self.cpu_seconds is not None and not self.cpu_seconds > 0:
             raise ValueError(f"SandboxLimits.cpu_seconds must be > 0, got {self.cpu_seconds!r}")
-
-
-# --------------------------------------------------------------------------------------
-# Host side
-# --------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -215,7 +808,7 @@ def _interpreter() -> tuple[str, list[str]]:
     return exe, dirs
 
 
-def _bwrap_argv(bwrap: str, limits: SandboxLimits, drop_uid: bool) -> list[str]:
+def _bwrap_argv(bwrap: str, tmpfs_bytes: int, drop_uid: bool) -> list[str]:
     """bwrap arguments that expose only the system libraries and the interpreter."""
     argv = [bwrap, "--die-with-parent", "--new-session", "--unshare-pid", "--unshare-net"]
     argv += ["--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try", "--clearenv"]
@@ -244,12 +837,18 @@ def _bwrap_argv(bwrap: str, limits: SandboxLimits, drop_uid: bool) -> list[str]:
                 argv += ["--perms", "0755", "--dir", parent]
         argv += ["--ro-bind", path, path]
     argv += ["--proc", "/proc", "--dev", "/dev"]
-    size = str(limits.tmpfs_bytes)
+    size = str(tmpfs_bytes)
     argv += ["--size", size, "--perms", "1777", "--tmpfs", "/tmp"]
     argv += ["--size", size, "--perms", "1777", "--tmpfs", "/work"]
-    argv += ["--ro-bind", _runner_path(), "/sandbox/runner.py", "--chdir", "/work"]
-    if drop_uid:
-        argv += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
+    argv += ["--ro-bind", _runner_path(), "/sandbox/runner.py", "--remount-ro", "/"]
+    argv += ["--chdir", "/work"]
+    if os.geteuid() == 0:
+        # As root bwrap would keep every capability; the runner needs only these (the
+        # test processes lose them all when they switch to their own uid).
+        argv += ["--cap-drop", "ALL"]
+        if drop_uid:
+            for cap in ("SETUID", "SETGID", "KILL", "DAC_OVERRIDE", "FOWNER"):
+                argv += ["--cap-add", f"CAP_{cap}"]
     return argv
 
 
@@ -293,83 +892,339 @@ def _kill_uid(uid: int) -> None:
         time.sleep(0.01)
 
 
-def _communicate(
-    proc: subprocess.Popen[bytes], payload: bytes, deadline: float, cap: int
-) -> tuple[bytes, bytes, bool]:
-    """Feed stdin and read stdout/stderr (each capped at ``cap`` bytes, the rest drained and
-    discarded) until the process exits or ``deadline`` passes. Does not reap the process.
+class _Spawner:
+    """Starts runners from one long-lived thread.
 
-    Returns (stdout, stderr, timed_out).
+    ``bwrap --die-with-parent`` (``PR_SET_PDEATHSIG``) fires when the *thread* that
+    started bwrap exits, not the process; runners outlive the calls (and the worker
+    threads of a ``ThreadPoolExecutor``) that first needed them, so they are started here.
     """
-    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
-    buffers = {proc.stdout.fileno(): bytearray(), proc.stderr.fileno(): bytearray()}
-    readers = set(buffers)
-    writer: int | None = proc.stdin.fileno()
-    view = memoryview(payload)
-    poller = select.poll()  # not select(): host fds may exceed FD_SETSIZE
-    for fd in readers:
-        os.set_blocking(fd, False)
-        poller.register(fd, select.POLLIN)
-    os.set_blocking(writer, False)
-    poller.register(writer, select.POLLOUT)
-    exited_at: float | None = None
-    timed_out = False
-    while readers or writer is not None:
-        now = time.monotonic()
-        if now >= deadline:
-            timed_out = True
-            break
-        if exited_at is None and _has_exited(proc.pid):
-            exited_at = now
-        if exited_at is not None and now - exited_at > 0.5:
-            break  # exited; something else still holds the pipes open
-        try:
-            events = poller.poll(max(1, int(min(deadline - now, 0.1) * 1000)))
-        except InterruptedError:
-            continue
-        for fd, _ in events:
-            if fd == writer:
-                try:
-                    view = view[os.write(writer, view[:65536]) :]
-                except BlockingIOError:
-                    pass
-                except OSError:  # broken pipe: the runner died
-                    view = view[len(view) :]
-                if not len(view):
-                    poller.unregister(writer)
-                    proc.stdin.close()
-                    writer = None
-                continue
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._requests: list[tuple[list[str], dict[str, str], list[Any]]] = []
+        self._thread: threading.Thread | None = None
+
+    def popen(self, argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+        """Start ``argv`` (pipes on stdin/stdout/stderr, new session) from the thread."""
+        slot: list[Any] = []
+        with self._cond:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._loop, name="signalrl-sandbox-spawner", daemon=True
+                )
+                self._thread.start()
+            self._requests.append((argv, env, slot))
+            self._cond.notify_all()
+            while not slot:
+                self._cond.wait()
+        ok, value = slot[0]
+        if not ok:
+            raise value
+        return cast("subprocess.Popen[bytes]", value)
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._requests:
+                    self._cond.wait()
+                argv, env, slot = self._requests.pop(0)
             try:
-                chunk = os.read(fd, 65536)
+                proc = subprocess.Popen(
+                    argv,
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    cwd="/",
+                    env=env,
+                    start_new_session=True,
+                    close_fds=True,
+                )
+                result: tuple[bool, Any] = (True, proc)
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                result = (False, exc)
+            with self._cond:
+                slot.append(result)
+                self._cond.notify_all()
+
+
+@dataclass
+class _Reply:
+    """What a runner said about one check."""
+
+    outcomes: dict[int, tuple[str, str]] = field(default_factory=dict)
+    acked: bool = False  # the runner read the job (so any later death is the program's)
+    done: bool = False  # the runner finished the check
+    clean: bool = False  # ... and verified the sandbox is pristine again
+    died: bool = False  # the runner exited (or flooded its output) before finishing
+    timed_out: bool = False  # the runner stopped answering and was killed
+    stderr: str = ""
+
+
+class _Worker:
+    """One long-lived runner process (a bwrap sandbox, or the fallback) and its pipes."""
+
+    def __init__(self, backend: _Backend, tmpfs_bytes: int) -> None:
+        exe, _ = _interpreter()
+        env = {"PATH": _SANDBOX_PATH, "LANG": "C.UTF-8"}
+        if backend.bwrap is not None:
+            argv = [*_bwrap_argv(backend.bwrap, tmpfs_bytes, backend.drop_uid), exe, "-I"]
+            argv += ["-S", "/sandbox/runner.py", "--serve", "--isolated"]
+        else:
+            argv = [exe, "-I", "-S", _runner_path(), "--serve", "--parent", str(os.getpid())]
+            if backend.drop_uid and not _interpreter_accessible():
+                argv.append("--preimport")
+            env["HOME"] = "/"
+        self.key = (backend, tmpfs_bytes)
+        self.fresh = True
+        self.proc = _SPAWNER.popen(argv, env)
+        assert self.proc.stdin and self.proc.stdout and self.proc.stderr
+        self._fds = (self.proc.stdin.fileno(), self.proc.stdout.fileno(), self.proc.stderr.fileno())
+        for fd in self._fds:
+            os.set_blocking(fd, False)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def run(self, job: dict[str, Any], timeout: float, cap: int) -> _Reply:
+        """Send one check and collect the runner's records until it says it is done."""
+        reply = _Reply()
+        payload = json.dumps(job).encode()
+        view = memoryview(b"%d\n" % len(payload) + payload)
+        prefix = job["nonce"].encode() + b" "
+        writer: int | None
+        writer, out_fd, err_fd = self._fds
+        patience = timeout + _SLACK_S + (_STARTUP_S if self.fresh else 0.0)
+        self.fresh = False
+        deadline = time.monotonic() + patience
+        poller = select.poll()  # not select(): host fds may exceed FD_SETSIZE
+        poller.register(writer, select.POLLOUT)
+        poller.register(out_fd, select.POLLIN)
+        poller.register(err_fd, select.POLLIN)
+        pending = bytearray()
+        err = bytearray()
+        received = 0
+        while not (reply.done or reply.died):
+            now = time.monotonic()
+            if now >= deadline:
+                reply.timed_out = True
+                break
+            try:
+                events = poller.poll(max(1, int((deadline - now) * 1000)))
+            except InterruptedError:
+                continue
+            for fd, _ in events:
+                if fd == writer:
+                    try:
+                        view = view[os.write(writer, view[:65536]) :]
+                    except BlockingIOError:
+                        continue
+                    except OSError:  # broken pipe: the runner is gone; EOF will follow
+                        view = view[len(view) :]
+                    if not len(view):
+                        poller.unregister(writer)
+                        writer = None
+                    continue
+                try:
+                    chunk = os.read(fd, 65536)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    chunk = b""
+                if fd == err_fd:
+                    if not chunk:
+                        poller.unregister(err_fd)
+                    elif len(err) < 8192:
+                        err += chunk[: 8192 - len(err)]
+                    continue
+                if not chunk:
+                    reply.died = True
+                    break
+                received += len(chunk)
+                if received > cap:
+                    reply.died = True
+                    err += b"[the runner's output exceeded the cap]"
+                    break
+                pending += chunk
+                *lines, rest = bytes(pending).split(b"\n")
+                pending = bytearray(rest)
+                for line in lines:
+                    if self._record(line, prefix, reply):
+                        deadline = time.monotonic() + timeout + _SLACK_S
+        if reply.died:
+            err += self._drain_stderr(err_fd)
+        reply.stderr = err.decode("utf-8", "replace")
+        return reply
+
+    @staticmethod
+    def _record(line: bytes, prefix: bytes, reply: _Reply) -> bool:
+        """Parse one line of the runner; True when it reported a test."""
+        if not line.startswith(prefix):
+            return False
+        try:
+            record = json.loads(line[len(prefix) :])
+        except ValueError:
+            return False
+        if not isinstance(record, dict):
+            return False
+        if record.get("ack"):
+            reply.acked = True
+        elif "done" in record:
+            reply.done, reply.clean = True, bool(record.get("clean"))
+        elif record.get("status") in _STATUSES and isinstance(record.get("index"), int):
+            reply.outcomes[record["index"]] = (record["status"], str(record.get("detail", "")))
+            return True
+        return False
+
+    def _drain_stderr(self, fd: int) -> bytes:
+        """What the dead runner (or bwrap) left on stderr, waiting briefly for it to exit."""
+        out = bytearray()
+        deadline = time.monotonic() + 0.5
+        while len(out) < 8192 and time.monotonic() < deadline:
+            try:
+                chunk = os.read(fd, 8192)
             except BlockingIOError:
+                select.select([], [], [], 0.01)
                 continue
             except OSError:
-                chunk = b""
+                break
             if not chunk:
-                readers.discard(fd)
-                poller.unregister(fd)
-                continue
-            buf = buffers[fd]
-            if len(buf) < cap:
-                buf += chunk[: cap - len(buf)]
-    if writer is not None:
-        proc.stdin.close()
-    out = bytes(buffers[proc.stdout.fileno()])
-    err = bytes(buffers[proc.stderr.fileno()])
-    return out, err, timed_out
+                break
+            out += chunk
+        return bytes(out[:8192])
+
+    def close(self, graceful: bool = True) -> None:
+        """Stop the runner: let it exit on end of input (``graceful``), else SIGKILL it.
+
+        Letting bwrap exit on its own avoids orphaning its namespace's init process while it
+        is still being reaped (a zombie under some containers' non-reaping PID 1).
+        """
+        if graceful:
+            self._end_input()
+            try:
+                self.proc.wait(timeout=_EXIT_GRACE_S)
+            except subprocess.TimeoutExpired:
+                pass
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except OSError:
+                pass
+            self.proc.wait()
+        self._close_fds()
+
+    def _end_input(self) -> None:
+        """Close the runner's stdin: it exits after the check in progress, if any."""
+        if self.proc.stdin is not None:
+            try:
+                self.proc.stdin.close()
+            except OSError:
+                pass
+
+    def _close_fds(self) -> None:
+        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            if stream is not None:
+                try:
+                    stream.close()
+                except OSError:
+                    pass
 
 
-def _has_exited(pid: int) -> bool:
-    """Whether ``pid`` has exited, without reaping it (so its pid cannot be reused yet)."""
-    try:
-        info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-    except ChildProcessError:
-        return True
-    return info is not None
+class _Pool:
+    """Idle runners per (backend, tmpfs size), reused across checks and threads."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._idle: dict[tuple[_Backend, int], list[_Worker]] = {}
+        self._live: set[_Worker] = set()
+        self.started = 0  # runners started so far (the tests look at it)
+
+    def acquire(self, backend: _Backend, tmpfs_bytes: int) -> _Worker:
+        """An idle runner for ``backend``, or a new one."""
+        dead: list[_Worker] = []
+        worker: _Worker | None = None
+        with self._lock:
+            idle = self._idle.get((backend, tmpfs_bytes), [])
+            while idle:
+                candidate = idle.pop()
+                if candidate.alive():
+                    worker = candidate
+                    break
+                dead.append(candidate)
+                self._live.discard(candidate)
+        for w in dead:
+            w.close(graceful=False)
+        if worker is not None:
+            return worker
+        worker = _Worker(backend, tmpfs_bytes)
+        with self._lock:
+            self.started += 1
+            self._live.add(worker)
+        return worker
+
+    def release(self, worker: _Worker) -> None:
+        """Return a healthy runner; beyond one idle runner per core, stop it."""
+        with self._lock:
+            idle = self._idle.setdefault(worker.key, [])
+            if len(idle) < _MAX_IDLE:
+                idle.append(worker)
+                return
+            self._live.discard(worker)
+        worker.close()
+
+    def discard(self, worker: _Worker, graceful: bool) -> None:
+        """Stop a runner that must not be reused."""
+        with self._lock:
+            self._live.discard(worker)
+        worker.close(graceful=graceful)
+
+    def close_all(self, backend: _Backend | None = None) -> None:
+        """Stop the idle runners (of ``backend``, or all)."""
+        with self._lock:
+            keys = [k for k in self._idle if backend is None or k[0] == backend]
+            workers = [w for k in keys for w in self._idle.pop(k)]
+            for w in workers:
+                self._live.discard(w)
+        for w in workers:  # end of input for all first, so they exit in parallel
+            w._end_input()
+        for w in workers:
+            w.close(graceful=True)
+
+    def after_fork_in_child(self) -> None:
+        """In a forked host process: forget (never signal) the parent's runners."""
+        self._lock = threading.Lock()
+        for w in list(self._live):
+            w._close_fds()
+        self._idle, self._live = {}, set()
 
 
-def _run_once(
+_SPAWNER = _Spawner()
+_POOL = _Pool()
+
+
+def _after_fork_in_child() -> None:
+    global _SPAWNER
+    _SPAWNER = _Spawner()
+    _POOL.after_fork_in_child()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def close_sandbox_pool() -> None:
+    """Stop the idle sandboxed runners kept for reuse (they restart on demand).
+
+    Runners also stop when the process exits (``bwrap --die-with-parent``, and at exit).
+    """
+    _POOL.close_all()
+
+
+atexit.register(close_sandbox_pool)
+
+
+def _run_on_worker(
     program: str,
     tests: Sequence[str],
     indices: Sequence[int],
@@ -377,31 +1232,22 @@ def _run_once(
     timeout: float,
     limits: SandboxLimits,
     backend: _Backend,
-) -> tuple[dict[int, TestOutcome], bool, str]:
-    """Launch one runner for ``indices``. Returns (outcomes, host_timed_out, stderr)."""
-    exe, _ = _interpreter()
+) -> tuple[_Reply, bool]:
+    """Run ``indices`` on a pooled runner. Returns (reply, whether the runner was fresh)."""
+    worker = _POOL.acquire(backend, limits.tmpfs_bytes)
+    fresh = worker.fresh
     uid = _pick_uid() if backend.drop_uid else None
-    nonce = secrets.token_hex(16)
     workdir: str | None = None
-    env = {"PATH": _SANDBOX_PATH, "LANG": "C.UTF-8"}
     if backend.bwrap is not None:
-        argv = [*_bwrap_argv(backend.bwrap, limits, backend.drop_uid), exe, "-I"]
-        argv.append("/sandbox/runner.py")
-        sandbox_workdir = "/work"
-        sweep = "uid" if uid is not None else "ns"
-        cwd = "/"
+        sandbox_workdir, sweep = "/work", "ns"
     else:
-        workdir = tempfile.mkdtemp(prefix="signalrl-sandbox-")
+        workdir = sandbox_workdir = tempfile.mkdtemp(prefix="signalrl-sandbox-")
         if uid is not None:
             os.chown(workdir, uid, uid)
         os.chmod(workdir, 0o700)
-        argv = [exe, "-I", _runner_path()]
-        sandbox_workdir = workdir
         sweep = "uid" if uid is not None else "none"
-        cwd = workdir
-        env["HOME"] = workdir
     job = {
-        "nonce": nonce,
+        "nonce": secrets.token_hex(16),
         "program": program,
         "tests": [tests[i] for i in indices],
         "indices": list(indices),
@@ -410,64 +1256,22 @@ def _run_once(
         "limits": asdict(limits),
         "uid": uid,
         "sweep": sweep,
-        "preimport": backend.bwrap is None and uid is not None and not _interpreter_accessible(),
+        "isolated": backend.bwrap is not None,
         "workdir": sandbox_workdir,
     }
-    payload = json.dumps(job).encode()
-    deadline = time.monotonic() + len(indices) * (timeout + 1.0) + 15.0
-    stdout = stderr = b""
-    timed_out = False
-    proc: subprocess.Popen[bytes] | None = None
+    reply = _Reply(died=True)
     try:
-        proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            cwd=cwd,
-            env=env,
-            start_new_session=True,
-            close_fds=True,
-        )
-        stdout, stderr, timed_out = _communicate(proc, payload, deadline, limits.output_bytes)
-        # Let a finishing sandbox exit on its own: killing bwrap while it is still reaping
-        # its namespace's init would orphan that process (a zombie under some containers'
-        # non-reaping PID 1).
-        grace = min(deadline, time.monotonic() + 2.0)
-        while not timed_out and not _has_exited(proc.pid) and time.monotonic() < grace:
-            time.sleep(0.002)
+        reply = worker.run(job, timeout, limits.output_bytes)
     finally:
-        if proc is not None:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except OSError:
-                pass
-            proc.wait()
-            for stream in (proc.stdout, proc.stderr, proc.stdin):
-                if stream is not None:
-                    stream.close()
-        if uid is not None and backend.bwrap is None:
-            _kill_uid(uid)
+        if reply.done and reply.clean:
+            _POOL.release(worker)
+        else:
+            _POOL.discard(worker, graceful=not reply.timed_out)
+            if uid is not None and backend.bwrap is None:
+                _kill_uid(uid)
         if workdir is not None:
             shutil.rmtree(workdir, ignore_errors=True)
-    outcomes: dict[int, TestOutcome] = {}
-    prefix = nonce.encode() + b" "
-    wanted = set(indices)
-    for line in stdout.splitlines():
-        if not line.startswith(prefix):
-            continue
-        try:
-            record = json.loads(line[len(prefix) :])
-            index = int(record["index"])
-            status = str(record["status"])
-            detail = str(record.get("detail", ""))
-        except (ValueError, KeyError, TypeError):
-            continue
-        if index in wanted and status in _STATUSES:
-            outcomes[index] = TestOutcome(
-                tests[index], status == "passed", cast(TestStatus, status), _truncate(detail)
-            )
-    return outcomes, timed_out, stderr.decode("utf-8", "replace")
+    return reply, fresh
 
 
 def _run_all(
@@ -481,23 +1285,32 @@ def _run_all(
     results: dict[int, TestOutcome] = {}
     pending = list(range(len(tests)))
     while pending:
-        got, timed_out, stderr = _run_once(
+        reply, fresh = _run_on_worker(
             program, tests, pending, entry_point, timeout, limits, backend
         )
-        results.update(got)
-        remaining = [i for i in pending if i not in got]
+        for index, (status, detail) in reply.outcomes.items():
+            if index in pending:
+                results[index] = TestOutcome(
+                    tests[index], status == "passed", cast(TestStatus, status), _truncate(detail)
+                )
+        remaining = [i for i in pending if i not in results]
         if not remaining:
             break
+        if not reply.acked and not fresh:
+            # A reused runner that died while idle never saw the job: not the program's
+            # fault, so run it again on another runner (a fresh one at the latest).
+            pending = remaining
+            continue
         # The runner processes tests in order: the first unreported one was in flight.
         first = remaining[0]
-        if timed_out:
+        if reply.timed_out:
             status: TestStatus = "timeout"
             detail = "the sandbox exceeded its wall-clock limit and was killed"
         else:
             status = "killed"
             detail = "the sandbox runner died"
-        if stderr.strip():
-            detail += f"; stderr: {stderr.strip()[-_DETAIL_CHARS // 2 :]}"
+        if reply.stderr.strip():
+            detail += f"; stderr: {reply.stderr.strip()[-_DETAIL_CHARS // 2 :]}"
         results[first] = TestOutcome(tests[first], False, status, _truncate(detail))
         pending = remaining[1:]
     return [results[i] for i in range(len(tests))]
@@ -519,6 +1332,7 @@ def _probe(backend: _Backend) -> str | None:
     statuses = [o.status for o in outcomes]
     if statuses == ["passed", "failed"]:
         return None
+    _POOL.close_all(backend)
     return f"probe job gave {statuses}: {outcomes[0].detail or outcomes[1].detail}"
 
 
@@ -623,6 +1437,9 @@ def run_python_tests(
 ) -> list[TestOutcome]:
     """Run ``program`` followed by each test in its own sandboxed process.
 
+    The processes are forked by a pooled, sandboxed runner (see the module docstring for
+    what is isolated from the host and between checks).
+
     Args:
         program: Python source defining the solution.
         tests: test sources. Without ``entry_point`` each one is executed in the program's
@@ -659,353 +1476,3 @@ def run_python_tests(
     limits = limits if limits is not None else SandboxLimits()
     backend = _resolve_backend(sandbox)
     return _run_all(program, list(tests), entry_point, float(timeout), limits, backend)
-
-
-def _truncate(text: str, limit: int = _DETAIL_CHARS) -> str:
-    if len(text) <= limit:
-        return text
-    half = limit // 2 - 10
-    return f"{text[:half]} ...[truncated]... {text[-half:]}"
-
-
-# --------------------------------------------------------------------------------------
-# Sandbox side: ``python -I sandbox.py`` reads a JSON job on stdin.
-# --------------------------------------------------------------------------------------
-
-
-def _drop_privileges(uid: int | None) -> None:
-    if uid is None:
-        return
-    os.setgroups([])
-    os.setgid(uid)
-    os.setuid(uid)
-
-
-def _set_child_limits(limits: dict[str, Any], timeout: float) -> None:
-    import math
-    import resource
-
-    cpu = limits.get("cpu_seconds") or (math.ceil(timeout) + 1)
-    cpu = max(1, math.ceil(cpu))
-    settings = [
-        (resource.RLIMIT_CPU, cpu, cpu + 1),
-        (resource.RLIMIT_AS, limits["memory_bytes"], limits["memory_bytes"]),
-        (resource.RLIMIT_FSIZE, limits["file_size_bytes"], limits["file_size_bytes"]),
-        (resource.RLIMIT_NOFILE, limits["max_open_files"], limits["max_open_files"]),
-        (resource.RLIMIT_NPROC, limits["max_processes"], limits["max_processes"]),
-        (resource.RLIMIT_CORE, 0, 0),
-    ]
-    for which, soft, hard in settings:
-        try:
-            _, old_hard = resource.getrlimit(which)
-            if old_hard != resource.RLIM_INFINITY:
-                soft, hard = min(soft, old_hard), min(hard, old_hard)
-            resource.setrlimit(which, (soft, hard))
-        except (ValueError, OSError):
-            pass
-
-
-def _prctl(option: int, arg: int) -> None:
-    """Call prctl(2) through ctypes (Linux, best effort)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(option, arg, 0, 0, 0)
-    except Exception:  # noqa: BLE001 - purely defensive
-        pass
-
-
-_PR_SET_PDEATHSIG = 1
-_PR_SET_CHILD_SUBREAPER = 36
-
-
-def _child_main(job: dict[str, Any], position: int, report_fd: int, token: str) -> None:
-    """Forked test process: run the program, then one test; report via ``report_fd``."""
-    import builtins
-    import linecache
-    import traceback
-    import types
-
-    os.setpgid(0, 0)
-    workdir = job["workdir"]
-    os.chdir(workdir)
-    _drop_privileges(job["uid"])
-    # Die with the runner. Set after the uid change, which clears the setting.
-    _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    # Created after dropping privileges, so the program may read its own output.
-    out_path = os.path.join(workdir, f".output-{position}")
-    try:
-        os.unlink(out_path)
-    except OSError:
-        pass
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
-    out_fd = os.open(out_path, flags, 0o600)
-    null_fd = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(null_fd, 0)
-    os.dup2(out_fd, 1)
-    os.dup2(out_fd, 2)
-    os.closerange(3, report_fd)  # also closes null_fd/out_fd (they are not report_fd)
-    os.closerange(report_fd + 1, 1 << 16)
-    _set_child_limits(job["limits"], job["timeout"])
-
-    # Keep private references: the program may monkeypatch modules before we report.
-    _exec, _compile, _write, _exit = builtins.exec, builtins.compile, os.write, os._exit
-    _dumps, _format = json.dumps, traceback.format_exception
-
-    def report(status: str, detail: str = "") -> None:
-        message = _dumps({"status": status, "detail": _truncate(detail)})
-        data = (token + " " + message + "\n").encode("utf-8", "replace")
-        try:
-            _write(report_fd, data)
-        finally:
-            _exit(0)
-
-    def describe(exc: BaseException) -> str:
-        tb = exc.__traceback__
-        if tb is not None and tb.tb_frame.f_code is _child_main.__code__:
-            tb = tb.tb_next  # hide the harness frame
-        try:
-            return "".join(_format(type(exc), exc, tb))[-_DETAIL_CHARS:]
-        except BaseException:  # noqa: BLE001 - user exceptions may have broken __str__
-            return type(exc).__name__
-
-    test = job["tests"][position]
-    entry_point = job["entry_point"]
-    for name, source in (("<solution>", job["program"]), ("<test>", test)):
-        linecache.cache[name] = (len(source), None, source.splitlines(True), name)
-    module = types.ModuleType("solution")
-    module.__dict__["__builtins__"] = builtins
-    sys.modules["solution"] = module
-    sys.argv = ["solution"]
-    namespace = module.__dict__
-    try:
-        _exec(_compile(job["program"], "<solution>", "exec"), namespace)
-    except BaseException as exc:  # noqa: BLE001 - SystemExit etc. are errors too
-        report("error", "the program raised while loading:\n" + describe(exc))
-    try:
-        _exec(_compile(test, "<test>", "exec"), namespace)
-        if entry_point is not None:
-            check = namespace.get("check")
-            if not callable(check):
-                report("error", "the test program does not define check(candidate)")
-            if entry_point not in namespace:
-                report("error", f"the program does not define {entry_point!r}")
-            check(namespace[entry_point])
-    except AssertionError as exc:
-        report("failed", describe(exc))
-    except BaseException as exc:  # noqa: BLE001
-        report("error", describe(exc))
-    report("passed")
-
-
-def _sweep(uid: int | None, mode: str) -> None:
-    """Kill leftover processes of a finished test (see module docstring)."""
-    if mode == "uid" and uid is not None:
-        pid = os.fork()
-        if pid == 0:
-            try:
-                _drop_privileges(uid)
-                for _ in range(200):
-                    try:
-                        os.kill(-1, signal.SIGKILL)
-                    except ProcessLookupError:
-                        break
-                    except PermissionError:
-                        break
-            finally:
-                os._exit(0)
-        os.waitpid(pid, 0)
-    elif mode == "ns" and os.getpid() != 1:
-        # Inside our own PID namespace: -1 reaches everything but init and ourselves.
-        for _ in range(200):
-            try:
-                os.kill(-1, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                break
-            _reap_all()
-    _reap_all()
-
-
-def _reap_all() -> None:
-    while True:
-        try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
-
-
-def _wait_child(
-    pid: int, report_fd: int, token: str, timeout: float
-) -> tuple[str | None, str, int | None]:
-    """Wait for a test process. Returns (reported status or None, detail, wait status)."""
-    deadline = time.monotonic() + timeout
-    try:
-        pidfd: int | None = os.pidfd_open(pid)
-    except (AttributeError, OSError):
-        pidfd = None
-    os.set_blocking(report_fd, False)
-    buf = bytearray()
-    exited = False
-    report_open = True
-    try:
-        while True:
-            if _has_exited(pid):  # not reaped yet, so its process group id stays ours
-                exited = True
-                break
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            poller = select.poll()
-            if report_open:
-                poller.register(report_fd, select.POLLIN)
-            if pidfd is not None:
-                poller.register(pidfd, select.POLLIN)
-            try:
-                events = poller.poll(max(1, int(min(remaining, 0.05) * 1000)))
-            except InterruptedError:
-                continue
-            if any(fd == report_fd for fd, _ in events) and _drain(report_fd, buf):
-                report_open = False  # EOF: stop polling it
-    finally:
-        if pidfd is not None:
-            os.close(pidfd)
-    # Kill the test's whole process group (on timeout, or stragglers after it exited).
-    for target in (-pid, pid):
-        try:
-            os.kill(target, signal.SIGKILL)
-        except OSError:
-            pass
-    _, status = os.waitpid(pid, 0)
-    wait_status = status if exited else None
-    _drain(report_fd, buf)
-    prefix = (token + " ").encode()
-    for line in bytes(buf).splitlines():
-        if line.startswith(prefix):
-            try:
-                record = json.loads(line[len(prefix) :])
-                return str(record["status"]), str(record.get("detail", "")), wait_status
-            except (ValueError, KeyError, TypeError):
-                break
-    return None, "", wait_status
-
-
-def _drain(fd: int, buf: bytearray, cap: int = 1 << 16) -> bool:
-    """Read what is available from non-blocking ``fd`` into ``buf``; True at end of file."""
-    while True:
-        try:
-            chunk = os.read(fd, 65536)
-        except (BlockingIOError, InterruptedError):
-            return False
-        except OSError:
-            return True
-        if not chunk:
-            return True
-        if len(buf) < cap:
-            buf += chunk[: cap - len(buf)]
-
-
-def _output_head(path: str) -> str:
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | os.O_NONBLOCK)
-    except OSError:
-        return ""
-    try:
-        regular = stat.S_ISREG(os.fstat(fd).st_mode)  # not a FIFO/device planted there
-        head = os.read(fd, _OUTPUT_HEAD_BYTES) if regular else b""
-    except OSError:
-        head = b""
-    finally:
-        os.close(fd)
-    return head.decode("utf-8", "replace").strip()
-
-
-def _classify(
-    reported: str | None, detail: str, wait_status: int | None, timeout: float, output: str
-) -> tuple[str, str]:
-    if reported in ("passed", "failed", "error"):
-        return reported, detail
-    if wait_status is None:
-        status, detail = "timeout", f"exceeded the {timeout:g} s wall-clock limit"
-    elif os.WIFSIGNALED(wait_status):
-        sig = os.WTERMSIG(wait_status)
-        try:
-            name = signal.Signals(sig).name
-        except ValueError:
-            name = str(sig)
-        if sig == signal.SIGXCPU:
-            status, detail = "timeout", "exceeded the CPU time limit (SIGXCPU)"
-        elif sig == signal.SIGXFSZ:
-            status, detail = "killed", "exceeded the file/output size limit (SIGXFSZ)"
-        else:
-            status, detail = "killed", f"killed by {name}"
-    else:
-        code = os.WEXITSTATUS(wait_status) if os.WIFEXITED(wait_status) else wait_status
-        status, detail = "error", f"the process exited (status {code}) before the test finished"
-    if output:
-        detail += f"; output: {output}"
-    return status, detail
-
-
-def _runner_main() -> int:
-    """Entry point inside the sandbox: run each test of the job on stdin, print outcomes."""
-    job = json.loads(sys.stdin.buffer.read().decode("utf-8"))
-    nonce: str = job["nonce"]
-    uid: int | None = job["uid"]
-    timeout = float(job["timeout"])
-    if job.get("preimport"):
-        import importlib
-
-        for name in _PREIMPORT:
-            try:
-                importlib.import_module(name)
-            except ImportError:
-                pass
-    # Pre-import what the test processes need (they may lose access to the stdlib dir).
-    import ctypes  # noqa: F401
-    import linecache  # noqa: F401
-    import math  # noqa: F401
-    import resource
-    import traceback  # noqa: F401
-    import types  # noqa: F401
-
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    # Orphans of the test processes are re-parented to us, so we can reap them.
-    _prctl(_PR_SET_CHILD_SUBREAPER, 1)
-    out = sys.stdout
-    for position, index in enumerate(job["indices"]):
-        report_r, report_w = os.pipe()
-        token = secrets.token_hex(16)
-        sys.stdout.flush()
-        pid = os.fork()
-        if pid == 0:
-            try:
-                os.close(report_r)
-                _child_main(job, position, report_w, token)
-            finally:
-                os._exit(70)
-        os.close(report_w)
-        try:
-            reported, detail, wait_status = _wait_child(pid, report_r, token, timeout)
-        finally:
-            os.close(report_r)
-        _sweep(uid, job["sweep"])
-        out_path = os.path.join(job["workdir"], f".output-{position}")
-        output = "" if reported == "passed" else _output_head(out_path)
-        try:
-            os.unlink(out_path)
-        except OSError:
-            pass
-        status, detail = _classify(reported, detail, wait_status, timeout, output)
-        record = json.dumps({"index": index, "status": status, "detail": _truncate(detail)})
-        out.write(f"{nonce} {record}\n")
-        out.flush()
-    return 0
-
-
-if __name__ == "__main__":
-    try:
-        sys.exit(_runner_main())
-    except BrokenPipeError:  # the host went away
-        sys.exit(1)

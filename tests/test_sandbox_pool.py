@@ -1,0 +1,272 @@
+"""Tests for the pooled sandbox runners: reuse, and isolation between the checks that share
+a runner (files, processes, IPC), restart of dead runners. Real bubblewrap, real processes.
+
+Three configurations run the isolation tests where they are available:
+
+* ``bwrap``: what ``sandbox="required"`` resolves to here (as root: a private uid per check);
+* ``bwrap-shared-uid`` (root only): bwrap without the private uid, so the test processes
+  have the runner's own uid, as under bwrap without root; they can kill the runner and
+  write to ``/dev``, which the runner must notice;
+* ``none``: the fallback without bwrap (its containment needs root).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import time
+
+import pytest
+
+import signalrl.rewards.sandbox as sb
+from signalrl.rewards.code import bwrap_status, code_reward
+
+IS_ROOT = os.geteuid() == 0
+ADD = "def add(a, b):\n    return a + b\n"
+
+
+def _bwrap_backend() -> sb._Backend:
+    ok, reason = bwrap_status()
+    if not ok:
+        pytest.skip(f"bubblewrap not usable here: {reason}")
+    return sb._resolve_backend("required")
+
+
+@pytest.fixture(params=["bwrap", "bwrap-shared-uid", "none"])
+def backend(request: pytest.FixtureRequest) -> sb._Backend:
+    """A sandbox configuration (see the module docstring)."""
+    if request.param == "bwrap":
+        return _bwrap_backend()
+    if request.param == "bwrap-shared-uid":
+        if not IS_ROOT:
+            pytest.skip("as non-root, 'bwrap' already is the shared-uid configuration")
+        return sb._Backend(_bwrap_backend().bwrap, drop_uid=False)
+    if not IS_ROOT:
+        pytest.skip("without bwrap and without root there is no private uid per check")
+    return sb._fallback_backend()
+
+
+def _run(backend: sb._Backend, program: str, tests: list[str], timeout: float = 5.0) -> list[str]:
+    outcomes = sb._run_all(program, tests, None, timeout, sb.SandboxLimits(), backend)
+    return [o.status for o in outcomes]
+
+
+def _processes_named(name: str) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/comm") as fh:
+                    if fh.read().strip() == name:
+                        pids.append(int(entry))
+            except OSError:
+                continue
+    return pids
+
+
+def _descendants(pid: int) -> list[int]:
+    """All descendants of ``pid`` (from /proc), deepest last."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    parents[int(entry)] = int(fh.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+    found, frontier = [], [pid]
+    while frontier:
+        children = [p for p, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
+
+
+def test_runners_are_reused(backend: sb._Backend) -> None:
+    assert _run(backend, ADD, ["assert add(1, 2) == 3"]) == ["passed"]
+    started = sb._POOL.started
+    for _ in range(5):
+        assert _run(backend, ADD, ["assert add(1, 2) == 3", "assert add(1, 1) == 3"]) == [
+            "passed",
+            "failed",
+        ]
+    assert sb._POOL.started == started
+
+
+def test_files_do_not_reach_the_next_check(backend: sb._Backend) -> None:
+    name = "srl-leak-" + secrets.token_hex(6)
+    places = [name, os.path.join("~", name)]
+    if backend.bwrap is not None:  # without bwrap, the host's /tmp etc. are shared (documented)
+        places += [os.path.join("/tmp", name), os.path.join("/dev/shm", name)]
+    writer = (
+        "import os\n"
+        "def leave():\n"
+        f"    for place in {places!r}:\n"
+        "        place = os.path.expanduser(place)\n"
+        "        try:\n"
+        "            os.makedirs(place + '.d/sub', exist_ok=True)\n"
+        "            os.chmod(place + '.d', 0)\n"
+        "            with open(place, 'w') as fh:\n"
+        "                fh.write('from the previous check')\n"
+        "        except OSError:\n"
+        "            pass\n"
+        "    return True\n"
+    )
+    reader = (
+        "import os\n"
+        "def found():\n"
+        f"    return [p for p in {places!r}\n"
+        "            if os.path.lexists(os.path.expanduser(p))\n"
+        "            or os.path.lexists(os.path.expanduser(p) + '.d')]\n"
+    )
+    assert _run(backend, writer, ["assert leave()"]) == ["passed"]
+    started = sb._POOL.started
+    assert _run(backend, reader, ["assert found() == [], found()"]) == ["passed"]
+    assert sb._POOL.started == started  # the same runner, wiped, not a fresh one
+
+
+def test_background_process_does_not_outlive_its_test(backend: sb._Backend) -> None:
+    marker = "srl" + secrets.token_hex(5)  # comm names are at most 15 bytes
+    daemon = (
+        "import ctypes, os, time\n"
+        "def detach():\n"
+        "    if os.fork() == 0:\n"
+        "        os.setsid()\n"
+        "        if os.fork() == 0:\n"
+        f"            ctypes.CDLL(None).prctl(15, b'{marker}', 0, 0, 0)  # PR_SET_NAME\n"
+        "            time.sleep(60)\n"
+        "        os._exit(0)\n"
+        "    time.sleep(0.2)\n"
+        "    return True\n"
+    )
+    assert _run(backend, daemon, ["assert detach()"]) == ["passed"]
+    assert _processes_named(marker) == [], "a background process survived its test"
+    if backend.bwrap is not None:
+        # Inside the PID namespace only bwrap's init, the runner and the test are left.
+        alone = (
+            "import os\n"
+            "others = {int(p) for p in os.listdir('/proc') if p.isdigit()}\n"
+            "others -= {1, os.getppid(), os.getpid()}\n"
+        )
+        assert _run(backend, alone, ["assert not others, others"]) == ["passed"]
+
+
+def test_sysv_ipc_does_not_reach_the_next_check(backend: sb._Backend) -> None:
+    key = 0x5000_0000 + secrets.randbelow(1 << 24)
+    create = (
+        "import ctypes\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        "def create():\n"
+        f"    msq = libc.msgget({key}, 0o1666)  # IPC_CREAT | 0o666\n"
+        f"    shm = libc.shmget({key}, 4096, 0o1666)\n"
+        f"    sem = libc.semget({key}, 1, 0o1666)\n"
+        "    return msq >= 0 and shm >= 0 and sem >= 0\n"
+    )
+    probe = (
+        "import ctypes\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        f"found = [libc.msgget({key}, 0), libc.shmget({key}, 0, 0), libc.semget({key}, 0, 0)]\n"
+    )
+    assert _run(backend, create, ["assert create()"]) == ["passed"]
+    assert _run(backend, probe, ["assert found == [-1, -1, -1], found"]) == ["passed"]
+    if backend.bwrap is None:  # the host's own IPC namespace: nothing is left there either
+        for kind in ("msg", "shm", "sem"):
+            with open(f"/proc/sysvipc/{kind}") as fh:
+                assert str(key) not in {line.split()[0] for line in fh if line.strip()}
+
+
+def test_posix_message_queues_are_refused(backend: sb._Backend) -> None:
+    program = (
+        "import ctypes, os\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        "def mq():\n"
+        "    if not hasattr(libc, 'mq_open'):\n"
+        "        return -1\n"
+        f"    return libc.mq_open(b'/srl-{secrets.token_hex(4)}', os.O_CREAT | os.O_RDWR,"
+        " 0o600, None)\n"
+    )
+    assert _run(backend, program, ["assert mq() == -1"]) == ["passed"]
+
+
+def test_a_runner_that_died_while_idle_is_replaced(
+    backend: sb._Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tests = ["assert add(1, 2) == 3", "assert add(2, 2) == 4"]
+    for pretend_alive in (False, True):
+        assert _run(backend, ADD, tests) == ["passed", "passed"]
+        idle = sb._POOL._idle[(backend, sb.SandboxLimits().tmpfs_bytes)]
+        assert idle
+        for worker in idle:
+            # The runner itself (inside bwrap's namespace), so that it is surely gone
+            # once its bwrap has exited.
+            for pid in [worker.proc.pid, *_descendants(worker.proc.pid)][-1:]:
+                os.kill(pid, signal.SIGKILL)
+            worker.proc.wait()
+        if pretend_alive:  # the runner dies between the pool's check and the job
+            monkeypatch.setattr(sb._Worker, "alive", lambda self: True)
+        # Not the program's fault: no test is scored 0 for it.
+        assert _run(backend, ADD, tests) == ["passed", "passed"]
+        monkeypatch.undo()
+
+
+def test_program_that_kills_its_runner(backend: sb._Backend) -> None:
+    program = "import os, signal\ndef f():\n    os.kill(os.getppid(), signal.SIGKILL)\n"
+    tests = ["f()", "assert 1 + 1 == 2"]
+    started = sb._POOL.started
+    statuses = _run(backend, program, tests)
+    if backend.drop_uid:  # the runner is out of reach
+        assert statuses == ["error", "passed"]
+        assert sb._POOL.started == started
+    else:  # killed: its test scores 0, the next one runs in a fresh runner
+        assert statuses == ["killed", "passed"]
+        assert sb._POOL.started > started
+    assert _run(backend, ADD, ["assert add(2, 3) == 5"]) == ["passed"]
+
+
+def test_changes_that_cannot_be_wiped_retire_the_runner() -> None:
+    if not IS_ROOT:
+        pytest.skip("needs the shared-uid bwrap configuration (root)")
+    backend = sb._Backend(_bwrap_backend().bwrap, drop_uid=False)
+    name = "srl-" + secrets.token_hex(6)
+    vandal = (
+        "import os\n"
+        "def vandalise():\n"
+        f"    open('/dev/{name}', 'w').close()\n"
+        "    os.chmod('/work', 0o700)\n"
+        "    return True\n"
+    )
+    assert _run(backend, ADD, ["assert add(1, 1) == 2"]) == ["passed"]
+    started = sb._POOL.started
+    assert _run(backend, vandal, ["assert vandalise()"]) == ["passed"]
+    check = f"import os, stat\nmode = stat.S_IMODE(os.stat('/work').st_mode)\nname = {name!r}\n"
+    test = "assert mode == 0o1777 and name not in os.listdir('/dev')"
+    assert _run(backend, check, [test]) == ["passed"]
+    assert sb._POOL.started == started + 1  # that runner was retired, a fresh one started
+
+
+def test_forked_host_process_starts_its_own_runners() -> None:
+    backend = _bwrap_backend()
+    assert _run(backend, ADD, ["assert add(1, 2) == 3"]) == ["passed"]
+    pid = os.fork()
+    if pid == 0:  # the child must neither use nor stop the parent's runners
+        code = 1
+        try:
+            ok = _run(backend, ADD, ["assert add(1, 2) == 3"]) == ["passed"]
+            sb.close_sandbox_pool()
+            code = 0 if ok else 2
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 60
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    if not done:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    assert done and os.waitstatus_to_exitcode(status) == 0
+    started = sb._POOL.started
+    assert code_reward(ADD, ["assert add(1, 2) == 3"], sandbox="required") == 1.0
+    assert sb._POOL.started == started  # the parent's runner is still there and works
