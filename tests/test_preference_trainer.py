@@ -245,3 +245,35 @@ def test_held_out_pairs_never_share_a_prompt_with_training_pairs():
     assert rm_test is not None and rm_test.chosen_ids == test.prompt_ids  # the same rows
     one = PreferenceData([[1], [2]], [[1], [2]], prompts=["a", "a"])
     assert split_data(one, 0.5, seed=0)[1] is None  # one prompt: nothing can be held out
+
+
+@pytest.mark.parametrize(
+    ("mode", "held", "extra"),
+    [("copy", 2.0, 1.0), ("precomputed", 1.0, 0.0), ("lora", 1.0, 0.0)],
+)
+def test_models_held_per_reference_mode(tmp_path, mode, held, extra):
+    out = run_recipe(_pref(tmp_path, preference={"reference": mode}, train={"steps": 2}))
+    assert out["accuracy"] >= 0.0
+    row = read_metrics(tmp_path / "pref")[-1]
+    policy = sum(p.numel() for p in load_model("tiny", seed=0)[0].parameters())
+    assert row["models/held"] == held
+    trainable = row["models/params_trainable"]
+    if mode == "lora":  # the adapter only: a small fraction of the policy
+        assert 0 < trainable < 0.2 * policy
+        assert row["models/params_held"] == policy + trainable
+    else:
+        assert trainable == policy
+        assert row["models/params_held"] == policy * (1 + extra)
+    assert row["memory/peak_mb"] > 0 and row["memory/setup_peak_mb"] > 0
+
+
+def test_peak_memory_window_resets():
+    from signalrl.logging.memory import current_memory_mb, peak_memory_mb, reset_peak_memory
+
+    big = torch.ones(64 * 2**20 // 4)  # 64 MiB touched
+    high = peak_memory_mb()
+    del big
+    if not reset_peak_memory():
+        pytest.skip("this platform cannot reset the peak")
+    assert peak_memory_mb() < high - 32
+    assert peak_memory_mb() >= current_memory_mb() - 1

@@ -24,7 +24,6 @@ scoring, forward, backward, update; evaluation, checkpoints and model loading ex
 from __future__ import annotations
 
 import copy
-import resource
 import time
 from typing import Any
 
@@ -32,6 +31,7 @@ import torch
 
 from signalrl.config import Recipe
 from signalrl.data.collate import SequenceBatch, build_batch
+from signalrl.logging.memory import peak_memory_mb
 from signalrl.losses.advantages import (
     gae,
     group_advantages,
@@ -65,13 +65,6 @@ def count_forward_tokens(prompt_ids: list[list[int]], completion_tokens: int) ->
     completion tokens. Teacher, reference, critic, reward-model and evaluation passes are not
     counted. Padding is not counted."""
     return sum(len(p) for p in prompt_ids) + int(completion_tokens)
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak resident memory of this process (CPU) or peak allocated CUDA memory, in MiB."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 class OnlineRLTrainer(TrainerBase):

@@ -32,14 +32,16 @@ prompt of row (i + 1) mod N of the training set, and
 `kl_ref = max(0, mean over the step's rows of (policy - ref) sequence log-probs)`.
 
 Metrics: `rewards/chosen`, `rewards/rejected`, `rewards/accuracies`, `rewards/margins`,
-`logps/chosen`, `logps/rejected`, `loss`, `grad_norm`, `lr` (KTO: `rewards/*` over desirable /
-undesirable rows and `kl`). At eval (every `eval.every` steps and at the end) the same with an
-`eval/` prefix on the held-out rows, plus `eval/logratio_chosen` (mean over held-out chosen
-tokens of policy - ref log-prob) and `eval/kl_ref` (k3 estimate of the per-token
-KL(policy || ref) on completions sampled from the policy for the held-out prompts; live
+`logps/chosen`, `logps/rejected`, `loss`, `grad_norm`, `lr`, `models/held`,
+`models/params_held`, `models/params_trainable`, `memory/peak_mb` (peak of the training phase:
+the peak is reset after set-up, whose own peak is `memory/setup_peak_mb`) (KTO: `rewards/*`
+over desirable / undesirable rows and `kl`). At eval (every `eval.every` steps and at the end)
+the same with an `eval/` prefix on the held-out rows, plus `eval/logratio_chosen` (mean over
+held-out chosen tokens of policy - ref log-prob) and `eval/kl_ref` (k3 estimate of the per-
+token KL(policy || ref) on completions sampled from the policy for the held-out prompts; live
 reference only). At the end the same metrics over every training row are logged with a
-`train_eval/` prefix (e.g. `train_eval/rewards/accuracies`: the fraction of training pairs
-the final policy ranks correctly). `finish()` then evaluates the recipe's task like the other
+`train_eval/` prefix (e.g. `train_eval/rewards/accuracies`: the fraction of training pairs the
+final policy ranks correctly). `finish()` then evaluates the recipe's task like the other
 trainers.
 
 Online (iterative) DPO (`preference.online: true`, no data file): every step samples
@@ -64,6 +66,7 @@ from signalrl.config import REFERENCE_FREE_LOSSES, Recipe
 from signalrl.data.collate import SequenceBatch, build_batch
 from signalrl.data.make_preferences import pick_pair_indices
 from signalrl.data.preference import PreferenceData, load_preference_data, split_data
+from signalrl.logging.memory import peak_memory_mb, reset_peak_memory
 from signalrl.losses.kl import kl_estimate
 from signalrl.losses.preference import (
     dpo_loss,
@@ -133,6 +136,24 @@ class PreferenceTrainer(TrainerBase):
             self._precompute_reference()
         self.build_optimizer()
         self.maybe_resume()
+        self.held = self._models_held()
+        self.held["memory/setup_peak_mb"] = peak_memory_mb(self.device)
+        reset_peak_memory(self.device)  # `memory/peak_mb` is the training phase's peak
+
+    def _models_held(self) -> dict[str, float]:
+        """Models resident during training: the policy, plus a reference copy (`copy`) or the
+        LoRA adapter's parameters (`lora`, counted in `models/params_held` but not as a
+        model); `precomputed` has freed its reference by now."""
+        held = 1.0 + (self.ref_model is not None)
+        params = sum(p.numel() for p in self.model.parameters())
+        if self.ref_model is not None:
+            params += sum(p.numel() for p in self.ref_model.parameters())
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        return {
+            "models/held": held,
+            "models/params_held": float(params),
+            "models/params_trainable": float(trainable),
+        }
 
     # -- reference ----------------------------------------------------------------------
     def _initial_reference(self) -> torch.nn.Module:
@@ -313,6 +334,8 @@ class PreferenceTrainer(TrainerBase):
             total += float(loss.detach())
             parts.append((cr, rr, lc, lr))
         out = self.optimizer_step()
+        out.update(self.held)
+        out["memory/peak_mb"] = peak_memory_mb(self.device)
         cat = [torch.cat([p[i] for p in parts]) for i in range(4)]
         out.update(preference_metrics(*cat))
         out.update({"loss": total, "epoch": float(self.data.epoch)})
@@ -387,6 +410,8 @@ class PreferenceTrainer(TrainerBase):
             total += float(loss.detach())
             parts.append((rewards, logps, desirable))
         out = self.optimizer_step()
+        out.update(self.held)
+        out["memory/peak_mb"] = peak_memory_mb(self.device)
         cat = [torch.cat([p[i] for p in parts]) for i in range(3)]
         out.update(self._kto_metrics(*cat))
         out.update({"loss": total, "kl": float(kl), "epoch": float(self.data.epoch)})
