@@ -49,10 +49,15 @@ def train(
     resume: Annotated[bool, typer.Option(help="continue from the latest checkpoint")] = False,
     overwrite: Annotated[bool, typer.Option(help="replace an existing run directory")] = False,
 ) -> None:
-    """Train as RECIPE says; writes runs/<name>/ (config, metrics, checkpoints, final/)."""
+    """Train as RECIPE says; writes runs/<name>/ (config, metrics, checkpoints, final/).
+    A comparison file (`trainer: compare`) runs as `signalrl compare`."""
+    from signalrl.compare import is_compare_file
     from signalrl.config import RecipeError, load_recipe
     from signalrl.trainers import run_recipe
 
+    if is_compare_file(recipe):
+        compare(recipe, set_, overwrite=overwrite, resume=resume, name=None)
+        return
     try:
         r = load_recipe(recipe, set_ or [])
         result = run_recipe(r, resume=resume, overwrite=overwrite)
@@ -228,6 +233,33 @@ def sweep(
         _fail(str(e))
         return
     print_table(rows, param, Console())
+    err.print(f"results: {out}", highlight=False)
+
+
+@app.command()
+def compare(
+    file: Annotated[Path, typer.Argument(help="comparison YAML (trainer: compare)")],
+    set_: SetOpt = None,
+    overwrite: Annotated[bool, typer.Option(help="replace existing run directories")] = False,
+    resume: Annotated[
+        bool, typer.Option(help="reuse finished runs, continue the others from checkpoints")
+    ] = False,
+    name: Annotated[str | None, typer.Option(help="replace the comparison's name")] = None,
+) -> None:
+    """Train every run of FILE from the same start (--set applies to all of them); writes
+    <output_dir>/<name>/ (compare.csv/.md/.json, curves.csv, compare.png: test accuracy
+    against student forward tokens and training time) and prints the table."""
+    from signalrl.compare import print_table, run_compare
+    from signalrl.config import RecipeError
+
+    try:
+        rows, out = run_compare(
+            file, set_ or [], overwrite=overwrite, resume=resume, name=name, console=err
+        )
+    except (RecipeError, FileExistsError, FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+        return
+    print_table(rows, out.name, Console())
     err.print(f"results: {out}", highlight=False)
 
 

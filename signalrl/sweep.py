@@ -15,6 +15,9 @@ the recipe's `output_dir`), then reads each run's `metrics.jsonl`:
 A metric a run does not log is NaN (blank in the CSV). The results go to
 `<output_dir>/<name>-sweep/`: `sweep.csv`, `sweep.json` and `sweep.png` (one panel per metric
 against the value, log x-axis when every value is a positive number).
+
+`train_all` (train a list of validated recipes in turn) and the metric readers are shared with
+`signalrl.compare` (several named runs plotted against the student's budget).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from typing import Any
 
 import yaml
 
-from signalrl.config import RecipeError, load_recipe
+from signalrl.config import Recipe, RecipeError, load_recipe
 from signalrl.logging.run import read_metrics
 
 METRICS: tuple[str, ...] = (
@@ -164,6 +167,25 @@ def print_table(rows: list[dict[str, Any]], param: str, console: Any = None) -> 
     (console or Console()).print(table)
 
 
+def train_all(
+    recipes: list[tuple[str, Recipe]],
+    *,
+    overwrite: bool = False,
+    resume: bool = False,
+    console: Any = None,
+) -> None:
+    """Train each `(label, recipe)` in turn (validate them all first). With `resume`, a run
+    with a checkpoint continues from it and one without starts over."""
+    from signalrl.trainers import run_recipe
+    from signalrl.trainers.base import latest_checkpoint
+
+    for label, recipe in recipes:
+        if console is not None:
+            console.print(f"[bold]{label}[/bold]: {recipe.run_dir}")
+        cont = resume and latest_checkpoint(recipe.run_dir) is not None
+        run_recipe(recipe, overwrite=overwrite or (resume and not cont), resume=cont)
+
+
 def run_sweep(
     recipe_path: str | Path,
     param: str,
@@ -175,8 +197,6 @@ def run_sweep(
     console: Any = None,
 ) -> tuple[list[dict[str, Any]], Path]:
     """Train the recipe once per value of `param`; returns (rows, sweep directory)."""
-    from signalrl.trainers import run_recipe
-
     if not values:
         raise ValueError("sweep: no values")
     overrides = list(overrides or [])
@@ -189,11 +209,9 @@ def run_sweep(
         name = f"{base.name}-{value_label(param, v)}"
         extra = [f"{param}={json.dumps(v)}", f"name={json.dumps(name)}"]
         recipes.append((v, load_recipe(recipe_path, [*overrides, *extra])))
+    train_all([(f"{param} = {v}", r) for v, r in recipes], overwrite=overwrite, console=console)
     rows: list[dict[str, Any]] = []
     for v, recipe in recipes:
-        if console is not None:
-            console.print(f"[bold]{param} = {v}[/bold]: {recipe.run_dir}")
-        run_recipe(recipe, overwrite=overwrite)
         rows.append({"value": v, "run": str(recipe.run_dir), **collect(recipe.run_dir, tail)})
     out = Path(base.output_dir) / f"{base.name}-sweep"
     write_results(rows, param, out)

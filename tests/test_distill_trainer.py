@@ -171,8 +171,20 @@ def test_distill_recipe_needs_a_teacher(tmp_path):
     )
     assert r.rl.beta == 0.1 and r.rl.loss_agg == "token-mean"
     r = load_recipe(ROOT / "recipes" / "distill-arithmetic.yaml")
-    assert r.trainer == "distill" and r.distill.teacher == "runs/teacher-arithmetic/final"
+    assert r.trainer == "distill" and r.distill.teacher == "runs/teacher-base-arithmetic/final"
     assert (r.train.batch_size, r.rl.group_size, r.train.steps) == (16, 8, 300)
+    g = load_recipe(ROOT / "recipes" / "distill-gkd-arithmetic.yaml")
+    assert g.distill.mode == "gkd" and g.distill.teacher == r.distill.teacher
+
+
+def test_base_teacher_shares_the_tiny_students_tokenizer():
+    t = load_recipe(ROOT / "recipes" / "teacher-base-arithmetic.yaml")
+    assert t.trainer == "sft" and t.model.name_or_path == "base"
+    teacher = load_recipe(ROOT / "recipes" / "distill-arithmetic.yaml").distill.teacher
+    assert teacher == f"{t.output_dir}/{t.name}/final"
+    _, base = load_model("base")
+    _, tiny = load_model("tiny")
+    check_same_vocab(tiny, base, "tiny", "base")  # same character vocabulary: no error
 
 
 # -- GKD ------------------------------------------------------------------------------------
