@@ -15,10 +15,11 @@ runs:
 Every run is a recipe (path relative to the working directory) with the file's `set`
 overrides, then the command line's `--set`, then the run's own `set` applied; it trains as
 `<output_dir>/<name>/<run>/`. Every run is validated before the first one trains. The runs
-must log the budget counters (`student/forward_tokens`, `time/train_s`), which the `online_rl`
-and `distill` trainers do (`signalrl.trainers.online_rl.count_forward_tokens`), and should
-evaluate periodically (`eval.every`, a multiple of `logging.every`, else the evaluations are
-not logged) so the plot has curves.
+must log the budget counters (`student/forward_tokens`, `time/train_s`), which the
+`online_rl`, `distill` and `preference` trainers do
+(`signalrl.trainers.online_rl.count_forward_tokens`), and should evaluate periodically
+(`eval.every`, a multiple of `logging.every`, else the evaluations are not logged) so the
+plot has curves.
 
 With `start_eval: true` (default) each distinct start model is evaluated once (greedy, the
 run's eval settings) and that point (0 tokens, 0 s) starts its curves.
@@ -53,7 +54,7 @@ from signalrl.config import Recipe, RecipeError, _format_errors, dump_recipe, lo
 from signalrl.logging.run import read_metrics
 from signalrl.sweep import _clean, _last, _num, train_all
 
-COUNTER_TRAINERS: tuple[str, ...] = ("online_rl", "distill")
+COUNTER_TRAINERS: tuple[str, ...] = ("online_rl", "distill", "preference")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 

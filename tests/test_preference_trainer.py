@@ -277,3 +277,24 @@ def test_peak_memory_window_resets():
         pytest.skip("this platform cannot reset the peak")
     assert peak_memory_mb() < high - 32
     assert peak_memory_mb() >= current_memory_mb() - 1
+
+
+def test_budget_counters_count_the_policy_forward_tokens(tmp_path):
+    t = PreferenceTrainer(_pref(tmp_path, train={"steps": 2, "batch_size": 4}))
+    out, _ = t.train_step()
+    d, idx = t.train_data, t.data.order[:4]
+    want = sum(
+        2 * len(d.prompt_ids[i]) + len(d.completion_ids[i]) + len(d.rejected_ids[i]) for i in idx
+    )
+    assert out["student/forward_tokens"] == want  # chosen + rejected rows, no padding
+    assert out["time/train_s"] > 0
+    out2, _ = t.train_step()
+    assert out2["student/forward_tokens"] > out["student/forward_tokens"]
+    assert out2["time/train_s"] > out["time/train_s"]
+
+    o = PreferenceTrainer(_online(tmp_path / "o", train={"steps": 1}))
+    o.task = _SevenTask()
+    o.rows = o.task.train()
+    out, _ = o.train_step()
+    # 8 prompts (>= 4 tokens) encoded once each for their 8 samples, plus >= 1 token per sample
+    assert out["student/forward_tokens"] >= 8 * 4 + 64

@@ -51,12 +51,18 @@ the current policy (`sampling.*`), the task verifier marks them, and
 (correct, wrong) pairs per prompt from the sampled token ids; one optimiser step is taken on
 that step's pairs (a step with no pair only advances the schedule). Logged: `online/pairs`,
 `online/sample_accuracy`, `online/prompts_without_pair`, `online/samples_seen`.
+
+Budget counters (for `signalrl compare`), cumulative: `student/forward_tokens` (the policy's
+sampling tokens, counted as in `signalrl.trainers.online_rl.count_forward_tokens`, plus the
+non-padding tokens of its training forwards; reference passes are not counted; offline DPO's
+pairs were sampled before the run and are not counted) and `time/train_s`.
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
+import time
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +86,7 @@ from signalrl.models import load_model, save_model
 from signalrl.models.logprobs import completion_logps
 from signalrl.rollout.sampler import SamplingParams, generate
 from signalrl.trainers.base import STATE_FILE, DataCursor, TrainerBase
+from signalrl.trainers.online_rl import count_forward_tokens
 
 REF_FILE = "ref_logps.pt"
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -136,6 +143,8 @@ class PreferenceTrainer(TrainerBase):
             self._precompute_reference()
         self.build_optimizer()
         self.maybe_resume()
+        self.forward_tokens = 0  # cumulative student tokens (see `count_forward_tokens`)
+        self.train_seconds = 0.0  # cumulative seconds in train_step
         self.held = self._models_held()
         self.held["memory/setup_peak_mb"] = peak_memory_mb(self.device)
         reset_peak_memory(self.device)  # `memory/peak_mb` is the training phase's peak
@@ -328,6 +337,7 @@ class PreferenceTrainer(TrainerBase):
             batch = self._rows_batch(self.train_data, mb, "pair")
             ref = self._pair_ref("train", self.train_data, mb)
             pol = completion_logps(self.model, batch, autocast_dtype=self.autocast_dtype)
+            self.forward_tokens += int(batch.attention_mask.sum())
             losses, cr, rr, lc, lr = self._pair_losses(pol, ref, batch.completion_mask)
             loss = losses.sum() / n
             loss.backward()
@@ -350,6 +360,8 @@ class PreferenceTrainer(TrainerBase):
                 mb = idx[s : s + micro]
                 batch = self._rows_batch(data, mb, "kl")
                 pol = completion_logps(self.model, batch, autocast_dtype=self.autocast_dtype)
+                if self.model.training:  # a training step's pass, not an evaluation
+                    self.forward_tokens += int(batch.attention_mask.sum())
                 if self.ref_cache is not None:
                     ref = self._cached(split, "kl", mb)
                 else:
@@ -405,6 +417,10 @@ class PreferenceTrainer(TrainerBase):
         for s in range(0, n, micro):
             mb = idx[s : s + micro]
             losses, rewards, logps, desirable = self._kto_losses("train", self.train_data, mb, kl)
+            self.forward_tokens += sum(
+                len(self.train_data.prompt_ids[i]) + len(self.train_data.completion_ids[i])
+                for i in mb
+            )  # the KL-estimate pass (mismatched pairs, no grad) is counted in _kl_ref
             loss = losses.sum() / n
             loss.backward()
             total += float(loss.detach())
@@ -418,11 +434,17 @@ class PreferenceTrainer(TrainerBase):
         return out
 
     def train_step(self) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        t0 = time.perf_counter()
         if self.online:
-            return self._train_step_online()
-        idx = self.data.take(self.recipe.train.batch_size)
-        step = self._train_step_kto if self.kto else self._train_step_paired
-        return step(idx), []
+            out, samples = self._train_step_online()
+        else:
+            idx = self.data.take(self.recipe.train.batch_size)
+            step = self._train_step_kto if self.kto else self._train_step_paired
+            out, samples = step(idx), []
+        self.train_seconds += time.perf_counter() - t0
+        out["student/forward_tokens"] = float(self.forward_tokens)
+        out["time/train_s"] = self.train_seconds
+        return out, samples
 
     # -- online (iterative) DPO -------------------------------------------------------------
     @torch.no_grad()
@@ -454,6 +476,7 @@ class PreferenceTrainer(TrainerBase):
         self.model.train()
         self.samples_seen += len(roll)
         lengths = roll.lengths.tolist()
+        self.forward_tokens += count_forward_tokens(roll.prompt_ids[::g], int(sum(lengths)))
         p_ids: list[list[int]] = []
         c_ids: list[list[int]] = []
         r_ids: list[list[int]] = []
@@ -497,6 +520,8 @@ class PreferenceTrainer(TrainerBase):
 
     def extra_state(self) -> dict[str, Any]:
         state = super().extra_state()
+        state["forward_tokens"] = self.forward_tokens
+        state["train_seconds"] = self.train_seconds
         if self.online:
             state["generator"] = self.generator.get_state()
             state["samples_seen"] = self.samples_seen
@@ -504,6 +529,8 @@ class PreferenceTrainer(TrainerBase):
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         super().load_extra_state(state)
+        self.forward_tokens = int(state.get("forward_tokens", 0))
+        self.train_seconds = float(state.get("train_seconds", 0.0))
         if self.online and "generator" in state:
             self.generator.set_state(state["generator"])
             self.samples_seen = int(state.get("samples_seen", 0))
