@@ -3,13 +3,17 @@
 Two test conventions are supported:
 
 * **MBPP**: ``tests`` is a list of statements (usually ``assert f(x) == y``); each one is a
-  separate test, run in its own sandboxed process after the program.
+  separate test, run in its own sandboxed process after the program (so tests do not share
+  state, and a test that hangs or crashes fails alone).
 * **HumanEval**: ``tests`` is one string defining ``check(candidate)`` and ``entry_point``
   names the function to pass to it; that is a single test. HumanEval completions are often
   only the function body: prepend the prompt to the completion before calling.
 
 The reward is the fraction of tests that pass. See :mod:`signalrl.rewards.sandbox` for what
-the sandbox isolates and how (bubblewrap when available, resource limits always).
+the sandbox isolates and how (bubblewrap when available, resource limits always). The test
+processes are forked by long-lived sandboxed runners kept in a pool (one per concurrent
+check, started on first use), which is what makes a check cost milliseconds rather than a
+sandbox start; :func:`close_sandbox_pool` stops the idle ones.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from signalrl.rewards.sandbox import (
     TestOutcome,
     TestStatus,
     bwrap_status,
+    close_sandbox_pool,
     run_python_tests,
 )
 
@@ -33,6 +38,7 @@ __all__ = [
     "TestOutcome",
     "TestStatus",
     "bwrap_status",
+    "close_sandbox_pool",
     "code_reward",
     "code_reward_batch",
     "extract_code",
@@ -169,7 +175,8 @@ def code_reward_batch(
         tests_list: the tests of each completion (same length as ``completions``).
         entry_points: ``None``, one entry point for all, or one per completion.
         timeout, sandbox, limits: as in :func:`run_tests`.
-        max_workers: concurrent sandboxes; defaults to, and is capped at, ``os.cpu_count()``.
+        max_workers: concurrent checks, each on its own pooled sandboxed runner; defaults
+            to, and is capped at, ``os.cpu_count()``.
 
     Returns:
         one reward per completion, in order.

@@ -193,9 +193,10 @@ def _child_main(job: dict[str, Any], position: int, report_fd: int, token: str) 
     workdir = job["workdir"]
     os.chdir(workdir)
     _drop_privileges(job["uid"])
-    # Die with the runner. Set after the uid change, which clears the setting.
-    _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     if not job["isolated"]:
+        # Die with the runner (under bwrap its PID namespace does that). Set after the uid
+        # change, which clears the setting.
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
         os.environ["HOME"] = workdir
     # Created after dropping privileges, so the program may read its own output.
     out_path = os.path.join(workdir, f".output-{position}")
