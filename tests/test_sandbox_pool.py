@@ -98,7 +98,7 @@ def test_files_do_not_reach_the_next_check(backend: sb._Backend) -> None:
     name = "srl-leak-" + secrets.token_hex(6)
     places = [name, os.path.join("~", name)]
     if backend.bwrap is not None:  # without bwrap, the host's /tmp etc. are shared (documented)
-        places += [os.path.join("/tmp", name), os.path.join("/dev/shm", name)]
+        places += [os.path.join(d, name) for d in ("/tmp", "/dev/shm", "/")]
     writer = (
         "import os\n"
         "def leave():\n"
@@ -124,6 +124,24 @@ def test_files_do_not_reach_the_next_check(backend: sb._Backend) -> None:
     started = sb._POOL.started
     assert _run(backend, reader, ["assert found() == [], found()"]) == ["passed"]
     assert sb._POOL.started == started  # the same runner, wiped, not a fresh one
+
+
+def test_capabilities(backend: sb._Backend) -> None:
+    if backend.bwrap is None:
+        pytest.skip("without bwrap the runner is the host's own process")
+    program = (
+        "def caps(pid):\n"
+        "    with open(f'/proc/{pid}/status') as fh:\n"
+        "        line = next(x for x in fh if x.startswith('CapEff:'))\n"
+        "    return int(line.split()[1], 16)\n"
+    )
+    # setuid, setgid, kill, dac_override, fowner: what the runner needs with a private uid.
+    runner_may = sum(1 << bit for bit in (7, 6, 5, 1, 3)) if backend.drop_uid else 0
+    tests = [
+        "import os\nassert caps(os.getpid()) == 0",
+        f"import os\nassert caps(os.getppid()) & ~{runner_may} == 0, hex(caps(os.getppid()))",
+    ]
+    assert _run(backend, program, tests) == ["passed", "passed"]
 
 
 def test_background_process_does_not_outlive_its_test(backend: sb._Backend) -> None:
