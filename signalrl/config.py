@@ -329,6 +329,9 @@ class DistillConfig(Section):
     teacher samples), with the full-vocabulary generalised JSD (`beta`) to the teacher."""
 
     teacher: str | None = Field(None, description="teacher checkpoint directory or preset")
+    teacher_dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None, description="the frozen teacher's weights (default: model.dtype)"
+    )
     mode: Literal["on_policy", "off_policy", "gkd"] = "on_policy"
     reward_weight: float = Field(
         0.0, ge=0, description="adds this times the group-normalised verifier reward per token"

@@ -287,3 +287,23 @@ def test_gkd_config_errors(tmp_path, seven_teacher):
     r = _recipe(tmp_path, seven_teacher, distill={"mode": "gkd"})
     with pytest.raises(ValueError, match="'completion'.*gkd_data: teacher"):
         DistillTrainer(r, task=SevenTask())
+
+
+@pytest.mark.parametrize("mode", ["on_policy", "gkd", "off_policy"])
+def test_bf16_teacher(tmp_path, mode):
+    # teacher == student up to bf16 rounding: the distillation signals stay ~0 and finite
+    r = _recipe(
+        tmp_path,
+        "tiny",
+        model={"seed": 0},
+        distill={"mode": mode, "teacher_dtype": "bfloat16", "lmbda": 1.0},
+        train={"steps": 1},
+    )
+    t = DistillTrainer(r, task=SevenTask())
+    assert next(t.teacher.parameters()).dtype == torch.bfloat16
+    assert next(t.model.parameters()).dtype == torch.float32
+    m, _ = t.train_step()
+    assert all(v == v for v in m.values())  # no NaN
+    if mode != "off_policy":
+        key = "distill/jsd" if mode == "gkd" else "distill/reverse_kl"
+        assert abs(m[key]) < 0.05, m[key]

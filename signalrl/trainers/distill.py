@@ -38,6 +38,9 @@ the teacher's and the student's completion logits, `micro_batch_size x T x V` ea
 per micro-batch (set `train.micro_batch_size` to bound them); the divergence is computed in
 chunks of tokens (`signalrl.losses.distill`). `distill.reward_weight` is on-policy only.
 
+`distill.teacher_dtype: bfloat16` holds the frozen teacher in bf16 (its log-probs and logits
+are cast to float32 before use), the usual choice for a teacher much larger than the student.
+
 Every mode logs the cumulative budget counters `student/forward_tokens` and `time/train_s`
 (see `signalrl.trainers.online_rl.count_forward_tokens`); the teacher's passes are not counted.
 """
@@ -118,7 +121,7 @@ class DistillTrainer(OnlineRLTrainer):
         m = recipe.model
         self.teacher, teacher_tok = load_model(
             d.teacher,
-            dtype=m.dtype,
+            dtype=d.teacher_dtype or m.dtype,
             seed=m.seed,
             device=self.device,
             attn_implementation=m.attn_implementation,
