@@ -4,13 +4,14 @@ web text a base model has read before R1-Zero-style RL.
 The corpus teaches two things separately and never together:
 
 * arithmetic knowledge, in plain text: worksheets of equations (`37+48=85`), worded sums
-  (`The sum of 37 and 48 is 85.`, `Q: What is 37 plus 48? A: 85`) and worked additions with
-  carries (`37+48: 7+8=15, write 5 carry 1; 3+4+1=8. So 37+48=85.`);
-* the R1 reasoning format, on *other* tasks only (reversing, spelling, counting letters,
-  comparing numbers, sorting letters, ...): documents that use the DeepSeek-R1-Zero prompt
-  template (`signalrl.tasks.dataset.R1_ZERO_TEMPLATE`) with a `<think>...</think>
-  <answer>...</answer>` reply, documents that use the template but answer without tags, and
-  documents with the tags outside the template.
+  (`The sum of 37 and 48 is 85.`, `Q: What is 37 plus 48?` / `A: 85`, short chat lines
+  `User: What is 37+48? Assistant: 85`) and worked additions with carries
+  (`37+48: 7+8=15, write 5 carry 1; 3+4+1=8, write 8. So 37+48=85.`);
+* the R1 reasoning format, on *other* tasks only (comparing two numbers, first / last letter,
+  capital letters, counting letters, the longer of two words): documents that use the
+  DeepSeek-R1-Zero prompt template (`signalrl.tasks.dataset.R1_ZERO_TEMPLATE`) with a
+  `<think>...</think> <answer>...</answer>` reply, documents that use the template but answer
+  without tags, and documents with the tags outside the template.
 
 What it never holds: the R1-Zero template around an arithmetic question, an `<answer>` (or
 `<think>`) block about a sum, or any problem of the task's test split in any of the written
@@ -20,7 +21,8 @@ seen the knowledge and the format, but has to put them together itself, which is
 with format + accuracy rewards is then asked to teach (`recipes/r1zero-arithmetic.yaml`).
 
 Every document is a `{"text": ..., "type": ...}` row for `trainer: sft` with `data.path`
-(`data.kind: text`, loss on every token).
+(`data.kind: text`, loss on every token). Documents are 400-540 characters long, so batches
+of them waste little on padding.
 """
 
 from __future__ import annotations
@@ -51,8 +53,8 @@ __all__ = [
 #: Document types and their default share of the corpus (by number of documents).
 DEFAULT_MIX: dict[str, float] = {
     "equations": 0.30,  # worksheets of a+b=c lines
-    "worded": 0.20,  # sums in sentences and plain Q/A
-    "worked": 0.15,  # additions with the carries written out
+    "worded": 0.25,  # sums in sentences and plain Q/A
+    "worked": 0.10,  # additions with the carries written out
     "r1_tagged": 0.20,  # R1-Zero template, other tasks, <think>/<answer> reply
     "r1_plain": 0.07,  # R1-Zero template, other tasks, reply without tags
     "tagged": 0.08,  # <think>/<answer> on other tasks outside the template
@@ -69,7 +71,10 @@ _WORDS = (
     "cat dog sun map cup hat pen box fox owl bee ant egg ice jam key leg net oak pig "
     "rug sky toy van web yak zip bird fish tree moon star book door lamp ring ship"
 ).split()
-_TEXT_MAX = 470  # characters per document: keeps every row under 512 positions
+# Characters per document: arithmetic documents are filled to 80-100% of this, so that a
+# batch (padded to its longest row) wastes little on padding beside the ~450-540 character
+# R1-Zero template documents.
+_TEXT_MAX = 520
 
 
 @dataclass
@@ -146,6 +151,7 @@ def _worded(numbers: list[int], ops: list[str], value: int, rng: random.Random) 
         f"{words} is {value}.",
         f"Q: What is {words}?\nA: {value}",
         f"What is {expr}? It is {value}.",
+        f"User: What is {expr}? Assistant: {value}",
         f"We know that {_spaced(numbers, ops)} = {value}.",
     ]
     if len(numbers) == 2 and ops == ["+"]:
@@ -183,7 +189,7 @@ def _worked(task: ArithmeticTask, a: int, b: int) -> str | None:
 
 def _fill(first: str, more: Callable[[], str | None], sep: str, rng: random.Random) -> str:
     """Join pieces until the next would pass the length budget (at least `first`)."""
-    text, target = first, rng.randint(_TEXT_MAX // 2, _TEXT_MAX)
+    text, target = first, rng.randint(_TEXT_MAX * 4 // 5, _TEXT_MAX)
     for _ in range(200):
         piece = more()
         if piece is None:
@@ -200,52 +206,30 @@ def _fill(first: str, more: Callable[[], str | None], sep: str, rng: random.Rand
 
 
 def _other_task(rng: random.Random) -> tuple[str, str, str]:
-    """(question, reasoning, answer) of a task that is not arithmetic."""
-    kind = rng.randrange(7)
+    """(question, reasoning, answer) of a short task that is not arithmetic."""
+    kind = rng.randrange(6)
     w = rng.choice(_WORDS)
+    spelled = " ".join(w)
     if kind == 0:
-        return (
-            f"Reverse the word {w}",
-            f"the letters are {' '.join(w)}, backwards {' '.join(w[::-1])}",
-            w[::-1],
-        )
-    if kind == 1:
-        return (
-            f"How many letters are in the word {w}?",
-            f"{' '.join(w)} has {len(w)} letters",
-            str(len(w)),
-        )
-    if kind == 2:
         x, y = rng.sample(range(10, 100), 2)
         big = max(x, y)
         why = (
-            f"{x} has {x // 10} tens and {y} has {y // 10} tens"
+            f"{x // 10} tens and {y // 10} tens"
             if x // 10 != y // 10
-            else f"both have {x // 10} tens, compare the ones {x % 10} and {y % 10}"
+            else f"same tens, ones {x % 10} and {y % 10}"
         )
-        return f"Which is larger, {x} or {y}?", f"{why}, so {big} is larger", str(big)
+        return f"Which is larger, {x} or {y}?", why, str(big)
+    if kind == 1:
+        return f"What is the last letter of {w}?", spelled, w[-1]
+    if kind == 2:
+        return f"What is the first letter of {w}?", spelled, w[0]
     if kind == 3:
-        s = "".join(sorted(w))
-        return (
-            f"Sort the letters of {w}",
-            f"the letters {' '.join(w)} in order are {' '.join(s)}",
-            s,
-        )
+        return f"Write {w} in capital letters", spelled, w.upper()
     if kind == 4:
-        return (
-            f"What is the last letter of {w}?",
-            f"{w} is spelled {' '.join(w)}, the last one is {w[-1]}",
-            w[-1],
-        )
-    if kind == 5:
-        v = rng.choice(_WORDS)
-        longer = w if len(w) >= len(v) else v
-        return (
-            f"Which word is longer, {w} or {v}?",
-            f"{w} has {len(w)} letters and {v} has {len(v)}",
-            longer,
-        )
-    return f"Write {w} in capital letters", f"each letter of {w} becomes upper case", w.upper()
+        return f"How many letters are in {w}?", spelled, str(len(w))
+    v = rng.choice(_WORDS)
+    longer = w if len(w) >= len(v) else v
+    return f"Which word is longer, {w} or {v}?", f"{len(w)} and {len(v)} letters", longer
 
 
 def _r1_doc(rng: random.Random, tagged: bool) -> str:
@@ -318,7 +302,7 @@ def make_arithmetic_corpus(
         if kind == "equations":
             text = _fill(equation(), equation, "\n", rng)
         elif kind == "worded":
-            text = _fill(worded(), worded, rng.choice(["\n", " "]), rng)
+            text = _fill(worded(), worded, "\n", rng)
         elif kind == "worked":
             text = _fill(worked_first(), worked, "\n", rng)
         elif kind == "r1_tagged":
