@@ -1,23 +1,31 @@
 """Code verifications per second on this machine: MBPP-size programs, the full sandbox.
 
-Each verification runs one completion against its assert-list tests (MBPP convention) with
-`signalrl.rewards.code.code_reward_batch`, bounded by the cores. Reports verifications per
-second and seconds per verification for `--sandbox required` (bubblewrap) and `none`
-(resource limits only), so the cost of isolation is visible.
+Each verification runs one completion against its assert-list tests (MBPP convention, 2-3
+asserts) with `signalrl.rewards.code.code_reward_batch`, one sandboxed runner per core.
+Reports verifications per second and milliseconds per verification for `--sandbox
+required` (bubblewrap) and `none` (resource limits only), so the cost of isolation is
+visible; also the CPU time the verifications took (this process plus the sandboxes: a
+measure that other load on the machine disturbs less than wall time), the share of the
+CPUs that other processes used meanwhile, and the cost of the first check on a cold pool
+(starting a sandboxed runner).
 
-    python benchmarks/code_verify_throughput.py --n 200
+    python benchmarks/code_verify_throughput.py --n 1000
+    python benchmarks/code_verify_throughput.py --n 1000 --repeat 5 --wait-idle 300
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
 import time
 
 from rich.console import Console
 from rich.table import Table
 
 from signalrl.rewards.code import bwrap_status, code_reward_batch
+from signalrl.rewards.sandbox import close_sandbox_pool
 
 PROGRAMS = [
     (
@@ -40,42 +48,125 @@ PROGRAMS = [
     ("def wrong(x):\n    return x + 1\n", ["assert wrong(1) == 3", "assert wrong(0) == 1"]),
 ]
 
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy_seconds() -> float:
+    """Busy CPU seconds of the whole machine since boot (all CPUs; Linux)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    return (sum(fields) - fields[3] - fields[4]) / _TICK  # minus idle and iowait
+
+
+def tree_cpu_seconds() -> float:
+    """CPU seconds used by this process and all its descendants, live or reaped.
+
+    The sandboxed runners are descendants (inside bwrap's PID namespace, but visible here);
+    each test process they fork is reaped by its runner, so it is in the runner's
+    cutime/cstime.
+    """
+    parents: dict[int, int] = {}
+    cpu: dict[int, float] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        pid = int(entry)
+        parents[pid] = int(fields[1])
+        cpu[pid] = sum(int(x) for x in fields[11:15]) / _TICK  # utime stime cutime cstime
+    me = os.getpid()
+    total, frontier = 0.0, [me]
+    while frontier:
+        children = [p for p, parent in parents.items() if parent in frontier]
+        total += sum(cpu[p] for p in children)
+        frontier = children
+    t = os.times()
+    return total + t.user + t.system + t.children_user + t.children_system
+
+
+def wait_for_idle(max_seconds: float, console: Console, threshold: float = 0.10) -> None:
+    """Block until the machine's CPUs are under ``threshold`` busy over 5 s (at most
+    ``max_seconds``), so a timed run does not start while something else runs."""
+    deadline = time.perf_counter() + max_seconds
+    cpus = os.cpu_count() or 1
+    while time.perf_counter() < deadline:
+        before = machine_busy_seconds()
+        time.sleep(5)
+        busy = (machine_busy_seconds() - before) / (5 * cpus)
+        if busy < threshold:
+            return
+        console.print(f"waiting for an idle machine: the CPUs are {busy:.0%} busy")
+    console.print("[yellow]machine still busy; timing anyway")
+
 
 def measure(n: int, sandbox: str) -> dict:
+    """One timed batch of ``n`` verifications (after a cold start and a warm-up)."""
     items = [PROGRAMS[i % len(PROGRAMS)] for i in range(n)]
-    code_reward_batch([items[0][0]], [items[0][1]], sandbox=sandbox)  # warm-up
+    completions = [c for c, _ in items]
+    tests = [t for _, t in items]
+    close_sandbox_pool()
     t0 = time.perf_counter()
-    rewards = code_reward_batch([c for c, _ in items], [t for _, t in items], sandbox=sandbox)
+    code_reward_batch(completions[:1], tests[:1], sandbox=sandbox)  # starts one runner
+    cold = time.perf_counter() - t0
+    warm = 4 * (os.cpu_count() or 1)  # starts one runner per core
+    code_reward_batch(completions[:warm], tests[:warm], sandbox=sandbox)
+    load = os.getloadavg()[0]
+    busy0, cpu0, t0 = machine_busy_seconds(), tree_cpu_seconds(), time.perf_counter()
+    rewards = code_reward_batch(completions, tests, sandbox=sandbox)
     dt = time.perf_counter() - t0
-    expected = [1.0 if c != PROGRAMS[4][0] else 0.5 for c, _ in items]
+    cpu = tree_cpu_seconds() - cpu0
+    other = max(0.0, machine_busy_seconds() - busy0 - cpu) / (dt * (os.cpu_count() or 1))
+    expected = [1.0 if c != PROGRAMS[4][0] else 0.5 for c in completions]
     return {
         "sandbox": sandbox,
         "verifications": n,
         "seconds": dt,
         "verifications_per_s": n / dt,
         "ms_per_verification": 1000 * dt / n,
-        "tests_per_s": sum(len(t) for _, t in items) / dt,
+        "cpu_ms_per_verification": 1000 * cpu / n,
+        "tests_per_s": sum(len(t) for t in tests) / dt,
+        "cold_start_ms": 1000 * cold,
+        "loadavg_1m_before": load,
+        "other_processes_cpu_fraction": other,
         "all_correct": rewards == expected,
     }
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n", type=int, default=200)
-    ap.add_argument("--out", default=None)
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    ap.add_argument("--n", type=int, default=1000, help="verifications per timed run")
+    ap.add_argument("--repeat", type=int, default=3, help="timed runs per sandbox mode")
+    ap.add_argument("--wait-idle", type=float, default=0.0, help="max seconds to wait")
+    ap.add_argument("--out", default=None, help="write all runs as JSON here")
     args = ap.parse_args()
+    console = Console(width=220)
     ok, why = bwrap_status()
     modes = (["required"] if ok else []) + ["none"]
-    results = [measure(args.n, m) for m in modes]
-    table = Table(title=f"code verification throughput ({why})")
-    for col in results[0]:
+    runs = []
+    for mode in modes:
+        for _ in range(args.repeat):
+            if args.wait_idle:
+                wait_for_idle(args.wait_idle, console)
+            runs.append(measure(args.n, mode))
+    table = Table(title=f"code verification throughput, {os.cpu_count()} CPUs ({why})")
+    for col in runs[0]:
         table.add_column(col, justify="right")
-    for r in results:
+    for r in runs:
         table.add_row(*[f"{v:.3f}" if isinstance(v, float) else str(v) for v in r.values()])
-    Console(width=200).print(table)
+    console.print(table)
+    for mode in modes:
+        rates = [r["verifications_per_s"] for r in runs if r["sandbox"] == mode]
+        console.print(
+            f"{mode}: median {statistics.median(rates):.1f} verifications/s "
+            f"(best {max(rates):.1f}, {len(rates)} runs of {args.n})"
+        )
     if args.out:
         with open(args.out, "w") as f:
-            json.dump(results, f, indent=2)
+            json.dump(runs, f, indent=2)
 
 
 if __name__ == "__main__":
