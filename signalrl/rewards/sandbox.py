@@ -177,6 +177,9 @@ def _prctl(option: int, arg: int) -> None:
     _libc_call("prctl", option, arg, 0, 0, 0)
 
 
+# How long the processes a test left behind may take to die once killed.
+_SWEEP_S = 2.0
+
 _PR_SET_PDEATHSIG = 1
 _PR_SET_DUMPABLE = 4
 _PR_SET_CHILD_SUBREAPER = 36
@@ -263,7 +266,7 @@ def _child_main(job: dict[str, Any], position: int, report_fd: int, token: str) 
     report("passed")
 
 
-def _sweep(uid: int | None, mode: str) -> None:
+def _sweep(uid: int | None, mode: str) -> bool:
     """Kill every leftover process of a finished test and reap them all.
 
     ``"ns"``: we are the runner in our own PID namespace, so ``kill(-1)`` reaches every
@@ -271,10 +274,12 @@ def _sweep(uid: int | None, mode: str) -> None:
     test's uid and sends ``kill(-1)``, which reaches exactly that uid's processes. One
     ``kill(-1)`` is enough: the kernel holds the task list while it signals, so a process
     that forks meanwhile is either signalled or fails to fork. (Its return value says
-    nothing useful: it reports success whenever *any* other process exists, and an error
-    when the last one it met was already dying.) Every process a test leaves behind is our
-    descendant (we are a child subreaper), so reaping until no child is left proves they
-    are gone. ``"none"`` (no private uid, no namespace): only finished children are reaped.
+    nothing useful: it reports success whenever *any* other process exists, even one it
+    was not allowed to signal.) Every process a test leaves behind is our descendant (we
+    are a child subreaper), so having no child left proves they are all gone. ``"none"``
+    (no private uid, no namespace): only finished children are reaped.
+
+    Returns False if some process was still alive after ``_SWEEP_S`` seconds.
     """
     if mode == "uid" and uid is not None:
         pid = os.fork()
@@ -291,20 +296,24 @@ def _sweep(uid: int | None, mode: str) -> None:
         except OSError:
             pass
     else:
-        _reap_all(block=False)
-        return
-    _reap_all(block=True)
+        _reap(0.0)
+        return True
+    return _reap(_SWEEP_S)
 
 
-def _reap_all(block: bool) -> None:
-    """Reap exited children; with ``block``, wait until there are no children at all."""
+def _reap(seconds: float) -> bool:
+    """Reap exited children until none is left (True) or ``seconds`` pass (False)."""
+    deadline = time.monotonic() + seconds
     while True:
         try:
-            pid, _ = os.waitpid(-1, 0 if block else os.WNOHANG)
+            pid, _ = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
-            return
-        if pid == 0:
-            return
+            return True
+        if pid:
+            continue
+        if time.monotonic() >= deadline:
+            return False
+        select.select([], [], [], 0.001)  # killed processes take a moment to exit
 
 
 def _wait_child(
@@ -551,7 +560,8 @@ def _cleanup(job: dict[str, Any], baseline: tuple[Any, ...] | None) -> bool:
     verify that the sandbox is as it was at start. False means: do not reuse this runner.
     """
     uid = job["uid"]
-    _sweep(uid, job["sweep"])
+    if not _sweep(uid, job["sweep"]):
+        return False
     if not job["isolated"]:  # the fallback: the host removes the per-check directory
         return uid is None or _remove_ipc(uid, uid)
     clean = all([_empty_dir(path) for path in _SCRATCH_DIRS])
