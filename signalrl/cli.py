@@ -79,8 +79,12 @@ def eval_(
     seed: Annotated[int, typer.Option()] = 0,
     set_: SetOpt = None,
     out: Annotated[Path | None, typer.Option(help="write the result as JSON here")] = None,
+    reward_model: Annotated[
+        str | None, typer.Option(help="also best-of-k: the reward model picks among k samples")
+    ] = None,
 ) -> None:
-    """Greedy accuracy and unbiased pass@k of MODEL on TASK's test split."""
+    """Greedy accuracy and unbiased pass@k of MODEL on TASK's test split; with
+    --reward-model, best-of-k by that reward model against the samples' mean accuracy."""
     from signalrl.eval import evaluate
     from signalrl.models import load_model
     from signalrl.tasks import make_task
@@ -90,6 +94,13 @@ def eval_(
         t = make_task(task, **task_kw)
         m, tok = load_model(model)
         rows = t.test()[:n] if n else t.test()
+        scorer = None
+        if reward_model:
+            from signalrl.rewards.model import RewardModelScorer
+
+            if k < 1:
+                raise ValueError("--reward-model needs --k >= 1 (best-of-k among k samples)")
+            scorer = RewardModelScorer(reward_model, device=m.device).score
         res = evaluate(
             m,
             tok,
@@ -100,6 +111,7 @@ def eval_(
             samples=samples,
             temperature=temperature,
             seed=seed,
+            scorer=scorer,
         )
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))

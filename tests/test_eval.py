@@ -57,3 +57,26 @@ def test_evaluate_counts_with_a_known_verifier(tiny):
         model, tok, rows, lambda row, c: float("1" in c), max_new_tokens=4, k=2, samples=4, seed=3
     )
     assert a.pass_at_k == b.pass_at_k
+
+
+def test_best_of_k_by_a_scorer_between_chance_and_oracle(tiny):
+    model, tok = tiny
+    rows = [{"prompt": f"{i}+{i}=", "answer": str(2 * i)} for i in range(8)]
+
+    def has_digit(row, completion):  # a verifier a random tiny model passes sometimes
+        return float(any(ch.isdigit() for ch in completion))
+
+    def oracle(prompts, completions):  # scores exactly the verifier
+        return [has_digit(None, c) for c in completions]
+
+    def anti(prompts, completions):  # prefers the wrong samples
+        return [-has_digit(None, c) for c in completions]
+
+    kw = {"max_new_tokens": 4, "k": 4, "samples": 4, "seed": 1}
+    best = evaluate(model, tok, rows, has_digit, scorer=oracle, **kw)
+    worst = evaluate(model, tok, rows, has_digit, scorer=anti, **kw)
+    assert 0.0 < best.sample_accuracy < 1.0  # the samples are mixed
+    assert best.best_of_k[4] == pytest.approx(best.pass_at_k[4])  # a perfect scorer = pass@k
+    assert worst.best_of_k[4] < best.sample_accuracy < best.best_of_k[4]
+    m = best.metrics()
+    assert m["eval/best_of@4"] == best.best_of_k[4] and "eval/sample_accuracy" in m

@@ -254,3 +254,15 @@ def test_sft_prefs_reward_model_then_ppo_with_the_reward_model(tmp_path):
     assert logged[0]["models/held"] == 4.0  # policy, reference, critic, reward model
     assert all(math.isfinite(r["reward/model"]) for r in logged)
     assert 0.0 <= summary["accuracy"] <= 1.0
+
+    # the reward model as a best-of-k judge, from the command line
+    args = ["eval", "--model", str(tmp_path / "sft" / "final"), "--k", "4", "--n", "8"]
+    args += ["--max-new-tokens", "3", "--reward-model", str(tmp_path / "rm" / "final")]
+    for k, v in ARITH1.items():
+        if k != "name":
+            args += ["--set", f"task.{k}={v}"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    judged = json.loads(res.stdout[res.stdout.index("{") :])
+    assert 0.0 <= judged["best_of@4"] <= judged["pass@4"]
+    assert 0.0 <= judged["sample_accuracy"] <= 1.0

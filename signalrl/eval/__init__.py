@@ -1,4 +1,5 @@
-"""Evaluation on a task's test split: greedy accuracy, unbiased pass@k, maj@k."""
+"""Evaluation on a task's test split: greedy accuracy, unbiased pass@k, maj@k, and best-of-k
+by a scorer (e.g. a reward model: does it pick correct samples better than chance?)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from signalrl.rollout.sampler import SamplingParams, generate
 from signalrl.tasks.base import Row
 
 Verifier = Callable[[Row, str], float]
+Scorer = Callable[[list[str], list[str]], list[float]]  # (prompts, completions) -> scores
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -34,6 +36,8 @@ class EvalResult:
     accuracy: float
     pass_at_k: dict[int, float] = field(default_factory=dict)
     maj_at_k: dict[int, float] = field(default_factory=dict)
+    best_of_k: dict[int, float] = field(default_factory=dict)
+    sample_accuracy: float | None = None
     mean_length: float = 0.0
     completions: list[str] = field(default_factory=list)
 
@@ -43,6 +47,10 @@ class EvalResult:
             out[f"{prefix}pass@{k}"] = v
         for k, v in self.maj_at_k.items():
             out[f"{prefix}maj@{k}"] = v
+        for k, v in self.best_of_k.items():
+            out[f"{prefix}best_of@{k}"] = v
+        if self.sample_accuracy is not None:
+            out[f"{prefix}sample_accuracy"] = self.sample_accuracy
         return out
 
 
@@ -61,9 +69,13 @@ def evaluate(
     stop_strings: Sequence[str] = (),
     autocast_dtype: torch.dtype | None = None,
     extract: Callable[[str], str | None] | None = None,
+    scorer: Scorer | None = None,
 ) -> EvalResult:
     """Greedy accuracy on `rows`; with `k > 0` also pass@k and maj@k from `samples` (>= k)
-    samples per problem at `temperature` (fixed `seed`, so reruns give the same numbers)."""
+    samples per problem at `temperature` (fixed `seed`, so reruns give the same numbers), and
+    the mean accuracy of those samples (`sample_accuracy`). With a `scorer` also best-of-k: the
+    accuracy of the highest-scored of the first k samples (ties: the first), to be read against
+    `sample_accuracy` (a scorer that ranks at chance) and pass@k (a perfect one)."""
     if not rows:
         raise ValueError("evaluate: no rows")
     greedy = SamplingParams(max_new_tokens=max_new_tokens, greedy=True, stop_strings=stop_strings)
@@ -91,7 +103,7 @@ def evaluate(
             max_new_tokens=max_new_tokens, temperature=temperature, n=n_s, stop_strings=stop_strings
         )
         per_batch = max(1, batch_size // n_s)
-        pk, mk = 0.0, 0.0
+        pk, mk, bk, sk = 0.0, 0.0, 0.0, 0.0
         for i in range(0, len(rows), per_batch):
             chunk = rows[i : i + per_batch]
             r = generate(
@@ -107,12 +119,19 @@ def evaluate(
                 scores = [verify(row, t) for t in outs]
                 c = sum(1 for s in scores if s >= 1.0)
                 pk += pass_at_k(n_s, c, k)
+                sk += c / n_s
+                if scorer is not None:
+                    ranked = scorer([row["prompt"]] * k, outs[:k])
+                    bk += scores[max(range(k), key=lambda j: ranked[j])]
                 if extract is not None:
                     answers = [a for a in (extract(t) for t in outs[:k]) if a is not None]
                     if answers:
                         top = Counter(answers).most_common(1)[0][0]
                         mk += verify(row, top)
         result.pass_at_k[k] = pk / len(rows)
+        result.sample_accuracy = sk / len(rows)
+        if scorer is not None:
+            result.best_of_k[k] = bk / len(rows)
         if extract is not None:
             result.maj_at_k[k] = mk / len(rows)
     return result
