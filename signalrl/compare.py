@@ -167,9 +167,13 @@ def load_compare(
 
 
 def method_label(recipe: Recipe) -> str:
-    """`grpo`, `distill/on_policy`, `distill/gkd(lmbda=0.5,beta=0.5,dataset)`, ..."""
+    """`grpo`, `distill/on_policy`, `distill/gkd(lmbda=0.5,beta=0.5,dataset)`, `dpo/sigmoid`,
+    `online_dpo/sigmoid`, ..."""
     if recipe.trainer == "online_rl":
         return recipe.rl.algorithm
+    if recipe.trainer == "preference":
+        p = recipe.preference
+        return f"{'online_dpo' if p.online else 'dpo'}/{p.loss_type}"
     d = recipe.distill
     if d.mode == "gkd":
         return f"distill/gkd(lmbda={d.lmbda:g},beta={d.beta:g},{d.gkd_data})"

@@ -163,3 +163,20 @@ def test_name_option_moves_the_results(tmp_path):
     assert all(r.run_dir.parent == spec.out_dir for _, r in recipes)
     with pytest.raises(RecipeError, match="use letters"):
         load_compare(path, name="../x")
+
+
+def test_repository_dpo_comparison_file_validates():
+    spec, recipes = load_compare(ROOT / "recipes" / "dpo-compare-arithmetic.yaml")
+    labels = {n: method_label(r) for n, r in recipes}
+    assert labels == {
+        "offline_dpo": "dpo/sigmoid",
+        "online_dpo": "online_dpo/sigmoid",
+        "grpo": "grpo",
+    }
+    by = dict(recipes)
+    # one start, one budget: 300 steps x 16 prompts x 8 samples for the online arms
+    for r in by.values():
+        assert r.model.name_or_path == "runs/sft-arithmetic/final"
+        assert (r.train.steps, r.train.batch_size) == (300, 16)
+    assert by["online_dpo"].preference.online_samples == by["grpo"].rl.group_size == 8
+    assert by["offline_dpo"].data.path == "runs/prefs-budget-arithmetic.jsonl"
