@@ -17,6 +17,10 @@ def test_shipped_recipes_validate(path):
     if path.name == "quickstart.yaml":
         for stage in ("sft", "grpo"):
             recipe_from_dict(data[stage], f"{path}[{stage}]")
+    elif data.get("trainer") == "compare":  # a comparison file: every run's recipe validates
+        from signalrl.compare import load_compare
+
+        load_compare(path)
     else:
         load_recipe(path)
 
