@@ -175,10 +175,20 @@ def train_all(
     console: Any = None,
 ) -> None:
     """Train each `(label, recipe)` in turn (validate them all first). With `resume`, a run
-    with a checkpoint continues from it and one without starts over."""
+    with a checkpoint continues from it and one without starts over; with neither `resume`
+    nor `overwrite`, an occupied run directory is an error before anything trains."""
     from signalrl.trainers import run_recipe
     from signalrl.trainers.base import latest_checkpoint
 
+    if not (overwrite or resume):
+        taken = [
+            str(r.run_dir) for _, r in recipes if r.run_dir.is_dir() and any(r.run_dir.iterdir())
+        ]
+        if taken:
+            raise FileExistsError(
+                f"run directories already hold runs: {', '.join(taken)}; pass --resume to "
+                "continue them or --overwrite to start over"
+            )
     for label, recipe in recipes:
         if console is not None:
             console.print(f"[bold]{label}[/bold]: {recipe.run_dir}")

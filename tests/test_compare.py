@@ -103,6 +103,10 @@ def test_compare_cli_writes_table_curves_and_plot(tmp_path):
     # a finished run with another configuration is not silently reused
     res = CliRunner().invoke(app, ["compare", str(path), "--resume"])
     assert res.exit_code == 2 and "another configuration" in res.output
+    # without --resume or --overwrite, occupied run directories stop it before any training
+    res = CliRunner().invoke(app, ["compare", str(path)])
+    assert res.exit_code == 2 and "already hold runs" in res.output
+    assert (out / "grpo" / "metrics.jsonl").read_text() == before
 
 
 def test_compare_validates_every_run_first(tmp_path):
