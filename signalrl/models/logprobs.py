@@ -19,7 +19,10 @@ def autocast_context(device: torch.device, dtype: torch.dtype | None):  # noqa: 
 
 
 def _accepts(model: PreTrainedModel, name: str) -> bool:
-    return name in inspect.signature(model.forward).parameters
+    """Whether the model's forward takes `name` (a peft wrapper forwards its kwargs to the
+    base model, so the base model's signature decides)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return name in inspect.signature(inner.forward).parameters
 
 
 def completion_logps(

@@ -285,7 +285,8 @@ def _generate(
 def _forward_kwargs(model: PreTrainedModel) -> tuple[str, dict[str, int]]:
     """The name of the cache argument (`cache` in transformers 5, else `past_key_values`)
     and `logits_to_keep=1` where the model accepts it. The cache is updated in place."""
-    params = inspect.signature(model.forward).parameters
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
+    params = inspect.signature(inner.forward).parameters
     cache_kw = "cache" if "cache" in params else "past_key_values"
     keep = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
     return cache_kw, keep
