@@ -150,7 +150,7 @@ def test_repository_comparison_file_validates():
         assert r.eval.every and r.eval.every % r.logging.every == 0
         assert r.run_dir.parent == spec.out_dir
     teachers = {r.distill.teacher for _, r in recipes if r.trainer == "distill"}
-    assert teachers == {"runs/teacher-base-arithmetic/final"}
+    assert teachers == {"runs/teacher-base-arithmetic-3/final"}
 
 
 def test_metrics_rows_carry_the_counters(tmp_path):

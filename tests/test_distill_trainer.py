@@ -171,17 +171,23 @@ def test_distill_recipe_needs_a_teacher(tmp_path):
     )
     assert r.rl.beta == 0.1 and r.rl.loss_agg == "token-mean"
     r = load_recipe(ROOT / "recipes" / "distill-arithmetic.yaml")
-    assert r.trainer == "distill" and r.distill.teacher == "runs/teacher-base-arithmetic/final"
+    assert r.trainer == "distill" and r.distill.teacher == "runs/teacher-base-arithmetic-3/final"
     assert (r.train.batch_size, r.rl.group_size, r.train.steps) == (16, 8, 300)
     g = load_recipe(ROOT / "recipes" / "distill-gkd-arithmetic.yaml")
     assert g.distill.mode == "gkd" and g.distill.teacher == r.distill.teacher
 
 
 def test_base_teacher_shares_the_tiny_students_tokenizer():
-    t = load_recipe(ROOT / "recipes" / "teacher-base-arithmetic.yaml")
-    assert t.trainer == "sft" and t.model.name_or_path == "base"
+    # three SFT stages from the base preset; the distillation recipes use the last one
+    stages = [
+        load_recipe(ROOT / "recipes" / f"teacher-base-arithmetic{s}.yaml") for s in ("", "-2", "-3")
+    ]
+    assert stages[0].trainer == "sft" and stages[0].model.name_or_path == "base"
+    for prev, nxt in zip(stages, stages[1:], strict=False):
+        assert nxt.model.name_or_path == f"{prev.output_dir}/{prev.name}/final"
+        assert nxt.train.lr < prev.train.lr and nxt.task == prev.task
     teacher = load_recipe(ROOT / "recipes" / "distill-arithmetic.yaml").distill.teacher
-    assert teacher == f"{t.output_dir}/{t.name}/final"
+    assert teacher == f"{stages[-1].output_dir}/{stages[-1].name}/final"
     _, base = load_model("base")
     _, tiny = load_model("tiny")
     check_same_vocab(tiny, base, "tiny", "base")  # same character vocabulary: no error
