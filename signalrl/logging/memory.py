@@ -17,17 +17,25 @@ _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 
 
+def _status_mb(field: str) -> float | None:
+    """A `/proc/self/status` field given in kB, in MiB; None where there is none."""
+    try:
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
 def peak_memory_mb(device: torch.device | str = "cpu") -> float:
     """Peak memory since the start or the last `reset_peak_memory`, in MiB."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    try:
-        for line in _STATUS.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024  # kB
-    except OSError:
-        pass
+    hwm = _status_mb("VmHWM")
+    if hwm is not None:
+        return hwm
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
@@ -36,13 +44,8 @@ def current_memory_mb(device: torch.device | str = "cpu") -> float:
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.memory_allocated(device) / 2**20
-    try:
-        for line in _STATUS.read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
+    rss = _status_mb("VmRSS")
+    return float("nan") if rss is None else rss
 
 
 def reset_peak_memory(device: torch.device | str = "cpu") -> bool:
