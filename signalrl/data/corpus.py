@@ -4,9 +4,8 @@ web text a base model has read before R1-Zero-style RL.
 The corpus teaches two things separately and never together:
 
 * arithmetic knowledge, in plain text: worksheets of equations (`37+48=85`), worded sums
-  (`The sum of 37 and 48 is 85.`, `Q: What is 37 plus 48?` / `A: 85`, short chat lines
-  `User: What is 37+48? Assistant: 85`) and worked additions with carries
-  (`37+48: 7+8=15, write 5 carry 1; 3+4+1=8, write 8. So 37+48=85.`);
+  (`The sum of 37 and 48 is 85.`, `Q: What is 37 plus 48?` / `A: 85`) and worked additions
+  with carries (`37+48: 7+8=15, write 5 carry 1; 3+4+1=8, write 8. So 37+48=85.`);
 * the R1 reasoning format, on *other* tasks only (comparing two numbers, first / last letter,
   capital letters, counting letters, the longer of two words): documents that use the
   DeepSeek-R1-Zero prompt template (`signalrl.tasks.dataset.R1_ZERO_TEMPLATE`) with a
@@ -52,12 +51,12 @@ __all__ = [
 
 #: Document types and their default share of the corpus (by number of documents).
 DEFAULT_MIX: dict[str, float] = {
-    "equations": 0.30,  # worksheets of a+b=c lines
-    "worded": 0.25,  # sums in sentences and plain Q/A
-    "worked": 0.10,  # additions with the carries written out
-    "r1_tagged": 0.20,  # R1-Zero template, other tasks, <think>/<answer> reply
-    "r1_plain": 0.07,  # R1-Zero template, other tasks, reply without tags
-    "tagged": 0.08,  # <think>/<answer> on other tasks outside the template
+    "equations": 0.40,  # worksheets of a+b=c lines
+    "worded": 0.20,  # sums in sentences and plain Q/A
+    "worked": 0.05,  # additions with the carries written out
+    "r1_tagged": 0.25,  # R1-Zero template, other tasks, <think>/<answer> reply
+    "r1_plain": 0.03,  # R1-Zero template, other tasks, reply without tags
+    "tagged": 0.07,  # <think>/<answer> on other tasks outside the template
 }
 DOC_TYPES = tuple(DEFAULT_MIX)
 
@@ -151,7 +150,6 @@ def _worded(numbers: list[int], ops: list[str], value: int, rng: random.Random) 
         f"{words} is {value}.",
         f"Q: What is {words}?\nA: {value}",
         f"What is {expr}? It is {value}.",
-        f"User: What is {expr}? Assistant: {value}",
         f"We know that {_spaced(numbers, ops)} = {value}.",
     ]
     if len(numbers) == 2 and ops == ["+"]:
