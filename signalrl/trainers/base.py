@@ -32,6 +32,7 @@ from signalrl.config import Recipe, dump_recipe
 from signalrl.eval import EvalResult, evaluate
 from signalrl.logging.run import RunDir
 from signalrl.models import load_model, save_model
+from signalrl.rollout.sampler import SamplingParams
 from signalrl.tasks import Task, make_task
 
 STATE_FILE = "trainer_state.pt"
@@ -269,6 +270,18 @@ class TrainerBase:
             console=self.console,
             disable=not self.recipe.logging.progress,
             transient=False,
+        )
+
+    def sampling_params(self, n: int = 1) -> SamplingParams:
+        """The recipe's `sampling` section as sampler parameters, `n` samples per prompt."""
+        s = self.recipe.sampling
+        return SamplingParams(
+            max_new_tokens=s.max_new_tokens,
+            temperature=s.temperature,
+            top_p=s.top_p,
+            top_k=s.top_k,
+            n=n,
+            stop_strings=tuple(s.stop_strings),
         )
 
     def train_rows(self) -> list[dict[str, Any]]:

@@ -56,6 +56,7 @@ import torch
 
 from signalrl.config import Recipe
 from signalrl.data.collate import SequenceBatch, build_batch, tokenize_sft
+from signalrl.logging.memory import peak_memory_mb
 from signalrl.losses.advantages import group_advantages
 from signalrl.losses.distill import generalized_jsd, reverse_kl_per_token
 from signalrl.losses.kl import kl_estimate
@@ -63,7 +64,7 @@ from signalrl.losses.policy import token_logprobs
 from signalrl.models import count_parameters, load_model
 from signalrl.models.logprobs import autocast_context, completion_logps
 from signalrl.rollout.sampler import generate
-from signalrl.trainers.online_rl import OnlineRLTrainer, count_forward_tokens, peak_memory_mb
+from signalrl.trainers.online_rl import OnlineRLTrainer, count_forward_tokens
 
 
 def completion_logits(

@@ -48,7 +48,7 @@ from signalrl.models.value_head import ValueModel
 from signalrl.rewards.length import overlong_penalty
 from signalrl.rewards.model import RewardModelScorer
 from signalrl.rewards.registry import RewardComposer
-from signalrl.rollout.sampler import SamplingParams, generate
+from signalrl.rollout.sampler import generate
 from signalrl.trainers.base import DataCursor, TrainerBase
 
 
@@ -94,14 +94,7 @@ class OnlineRLTrainer(TrainerBase):
                 eps=recipe.train.adam_eps,
             )
         s = recipe.sampling
-        self.sampling = SamplingParams(
-            max_new_tokens=s.max_new_tokens,
-            temperature=s.temperature,
-            top_p=s.top_p,
-            top_k=s.top_k,
-            n=rl.group_size,
-            stop_strings=tuple(s.stop_strings),
-        )
+        self.sampling = self.sampling_params(rl.group_size)
         self.overlong_cache = (
             max(1, s.max_new_tokens // 5) if rl.overlong_cache == "auto" else rl.overlong_cache
         )

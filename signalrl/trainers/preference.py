@@ -82,7 +82,7 @@ from signalrl.losses.preference import (
     rpo_loss,
     simpo_loss,
 )
-from signalrl.models import load_model, save_model
+from signalrl.models import count_parameters, load_model, save_model
 from signalrl.models.logprobs import completion_logps
 from signalrl.rollout.sampler import SamplingParams, generate
 from signalrl.trainers.base import STATE_FILE, DataCursor, TrainerBase
@@ -120,6 +120,7 @@ class PreferenceTrainer(TrainerBase):
                 )
             self.data = DataCursor(len(self.rows), recipe.seed)
             self.generator = torch.Generator(device=self.device).manual_seed(recipe.seed)
+            self.online_sampling = self.sampling_params(pc.online_samples)
             self.samples_seen = 0
         else:
             assert d.path is not None
@@ -153,15 +154,11 @@ class PreferenceTrainer(TrainerBase):
         """Models resident during training: the policy, plus a reference copy (`copy`) or the
         LoRA adapter's parameters (`lora`, counted in `models/params_held` but not as a
         model); `precomputed` has freed its reference by now."""
-        held = 1.0 + (self.ref_model is not None)
-        params = sum(p.numel() for p in self.model.parameters())
-        if self.ref_model is not None:
-            params += sum(p.numel() for p in self.ref_model.parameters())
-        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        held = [self.model] + ([self.ref_model] if self.ref_model is not None else [])
         return {
-            "models/held": held,
-            "models/params_held": float(params),
-            "models/params_trainable": float(trainable),
+            "models/held": float(len(held)),
+            "models/params_held": float(sum(count_parameters(m) for m in held)),
+            "models/params_trainable": float(count_parameters(self.model, trainable_only=True)),
         }
 
     # -- reference ----------------------------------------------------------------------
@@ -455,21 +452,12 @@ class PreferenceTrainer(TrainerBase):
         pc = self.recipe.preference
         g = pc.online_samples
         rows = [self.rows[i] for i in self.data.take(self.recipe.train.batch_size)]
-        s = self.recipe.sampling
-        params = SamplingParams(
-            max_new_tokens=s.max_new_tokens,
-            temperature=s.temperature,
-            top_p=s.top_p,
-            top_k=s.top_k,
-            stop_strings=list(s.stop_strings),
-            n=g,
-        )
         self.model.eval()
         roll = generate(
             self.model,
             self.tokenizer,
             [r["prompt"] for r in rows],
-            params,
+            self.online_sampling,
             generator=self.generator,
             autocast_dtype=self.autocast_dtype,
         )
@@ -582,7 +570,7 @@ class PreferenceTrainer(TrainerBase):
     def _sampled_kl(self, data: PreferenceData) -> float:
         """k3 estimate of per-token KL(policy || ref) on completions sampled from the policy
         (temperature 1) for the held-out prompts."""
-        from signalrl.rollout.sampler import SamplingParams, generate
+        from signalrl.rollout.sampler import generate
 
         params = SamplingParams(max_new_tokens=self.recipe.sampling.max_new_tokens)
         gen = torch.Generator(device=self.device).manual_seed(self.recipe.seed)
