@@ -297,6 +297,26 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def footnote(rows: list[dict[str, Any]]) -> str:
+    """What the columns of `compare.md` count, naming only the exclusions that apply to these
+    runs (a teacher's passes for distillation, the up-front sampling of offline preference
+    pairs)."""
+    left_out = []
+    if any(r.get("trainer") == "distill" for r in rows):
+        left_out.append("the teacher's forward passes are not counted")
+    if any(r.get("trainer") == "preference" and not r.get("online") for r in rows):
+        left_out.append("offline preference runs: sampling the pairs beforehand is not counted")
+    text = (
+        "accuracy: greedy test accuracy at the end; forward_tokens: student forward tokens "
+        "(sampling + training passes of the student"
+    )
+    text += "; " + "; ".join(left_out) + ")" if left_out else ")"
+    return text + (
+        "; train_s: seconds in training steps; elapsed_s: the whole run, evaluations and "
+        "loading included."
+    )
+
+
 def write_results(
     rows: list[dict[str, Any]], out: Path, title: str, starts: dict[str, float]
 ) -> None:
@@ -316,12 +336,7 @@ def write_results(
                 w.writerow([r["run"], p["step"], p["forward_tokens"], p["train_s"], p["accuracy"]])
     md = [f"# {title}", "", "| " + " | ".join(fields) + " |", "|" + "---|" * len(fields)]
     md += ["| " + " | ".join(_fmt(r.get(k)) for k in fields) + " |" for r in rows]
-    md += [
-        "",
-        "accuracy: greedy test accuracy at the end; forward_tokens: student forward tokens "
-        "(sampling + training passes of the student, teacher not counted); train_s: seconds in "
-        "training steps; elapsed_s: the whole run, evaluations and loading included.",
-    ]
+    md += ["", footnote(rows)]
     (out / "compare.md").write_text("\n".join(md) + "\n")
     doc = {
         "name": title,
@@ -431,7 +446,17 @@ def run_compare(
             res["curve"].insert(
                 0, {"step": 0, "forward_tokens": 0.0, "train_s": 0.0, "accuracy": starts[n]}
             )
-        rows.append({"run": n, "method": method_label(r), "path": str(r.run_dir), **res})
+        online = r.trainer == "preference" and r.preference.online
+        rows.append(
+            {
+                "run": n,
+                "method": method_label(r),
+                "trainer": r.trainer,
+                "online": online,
+                "path": str(r.run_dir),
+                **res,
+            }
+        )
     out = spec.out_dir
     write_results(rows, out, spec.name, starts)
     return rows, out

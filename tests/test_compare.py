@@ -11,7 +11,13 @@ import yaml
 from typer.testing import CliRunner
 
 from signalrl.cli import app
-from signalrl.compare import is_compare_file, load_compare, method_label, run_compare
+from signalrl.compare import (
+    footnote,
+    is_compare_file,
+    load_compare,
+    method_label,
+    run_compare,
+)
 from signalrl.config import RecipeError
 from signalrl.logging import read_metrics
 
@@ -91,6 +97,7 @@ def test_compare_cli_writes_table_curves_and_plot(tmp_path):
         assert len(list(csv.DictReader(f))) == 9
     md = (out / "compare.md").read_text()
     assert "| run | method | accuracy |" in md and "| gkd |" in md
+    assert "teacher's forward passes are not counted" in md and "offline preference" not in md
     assert (out / "compare.png").stat().st_size > 5000
     assert "on_policy" in res.output and "results:" in res.output  # the printed table
 
@@ -184,3 +191,12 @@ def test_repository_dpo_comparison_file_validates():
         assert (r.train.steps, r.train.batch_size) == (300, 16)
     assert by["online_dpo"].preference.online_samples == by["grpo"].rl.group_size == 8
     assert by["offline_dpo"].data.path == "runs/prefs-budget-arithmetic.jsonl"
+
+
+def test_footnote_names_only_the_exclusions_that_apply():
+    rl = {"trainer": "online_rl"}
+    assert "not counted" not in footnote([rl])
+    assert "teacher" in footnote([rl, {"trainer": "distill"}])
+    text = footnote([rl, {"trainer": "preference", "online": False}])
+    assert "offline preference runs" in text and "teacher" not in text
+    assert "not counted" not in footnote([{"trainer": "preference", "online": True}])
