@@ -298,3 +298,15 @@ def test_budget_counters_count_the_policy_forward_tokens(tmp_path):
     out, _ = o.train_step()
     # 8 prompts (>= 4 tokens) encoded once each for their 8 samples, plus >= 1 token per sample
     assert out["student/forward_tokens"] >= 8 * 4 + 64
+
+
+def test_budget_counters_survive_resume(tmp_path):
+    r = _pref(tmp_path, train={"steps": 3, "batch_size": 4}, checkpoint={"every": 2})
+    run_recipe(r)  # checkpoint at step 2
+    logged = next(x for x in read_metrics(tmp_path / "pref") if x["step"] == 2)
+    t = PreferenceTrainer(r, resume=True)
+    assert t.step == 2
+    assert t.forward_tokens == logged["student/forward_tokens"] > 0
+    assert t.train_seconds == pytest.approx(logged["time/train_s"])
+    out, _ = t.train_step()
+    assert out["student/forward_tokens"] > logged["student/forward_tokens"]

@@ -142,10 +142,10 @@ class PreferenceTrainer(TrainerBase):
             self.ref_model = self._initial_reference()
         if self.uses_ref and pc.reference == "precomputed":
             self._precompute_reference()
-        self.build_optimizer()
-        self.maybe_resume()
         self.forward_tokens = 0  # cumulative student tokens (see `count_forward_tokens`)
         self.train_seconds = 0.0  # cumulative seconds in train_step
+        self.build_optimizer()
+        self.maybe_resume()  # restores the counters too (`load_extra_state`)
         self.held = self._models_held()
         self.held["memory/setup_peak_mb"] = peak_memory_mb(self.device)
         reset_peak_memory(self.device)  # `memory/peak_mb` is the training phase's peak
