@@ -25,6 +25,14 @@ def _accepts(model: PreTrainedModel, name: str) -> bool:
     return name in inspect.signature(inner.forward).parameters
 
 
+def cache_forward_kwargs(model: PreTrainedModel) -> tuple[str, dict[str, int]]:
+    """The name of the KV-cache argument (`cache` in transformers 5, else `past_key_values`)
+    and `logits_to_keep=1` where the model accepts it: the keyword arguments of a cached
+    forward pass that needs only the last position's logits."""
+    cache_kw = "cache" if _accepts(model, "cache") else "past_key_values"
+    return cache_kw, ({"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {})
+
+
 def completion_logps(
     model: PreTrainedModel,
     batch: SequenceBatch,
@@ -84,8 +92,7 @@ def shared_prefix_logps(
         p_ids[i, lp - len(p) :] = torch.tensor(p, dtype=torch.long, device=device)
         p_attn[i, lp - len(p) :] = 1
     p_pos = (p_attn.cumsum(-1) - 1).clamp(min=0)
-    cache_kw = "cache" if _accepts(model, "cache") else "past_key_values"
-    keep = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+    cache_kw, keep = cache_forward_kwargs(model)
     cache = DynamicCache(config=model.config)
     with autocast_context(device, autocast_dtype):
         out = model(

@@ -12,12 +12,13 @@ an RL loss differentiates). Greedy decoding reports log-probs at `T = 1`.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+
+from signalrl.models.logprobs import cache_forward_kwargs
 
 
 @dataclass
@@ -185,7 +186,7 @@ def _generate(
     try:
         with ctx:
             cache = DynamicCache(config=model.config)
-            cache_kw, keep_kw = _forward_kwargs(model)
+            cache_kw, keep_kw = cache_forward_kwargs(model)  # the cache is updated in place
             out = model(
                 input_ids=input_ids,
                 attention_mask=attn,
@@ -280,16 +281,6 @@ def _generate(
         group_size=g,
         prompt_index=torch.arange(n_prompts, device=device).repeat_interleave(g),
     )
-
-
-def _forward_kwargs(model: PreTrainedModel) -> tuple[str, dict[str, int]]:
-    """The name of the cache argument (`cache` in transformers 5, else `past_key_values`)
-    and `logits_to_keep=1` where the model accepts it. The cache is updated in place."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
-    params = inspect.signature(inner.forward).parameters
-    cache_kw = "cache" if "cache" in params else "past_key_values"
-    keep = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
-    return cache_kw, keep
 
 
 def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
