@@ -20,6 +20,8 @@ from signalrl.trainers.reward_model import RewardModelTrainer, load_reward_pairs
 
 DATA = Path(__file__).parent / "data"
 ARITH1 = {"name": "arithmetic", "digits": 1, "n_train": 400, "n_test": 8}
+# the same task on the command line
+TASK_SETS = [a for k, v in ARITH1.items() if k != "name" for a in ("--set", f"task.{k}={v}")]
 QUIET = {"progress": False, "samples_every": 0, "tensorboard": False}
 
 
@@ -201,9 +203,7 @@ def test_sft_prefs_reward_model_then_ppo_with_the_reward_model(tmp_path):
     args = ["data", "make-preferences", "--model", str(tmp_path / "sft" / "final")]
     args += ["--samples", "16", "--pairs-per-prompt", "4", "--temperature", "1.5"]
     args += ["--max-new-tokens", "3", "--seed", "0", "--out", str(prefs)]
-    for k, v in ARITH1.items():
-        if k != "name":
-            args += ["--set", f"task.{k}={v}"]
+    args += TASK_SETS
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     stats = json.loads(res.stdout[res.stdout.index("{") :])
@@ -258,9 +258,7 @@ def test_sft_prefs_reward_model_then_ppo_with_the_reward_model(tmp_path):
     # the reward model as a best-of-k judge, from the command line
     args = ["eval", "--model", str(tmp_path / "sft" / "final"), "--k", "4", "--n", "8"]
     args += ["--max-new-tokens", "3", "--reward-model", str(tmp_path / "rm" / "final")]
-    for k, v in ARITH1.items():
-        if k != "name":
-            args += ["--set", f"task.{k}={v}"]
+    args += TASK_SETS
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     judged = json.loads(res.stdout[res.stdout.index("{") :])
