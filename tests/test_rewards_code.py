@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-import signalrl.rewards.sandbox as sandbox_mod
+import signalrl.rewards.sandbox.bwrap as sandbox_bwrap
 from signalrl.rewards.code import (
     TestOutcome,
     bwrap_status,
@@ -188,8 +188,8 @@ def test_missing_bwrap_falls_back_or_raises(
 ) -> None:
     # Make bwrap unfindable and forget the cached probe (monkeypatch restores both).
     monkeypatch.setenv("PATH", str(tmp_path))
-    monkeypatch.setattr(sandbox_mod, "_probe_result", None)
-    monkeypatch.setattr(sandbox_mod, "_warned_fallback", False)
+    monkeypatch.setattr(sandbox_bwrap, "_probe_result", None)
+    monkeypatch.setattr(sandbox_bwrap, "_warned_fallback", False)
     ok, reason = bwrap_status()
     assert not ok and "not installed" in reason
     with pytest.raises(RuntimeError, match="required"):

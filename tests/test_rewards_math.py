@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -234,3 +236,20 @@ def test_reference_solutions_score_themselves() -> None:
         assert math_reward(row["answer"], row["answer"]) == 1.0
     for row in _rows("math_sample.jsonl"):
         assert math_reward(row["solution"], row["solution"]) == 1.0
+
+
+def test_worker_loads_this_module_by_path_without_the_rest_of_signalrl() -> None:
+    """The helper process loads math.py by file path: no signalrl module gets imported."""
+    from signalrl.rewards import math as math_rewards
+
+    # The boot script serves requests until end of input, then runs what follows.
+    report = "print(sorted(m for m in sys.modules if 'signalrl' in m and 'editable' not in m))\n"
+    out = subprocess.run(
+        [sys.executable, "-c", math_rewards._Worker._BOOT + report, math_rewards.__file__],
+        input=json.dumps({"gold": "1/2", "pred": "0.5", "timeout": 30}) + "\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    assert out.stdout.splitlines() == ["ready", '{"match": true}', "[]"], out.stderr[-2000:]

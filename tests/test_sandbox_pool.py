@@ -12,15 +12,22 @@ Three configurations run the isolation tests where they are available:
 
 from __future__ import annotations
 
+import ast
 import os
 import secrets
 import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
+import signalrl.rewards.math as math_rewards
 import signalrl.rewards.sandbox as sb
+import signalrl.rewards.sandbox.pool as sandbox_pool
 from signalrl.rewards.code import bwrap_status, code_reward
+from signalrl.rewards.sandbox import process
 
 IS_ROOT = os.geteuid() == 0
 ADD = "def add(a, b):\n    return a + b\n"
@@ -288,3 +295,125 @@ def test_forked_host_process_starts_its_own_runners() -> None:
     started = sb._POOL.started
     assert code_reward(ADD, ["assert add(1, 2) == 3"], sandbox="required") == 1.0
     assert sb._POOL.started == started  # the parent's runner is still there and works
+
+
+# --------------------------------------------------------------------------------------
+# The runner is standalone; the host's helper-process code is shared with math.py
+# --------------------------------------------------------------------------------------
+
+
+def test_runner_imports_only_the_standard_library_and_no_host_module_imports_it() -> None:
+    runner = Path(sb.__file__).with_name("runner.py")
+    imported: set[str] = set()
+    for node in ast.walk(ast.parse(runner.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            assert node.level == 0 and node.module, "the runner must not import relatively"
+            imported.add(node.module.split(".")[0])
+        elif isinstance(node, ast.Import):
+            imported.update(alias.name.split(".")[0] for alias in node.names)
+    assert imported and imported <= set(sys.stdlib_module_names), imported
+    # The host side never imports the runner (it starts it as a script by path).
+    probe = (
+        "import sys, signalrl.rewards.code, signalrl.rewards.math, signalrl.rewards.sandbox\n"
+        "print([m for m, mod in sys.modules.items()"
+        " if (getattr(mod, '__file__', None) or '').endswith('runner.py')])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_runner_process_holds_only_standard_library_modules(backend: sb._Backend) -> None:
+    # Each test process is forked from the runner, so it sees the runner's sys.modules.
+    program = (
+        "import sys\n"
+        "main = sys.modules['__main__'].__file__\n"
+        "foreign = sorted(m for m in sys.modules if m not in ('__main__', 'solution')\n"
+        "                 and m.split('.')[0] not in sys.stdlib_module_names)\n"
+    )
+    tests = ["assert main.endswith('/runner.py'), main", "assert foreign == [], foreign"]
+    assert _run(backend, program, tests) == ["passed", "passed"]
+
+
+def _spy_on_channels(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, process.Channel]]:
+    """Record every ChildTimeout and every ungraceful stop() of a shared Channel."""
+    events: list[tuple[str, process.Channel]] = []
+    read_line, stop = process.Channel.read_line, process.Channel.stop
+
+    def spy_read_line(self: process.Channel, deadline: float) -> bytes:
+        try:
+            return read_line(self, deadline)
+        except process.ChildTimeout:
+            events.append(("timeout", self))
+            raise
+
+    def spy_stop(self: process.Channel, grace_s: float = 0.0) -> None:
+        events.append(("kill" if grace_s == 0 else "stop", self))
+        stop(self, grace_s)
+
+    monkeypatch.setattr(process.Channel, "read_line", spy_read_line)
+    monkeypatch.setattr(process.Channel, "stop", spy_stop)
+    return events
+
+
+def _gone(pid: int) -> bool:
+    """Whether ``pid`` has exited (a zombie that no one reaps counts as gone)."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                if fh.read().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+                    return True
+        except (OSError, IndexError):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_shared_channel_times_out_and_kills_the_whole_process_group() -> None:
+    parent = (
+        "import os, sys, time\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    time.sleep(60)\n"
+        "    os._exit(0)\n"
+        "print(pid, flush=True)\n"
+        "sys.stdin.readline()\n"  # never answers the request below
+        "time.sleep(60)\n"
+    )
+    channel = process.Channel(process.spawn([sys.executable, "-c", parent]))
+    grandchild = int(channel.read_line(time.monotonic() + 30))
+    channel.send(b"request\n", reply_cap=100)
+    started = time.monotonic()
+    with pytest.raises(process.ChildTimeout):
+        channel.read_line(started + 0.3)
+    assert 0.3 <= time.monotonic() - started < 5
+    channel.stop()
+    assert channel.proc.returncode == -signal.SIGKILL
+    assert _gone(grandchild), "the child's own child survived the kill of its process group"
+
+
+def test_math_worker_and_sandbox_runner_time_out_through_the_same_code(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    events = _spy_on_channels(monkeypatch)
+    # math.py: a worker that stops answering is killed by the host and scores a mismatch.
+    workers = math_rewards._WorkerPool()
+    worker = math_rewards._Worker()
+    workers._idle.append(worker)
+    workers._all.add(worker)
+    os.kill(worker.channel.proc.pid, signal.SIGSTOP)
+    assert workers.compare("1", "1.0", timeout=0.2) is False
+    assert ("timeout", worker.channel) in events and ("kill", worker.channel) in events
+    assert worker.channel.proc.returncode == -signal.SIGKILL
+    # The sandbox pool: a runner that stops answering is killed by the same code, and the
+    # check it never saw is run again on a fresh runner.
+    backend = sb._resolve_backend("auto")
+    assert _run(backend, ADD, ["assert add(1, 2) == 3"]) == ["passed"]
+    runner = sb._POOL._idle[(backend, sb.SandboxLimits().tmpfs_bytes)][-1]
+    assert type(runner.channel) is type(worker.channel) is process.Channel
+    runner_pid = [runner.proc.pid, *_descendants(runner.proc.pid)][-1]
+    os.kill(runner_pid, signal.SIGSTOP)
+    monkeypatch.setattr(sandbox_pool, "_SLACK_S", 0.5)
+    assert _run(backend, ADD, ["assert add(1, 2) == 3"], timeout=0.5) == ["passed"]
+    assert ("timeout", runner.channel) in events and ("kill", runner.channel) in events
+    assert runner.proc.returncode is not None and _gone(runner_pid)

@@ -16,8 +16,12 @@ thread. We always disable those and enforce our own limit instead: every compari
 helper worker process, which times itself with a ``setitimer`` alarm and is killed and
 replaced by the caller when that is not enough (a long C call inside sympy ignores signals).
 
-This module imports only the standard library and ``math_verify``, so that the worker
-process can load it by file path without importing the rest of ``signalrl``.
+The worker process loads this file by path (see ``_Worker._BOOT``) and runs
+``_worker_loop``; there, this module imports only the standard library and
+``math_verify``, not the rest of ``signalrl``. The host side of the worker (start it, send a
+request, wait under a wall clock, kill its process group on timeout) is the helper-process
+code it shares with the code sandbox's runner pool, :mod:`signalrl.rewards.sandbox.process`,
+which is imported only when this module is imported as part of ``signalrl``.
 """
 
 from __future__ import annotations
@@ -27,15 +31,16 @@ import json
 import logging
 import os
 import re
-import select
 import signal
-import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable
 from functools import partial
 from typing import Any
+
+if __package__:  # imported as signalrl.rewards.math; not in the worker (loaded by path)
+    from signalrl.rewards.sandbox import process
 
 __all__ = [
     "answers_match",
@@ -297,48 +302,28 @@ class _Worker:
         "spec.loader.exec_module(module)\n"
         "module._worker_loop()\n"
     )
+    # Longest answer line accepted from the worker (it is {"match": true|false}).
+    _REPLY_CAP = 1 << 16
 
     def __init__(self) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", self._BOOT, os.path.abspath(__file__)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        self._buffer = b""
+        argv = [sys.executable, "-c", self._BOOT, os.path.abspath(__file__)]
+        self.channel = process.Channel(process.spawn(argv, stderr=False))
         ready = self._readline(time.monotonic() + 120.0)
         if ready != b"ready":
             self.kill()
             raise RuntimeError("the math-verify worker process failed to start")
 
     def _readline(self, deadline: float) -> bytes | None:
-        assert self.proc.stdout is not None
-        fd = self.proc.stdout.fileno()
-        while b"\n" not in self._buffer:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return None
-            poller = select.poll()  # not select(): fds may exceed FD_SETSIZE
-            poller.register(fd, select.POLLIN)
-            if not poller.poll(max(1, int(remaining * 1000))):
-                continue
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                return None
-            self._buffer += chunk
-        line, self._buffer = self._buffer.split(b"\n", 1)
-        return line.strip()
+        """The worker's next line, or None if it did not come before ``deadline``."""
+        try:
+            return self.channel.read_line(deadline).strip()
+        except (process.ChildTimeout, process.ChildClosed):
+            return None
 
     def compare(self, gold: str, pred: str, timeout: float) -> bool | None:
         """The comparison result, or None if the worker timed out or died."""
-        assert self.proc.stdin is not None
         request = json.dumps({"gold": gold, "pred": pred, "timeout": timeout}) + "\n"
-        try:
-            self.proc.stdin.write(request.encode())
-            self.proc.stdin.flush()
-        except OSError:
-            return None
+        self.channel.send(request.encode(), reply_cap=self._REPLY_CAP)
         # The worker enforces `timeout` itself; the margin covers scheduling delays.
         line = self._readline(time.monotonic() + timeout + 2.0)
         if line is None:
@@ -349,17 +334,8 @@ class _Worker:
             return None
 
     def kill(self) -> None:
-        try:
-            self.proc.kill()
-        except OSError:
-            pass
-        self.proc.wait()
-        for stream in (self.proc.stdin, self.proc.stdout):
-            if stream is not None:
-                try:
-                    stream.close()
-                except OSError:
-                    pass
+        """SIGKILL the worker's process group and reap it (bounded)."""
+        self.channel.stop()
 
 
 class _WorkerPool:
