@@ -3,8 +3,12 @@ from __future__ import annotations
 from math import comb
 
 import pytest
+import torch
 
-from signalrl.eval import evaluate, pass_at_k
+import signalrl.eval as ev
+from signalrl.eval import evaluate, majority_vote, pass_at_k
+from signalrl.rollout.sampler import Rollout
+from signalrl.tasks.arithmetic import ArithmeticTask
 
 
 @pytest.mark.parametrize(
@@ -80,3 +84,73 @@ def test_best_of_k_by_a_scorer_between_chance_and_oracle(tiny):
     assert worst.best_of_k[4] < best.sample_accuracy < best.best_of_k[4]
     m = best.metrics()
     assert m["eval/best_of@4"] == best.best_of_k[4] and "eval/sample_accuracy" in m
+
+
+def test_majority_vote_counts_extracted_answers_not_texts():
+    task = ArithmeticTask(n_train=10, n_test=10)
+    row = {"answer": "4"}
+    outs = ["5", "The answer is 4.", "4", "Answer: 7"]
+    scores = [task.verify(row, t) for t in outs]
+    # raw texts: four different "answers", the first one ("5", wrong) wins the tie
+    assert majority_vote(outs, scores, lambda t: t) == 0.0
+    # extracted answers: "The answer is 4." and "4" are one answer with two votes
+    assert majority_vote(outs, scores, task.extract) == 1.0
+    assert majority_vote(["x", "y"], [0.0, 0.0], task.extract) == 0.0  # no answer: no vote
+    assert majority_vote(["7", "4", "x"], [0.0, 1.0, 0.0], task.extract) == 0.0  # tie: first
+
+
+def _fake_generate(texts_of_prompt: dict[str, list[str]]):
+    """A stand-in for `generate` that returns fixed texts (greedy: the first one)."""
+
+    def fake(model, tokenizer, prompts, params, **kw) -> Rollout:
+        texts = [t for p in prompts for t in texts_of_prompt[p][: params.n]]
+        n = len(texts)
+        return Rollout(
+            prompt_ids=[[1]] * n,
+            completion_ids=torch.ones((n, 1), dtype=torch.long),
+            completion_mask=torch.ones((n, 1)),
+            logps=torch.zeros((n, 1)),
+            entropy=torch.zeros((n, 1)),
+            truncated=torch.zeros(n, dtype=torch.bool),
+            texts=texts,
+            group_size=params.n,
+        )
+
+    return fake
+
+
+def test_evaluate_maj_at_k_votes_over_the_tasks_extracted_answers(monkeypatch):
+    task = ArithmeticTask(n_train=10, n_test=10)
+    rows = [{"prompt": "2+2=", "answer": "4"}, {"prompt": "3+4=", "answer": "7"}]
+    samples = {
+        # two texts, one answer (4): maj@4 is right although every text differs
+        "2+2=": ["5", "The answer is 4.", "4", "Answer: 6"],
+        # the wrong answer 8 has two votes
+        "3+4=": ["7", "8", "so 8", "6"],
+    }
+    monkeypatch.setattr(ev, "generate", _fake_generate(samples))
+    model = torch.nn.Linear(1, 1)
+    kw = {"max_new_tokens": 4, "k": 4, "samples": 4}
+    r = evaluate(model, None, rows, task.verify, extract=task.extract, **kw)
+    assert r.maj_at_k == {4: 0.5} and r.metrics()["eval/maj@4"] == 0.5
+    assert r.pass_at_k == {4: 1.0} and r.sample_accuracy == pytest.approx((2 / 4 + 1 / 4) / 2)
+    raw = evaluate(model, None, rows, task.verify, extract=lambda t: t, **kw)
+    assert raw.maj_at_k == {4: 0.5}  # row 1: "5" wins the four-way tie; row 2: "7" wins
+    assert "eval/maj@4" not in evaluate(model, None, rows, task.verify, **kw).metrics()
+
+
+def test_maj_at_k_changes_no_other_number(tiny):
+    model, tok = tiny
+    task = ArithmeticTask(n_train=10, n_test=10)
+    rows = [{"prompt": f"{i}+{i}=", "answer": str(2 * i)} for i in range(5)]
+
+    def has_digit(row, completion):
+        return float(any(ch.isdigit() for ch in completion))
+
+    kw = {"max_new_tokens": 4, "k": 2, "samples": 4, "seed": 2}
+    plain = evaluate(model, tok, rows, has_digit, **kw)
+    voted = evaluate(model, tok, rows, has_digit, extract=task.extract, **kw)
+    assert 2 in voted.maj_at_k and not plain.maj_at_k
+    assert voted.accuracy == plain.accuracy and voted.pass_at_k == plain.pass_at_k
+    assert voted.sample_accuracy == plain.sample_accuracy
+    assert voted.completions == plain.completions

@@ -224,3 +224,23 @@ def test_shared_prefix_logps_match_values_and_gradients(tiny):
     for a, b in zip(g_ref, (p.grad for p in model.parameters()), strict=True):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
     model.zero_grad()
+
+
+@pytest.mark.parametrize("temperature,greedy", [(1.0, False), (0.7, False), (1.0, True)])
+def test_entropy_is_that_of_the_sampling_distribution(tiny, temperature, greedy):
+    """`Rollout.entropy` is the entropy of softmax(logits / T) at every generated token (T = 1
+    when greedy), as `entropy_from_logits` gives it on a full forward pass; 0 on padding."""
+    from signalrl.losses.policy import entropy_from_logits
+
+    model, tok = tiny
+    params = SamplingParams(max_new_tokens=6, n=3, temperature=temperature, greedy=greedy)
+    r = generate(model, tok, ["12+34=", "5+5="], params, generator=torch.Generator().manual_seed(4))
+    for i in range(len(r)):
+        n = int(r.lengths[i])
+        ids = torch.tensor([r.prompt_ids[i] + r.completion_ids[i, :n].tolist()])
+        start = len(r.prompt_ids[i]) - 1
+        with torch.no_grad():
+            logits = model(ids).logits[0, start : start + n].float()
+        want = entropy_from_logits(logits / (1.0 if greedy else temperature))
+        torch.testing.assert_close(r.entropy[i, :n], want, atol=1e-5, rtol=0)
+    assert (r.entropy[r.completion_mask == 0] == 0).all()

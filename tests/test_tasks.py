@@ -64,6 +64,32 @@ def test_verify_exact():
     assert t.verify(row, "") == 0.0
 
 
+@pytest.mark.parametrize(
+    "completion,expected",
+    [
+        ("46", "46"),
+        ("The answer is 46.", "46"),
+        ("046", "46"),
+        ("-0", "0"),
+        ("-007", "-7"),
+        ("Answer: 1,234", "1234"),
+        ("<think> 40+6=46 </think> <answer> 46 </answer> 99", "46"),  # the tag wins
+        ("no digits", None),
+        ("<answer></answer>", None),
+    ],
+)
+def test_task_extract_is_the_answer_verify_judges(completion, expected):
+    t = ArithmeticTask(n_test=10, n_train=10)
+    assert t.extract(completion) == expected
+    assert t.verify({"answer": "46"}, completion) == float(expected == "46")
+
+
+def test_task_extract_of_a_huge_number():
+    t = ArithmeticTask(n_test=10, n_train=10)
+    assert t.extract("9" * 5000) == "9" * 5000  # no int() limit on digit strings
+    assert t.verify({"answer": "46"}, "9" * 5000) == 0.0
+
+
 @given(st.lists(st.integers(0, 99), min_size=2, max_size=5), st.data())
 def test_precedence_matches_python(nums, data):
     ops = [data.draw(st.sampled_from("+-*")) for _ in nums[1:]]

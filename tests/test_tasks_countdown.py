@@ -213,6 +213,16 @@ def test_extract_expression():
     assert extract_expression("   ") is None
 
 
+def test_task_extract_is_the_expression_without_whitespace():
+    t = small()
+    row = {"numbers": [3, 5, 7], "target": 56}
+    assert t.extract("<answer> (3 + 5) * 7 </answer>") == t.extract("(3+5)*7.") == "(3+5)*7"
+    assert t.extract("Answer: (3+5) * 7 = 56") == "(3+5)*7=56"
+    assert t.extract("  \n ") is None
+    for text in ("<answer> (3 + 5) * 7 </answer>", "Answer: (3+5) * 7 = 56", "3 * 5 + 7"):
+        assert t.verify(row, text) == t.verify(row, t.extract(text))
+
+
 @settings(max_examples=150, deadline=None)
 @given(st.lists(st.integers(0, 30), min_size=2, max_size=5), st.data())
 def test_random_trees_render_and_parse_back(numbers, data):

@@ -6,6 +6,8 @@ from pathlib import Path
 import pytest
 
 from signalrl.config import RecipeError, recipe_from_dict
+from signalrl.rewards.format import format_reward
+from signalrl.rewards.registry import RewardComposer, RewardSpec
 from signalrl.tasks import TASKS, make_task
 from signalrl.tasks.dataset import R1_ZERO_TEMPLATE, DatasetTask, DatasetTaskError
 
@@ -105,7 +107,7 @@ def test_generic_rows_and_verify(tmp_path):
 
 
 def test_r1_zero_template(tmp_path):
-    t = both(GSM8K, "gsm8k", template="r1_zero", reward_format=True)
+    t = both(GSM8K, "gsm8k", template="r1_zero")
     row = t.train()[0]
     assert row["prompt"] == R1_ZERO_TEMPLATE.replace("{prompt}", row["question"])
     assert row["prompt"].startswith("A conversation between User and Assistant.")
@@ -114,17 +116,47 @@ def test_r1_zero_template(tmp_path):
         row["completion"].startswith(" <think> ") and "<answer> 263 </answer>" in row["completion"]
     )
     assert t.verify(row, row["completion"]) == 1.0
-    assert t.format_reward(row, row["completion"]) == 1.0 and t.reward_format
+    assert format_reward(row["completion"]) == 1.0
     # the tagged answer wins over numbers in the reasoning, both ways
     assert t.verify(row, "<think>maybe 263</think> <answer>300</answer>") == 0.0
     assert t.verify(row, "<think>300 - 37</think> <answer>263 cookies</answer>") == 1.0
     assert t.verify(row, "<think>x</think> <answer>The answer is 263.</answer>") == 1.0
-    assert t.format_reward(row, "263") == 0.0 and t.verify(row, "263") == 1.0  # accuracy only
+    assert format_reward("263") == 0.0 and t.verify(row, "263") == 1.0  # accuracy only
     m = both(MATH, "math", template="r1_zero").train()[0]
     math_task = both(MATH, "math", template="r1_zero")
     assert math_task.verify(m, "<think></think><answer>\\frac{1}{2}</answer>") == 1.0
     assert math_task.verify(m, "<think></think><answer>\\frac{1}{3}</answer>") == 0.0
     assert math_task.verify(m, m["completion"]) == 1.0
+
+
+def test_format_reward_is_a_reward_term_not_a_task_option():
+    """The R1 format reward comes from a `format` term in the recipe's rewards, composed with
+    the task's accuracy; the task has no option for it (an unknown keyword fails loudly)."""
+    t = both(GSM8K, "gsm8k", template="r1_zero")
+    row = t.train()[0]
+    rewards = RewardComposer(
+        [RewardSpec(type="format", weight=0.5), RewardSpec(type="task", name="accuracy")], t
+    )
+    tagged = "<think> 300 - 37 </think> <answer> 263 </answer>"
+    got = rewards([row["prompt"]] * 3, [tagged, "263", "<answer> 1 </answer>"], [row] * 3, [1] * 3)
+    assert got.components == {"format": [1.0, 0.0, 0.0], "accuracy": [1.0, 1.0, 0.0]}
+    assert got.total == [1.5, 1.0, 0.0]
+    with pytest.raises(ValueError, match="reward_format"):
+        make_task("dataset", path=str(GSM8K), format="gsm8k", reward_format=True)
+
+
+def test_extract_is_the_answer_verify_reads():
+    t = both(GSM8K, "gsm8k")
+    row = t.train()[0]
+    assert t.extract("so 200 + 63 = 263. The answer is 263.") == "263"
+    assert t.extract("<think> maybe 300 </think> <answer> 263 cookies </answer>") == "263"
+    assert t.extract("no number here") is None
+    for text in ("The answer is 263.", "<answer>263</answer>", "#### 263", "nothing"):
+        assert t.verify(row, text) == float(t.extract(text) == "263")
+    code = both(CODE, "code")
+    program = "def add(a, b):\n    return a + b"
+    assert code.extract(f"```python\n{program}\n```") == program
+    assert code.extract(f"<answer>```python\n{program}\n```</answer>") == program
 
 
 def test_chat_and_custom_templates():

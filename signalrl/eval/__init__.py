@@ -16,6 +16,7 @@ from signalrl.tasks.base import Row
 
 Verifier = Callable[[Row, str], float]
 Scorer = Callable[[list[str], list[str]], list[float]]  # (prompts, completions) -> scores
+Extractor = Callable[[str], str | None]  # completion -> its final answer, or None
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -68,70 +69,135 @@ def evaluate(
     seed: int = 0,
     stop_strings: Sequence[str] = (),
     autocast_dtype: torch.dtype | None = None,
-    extract: Callable[[str], str | None] | None = None,
+    extract: Extractor | None = None,
     scorer: Scorer | None = None,
 ) -> EvalResult:
-    """Greedy accuracy on `rows`; with `k > 0` also pass@k and maj@k from `samples` (>= k)
-    samples per problem at `temperature` (fixed `seed`, so reruns give the same numbers), and
-    the mean accuracy of those samples (`sample_accuracy`). With a `scorer` also best-of-k: the
-    accuracy of the highest-scored of the first k samples (ties: the first), to be read against
-    `sample_accuracy` (a scorer that ranks at chance) and pass@k (a perfect one)."""
+    """Greedy accuracy on `rows`; with `k > 0` also pass@k from `samples` (>= k) samples per
+    problem at `temperature` (fixed `seed`, so reruns give the same numbers), and the mean
+    accuracy of those samples (`sample_accuracy`). With an `extract` (completion text -> final
+    answer or None, e.g. a task's `extract` method) also maj@k: the accuracy of the most common
+    extracted answer among the first k samples (see `majority_vote`). With a `scorer` also
+    best-of-k: the accuracy of the highest-scored of the first k samples (ties: the first), to
+    be read against `sample_accuracy` (a scorer that ranks at chance) and pass@k (a perfect
+    one)."""
     if not rows:
         raise ValueError("evaluate: no rows")
     greedy = SamplingParams(max_new_tokens=max_new_tokens, greedy=True, stop_strings=stop_strings)
+    result = _greedy_accuracy(
+        model, tokenizer, rows, verify, greedy, batch_size=batch_size, autocast_dtype=autocast_dtype
+    )
+    if k > 0:
+        n_s = samples or k
+        params = SamplingParams(
+            max_new_tokens=max_new_tokens, temperature=temperature, n=n_s, stop_strings=stop_strings
+        )
+        _sampled_metrics(
+            model,
+            tokenizer,
+            rows,
+            verify,
+            params,
+            k,
+            result,
+            batch_size=batch_size,
+            seed=seed,
+            autocast_dtype=autocast_dtype,
+            extract=extract,
+            scorer=scorer,
+        )
+    return result
+
+
+def _greedy_accuracy(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    rows: Sequence[Row],
+    verify: Verifier,
+    params: SamplingParams,
+    *,
+    batch_size: int,
+    autocast_dtype: torch.dtype | None,
+) -> EvalResult:
+    """Greedy decoding of every row in batches of `batch_size`: accuracy, mean completion
+    length (tokens) and the completions."""
     correct = 0.0
     lengths = 0.0
     texts: list[str] = []
     for i in range(0, len(rows), batch_size):
         chunk = rows[i : i + batch_size]
         r = generate(
-            model, tokenizer, [x["prompt"] for x in chunk], greedy, autocast_dtype=autocast_dtype
+            model, tokenizer, [x["prompt"] for x in chunk], params, autocast_dtype=autocast_dtype
         )
         texts.extend(r.texts)
         lengths += float(r.lengths.sum())
         correct += sum(verify(row, t) for row, t in zip(chunk, r.texts, strict=True))
-    result = EvalResult(
+    return EvalResult(
         n=len(rows),
         accuracy=correct / len(rows),
         mean_length=lengths / len(rows),
         completions=texts,
     )
-    if k > 0:
-        n_s = samples or k
-        gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-        params = SamplingParams(
-            max_new_tokens=max_new_tokens, temperature=temperature, n=n_s, stop_strings=stop_strings
+
+
+def _sampled_metrics(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    rows: Sequence[Row],
+    verify: Verifier,
+    params: SamplingParams,
+    k: int,
+    result: EvalResult,
+    *,
+    batch_size: int,
+    seed: int,
+    autocast_dtype: torch.dtype | None,
+    extract: Extractor | None,
+    scorer: Scorer | None,
+) -> None:
+    """`params.n` samples per row (one seeded generator for the whole pass, rows in batches of
+    `batch_size // n`); adds pass@k, sample accuracy, and best-of-k / maj@k to `result`."""
+    n_s = params.n
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    per_batch = max(1, batch_size // n_s)
+    pk, mk, bk, sk = 0.0, 0.0, 0.0, 0.0
+    for i in range(0, len(rows), per_batch):
+        chunk = rows[i : i + per_batch]
+        r = generate(
+            model,
+            tokenizer,
+            [x["prompt"] for x in chunk],
+            params,
+            generator=gen,
+            autocast_dtype=autocast_dtype,
         )
-        per_batch = max(1, batch_size // n_s)
-        pk, mk, bk, sk = 0.0, 0.0, 0.0, 0.0
-        for i in range(0, len(rows), per_batch):
-            chunk = rows[i : i + per_batch]
-            r = generate(
-                model,
-                tokenizer,
-                [x["prompt"] for x in chunk],
-                params,
-                generator=gen,
-                autocast_dtype=autocast_dtype,
-            )
-            for j, row in enumerate(chunk):
-                outs = r.texts[j * n_s : (j + 1) * n_s]
-                scores = [verify(row, t) for t in outs]
-                c = sum(1 for s in scores if s >= 1.0)
-                pk += pass_at_k(n_s, c, k)
-                sk += c / n_s
-                if scorer is not None:
-                    ranked = scorer([row["prompt"]] * k, outs[:k])
-                    bk += scores[max(range(k), key=lambda j: ranked[j])]
-                if extract is not None:
-                    answers = [a for a in (extract(t) for t in outs[:k]) if a is not None]
-                    if answers:
-                        top = Counter(answers).most_common(1)[0][0]
-                        mk += verify(row, top)
-        result.pass_at_k[k] = pk / len(rows)
-        result.sample_accuracy = sk / len(rows)
-        if scorer is not None:
-            result.best_of_k[k] = bk / len(rows)
-        if extract is not None:
-            result.maj_at_k[k] = mk / len(rows)
-    return result
+        for j, row in enumerate(chunk):
+            outs = r.texts[j * n_s : (j + 1) * n_s]
+            scores = [verify(row, t) for t in outs]
+            c = sum(1 for s in scores if s >= 1.0)
+            pk += pass_at_k(n_s, c, k)
+            sk += c / n_s
+            if scorer is not None:
+                ranked = scorer([row["prompt"]] * k, outs[:k])
+                bk += scores[max(range(k), key=lambda j: ranked[j])]
+            if extract is not None:
+                mk += majority_vote(outs[:k], scores[:k], extract)
+    result.pass_at_k[k] = pk / len(rows)
+    result.sample_accuracy = sk / len(rows)
+    if scorer is not None:
+        result.best_of_k[k] = bk / len(rows)
+    if extract is not None:
+        result.maj_at_k[k] = mk / len(rows)
+
+
+def majority_vote(completions: Sequence[str], scores: Sequence[float], extract: Extractor) -> float:
+    """The score of the majority answer: each completion votes for its extracted final answer
+    (`extract(text)`; None is no vote), so completions that differ in text but give the same
+    answer ("The answer is 4." and "4") share one answer's votes. The most voted answer wins
+    (ties: the answer seen first) and scores as the first completion that gave it; 0.0 when no
+    completion has an answer."""
+    answers = [extract(t) for t in completions]
+    voted = [a for a in answers if a is not None]
+    if not voted:
+        return 0.0
+    top = Counter(voted).most_common(1)[0][0]
+    return scores[answers.index(top)]

@@ -1,12 +1,13 @@
 """Distillation signals: per-token reverse KL (on-policy distillation) and the generalized
 Jensen-Shannon divergence of GKD.
 
-Pure tensor functions; see DESIGN.md, "Tensor conventions".
+Pure tensor functions; see docs/architecture.md, "Tensor conventions".
 """
 
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -82,6 +83,25 @@ def generalized_jsd(
     ``(B, T, V)`` tensor is materialised. Gradients flow into both inputs; detach the teacher
     logits if the teacher is not to be trained.
     """
+    _check_jsd_args(student_logits, teacher_logits, mask, beta, temperature, chunk_size)
+    s_flat, t_flat, weights = _selected_tokens(student_logits, teacher_logits, mask)
+    if s_flat.shape[0] == 0:
+        return (student_logits.sum() * 0.0).float()
+    per_token = _map_row_chunks(
+        partial(_jsd_rows, beta=beta, temperature=temperature), [s_flat, t_flat], chunk_size
+    )
+    return (per_token * weights).sum() / weights.sum()
+
+
+def _check_jsd_args(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    mask: Tensor | None,
+    beta: float,
+    temperature: float,
+    chunk_size: int,
+) -> None:
+    """Raise ``ValueError`` on the arguments :func:`generalized_jsd` rejects."""
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(
             f"student_logits and teacher_logits must have the same shape, got "
@@ -96,35 +116,35 @@ def generalized_jsd(
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     _check_chunk_size(chunk_size)
+    if mask is not None and mask.shape != student_logits.shape[:-1]:
+        raise ValueError(
+            f"mask must have shape {tuple(student_logits.shape[:-1])}, got {tuple(mask.shape)}"
+        )
+
+
+def _selected_tokens(
+    student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The ``(N, V)`` student and teacher logits of the tokens that count (all tokens, or
+    those with ``mask > 0``) and their float32 ``(N,)`` weights (1, or the mask values)."""
     V = student_logits.shape[-1]
     if mask is None:
         s_flat = student_logits.reshape(-1, V)
         t_flat = teacher_logits.reshape(-1, V)
         weights = torch.ones(s_flat.shape[0], dtype=torch.float32, device=s_flat.device)
-    else:
-        if mask.shape != student_logits.shape[:-1]:
-            raise ValueError(
-                f"mask must have shape {tuple(student_logits.shape[:-1])}, got {tuple(mask.shape)}"
-            )
-        keep = mask > 0
-        s_flat = student_logits[keep]
-        t_flat = teacher_logits[keep]
-        weights = mask[keep].to(torch.float32)
-    if s_flat.shape[0] == 0:
-        return (student_logits.sum() * 0.0).float()
+        return s_flat, t_flat, weights
+    keep = mask > 0
+    return student_logits[keep], teacher_logits[keep], mask[keep].to(torch.float32)
 
-    log_beta = math.log(beta) if beta > 0 else 0.0
-    log_1m_beta = math.log1p(-beta) if beta < 1 else 0.0
 
-    def _chunk(s: Tensor, t: Tensor) -> Tensor:
-        log_s = torch.log_softmax(s.float() / temperature, dim=-1).clamp(min=_LOGP_FLOOR)
-        log_t = torch.log_softmax(t.float() / temperature, dim=-1).clamp(min=_LOGP_FLOOR)
-        if beta == 0.0:
-            return _kl_rows(log_t, log_s)
-        if beta == 1.0:
-            return _kl_rows(log_s, log_t)
-        log_m = torch.logaddexp(log_t + log_beta, log_s + log_1m_beta)
-        return beta * _kl_rows(log_t, log_m) + (1.0 - beta) * _kl_rows(log_s, log_m)
-
-    per_token = _map_row_chunks(_chunk, [s_flat, t_flat], chunk_size)
-    return (per_token * weights).sum() / weights.sum()
+def _jsd_rows(s: Tensor, t: Tensor, *, beta: float, temperature: float) -> Tensor:
+    """Per-row generalized JSD of one chunk of student logits ``s`` and teacher logits ``t``
+    (``(n, V)``, any float dtype), in float32; ``beta`` 0 and 1 are the exact KL end points."""
+    log_s = torch.log_softmax(s.float() / temperature, dim=-1).clamp(min=_LOGP_FLOOR)
+    log_t = torch.log_softmax(t.float() / temperature, dim=-1).clamp(min=_LOGP_FLOOR)
+    if beta == 0.0:
+        return _kl_rows(log_t, log_s)
+    if beta == 1.0:
+        return _kl_rows(log_s, log_t)
+    log_m = torch.logaddexp(log_t + math.log(beta), log_s + math.log1p(-beta))
+    return beta * _kl_rows(log_t, log_m) + (1.0 - beta) * _kl_rows(log_s, log_m)

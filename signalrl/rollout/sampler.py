@@ -7,7 +7,8 @@ removed from the batch and the cache, so they stop costing compute.
 
 Returned per-token log-probs are those of the sampled tokens under `softmax(logits / T)` with
 the sampling temperature `T` (top-k/top-p truncation is not reflected: it is the distribution
-an RL loss differentiates). Greedy decoding reports log-probs at `T = 1`.
+an RL loss differentiates), and per-token entropies are those of the same distribution
+(`signalrl.losses.policy.entropy_from_logits`). Greedy decoding reports both at `T = 1`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
+from signalrl.losses.policy import entropy_from_logits
 from signalrl.models.logprobs import cache_forward_kwargs
 
 
@@ -139,133 +141,248 @@ def _generate(
         prompt_ids = encode_prompts(tokenizer, prompts)  # type: ignore[arg-type]
     else:
         prompt_ids = [list(p) for p in prompts]  # type: ignore[arg-type]
+    if not params.share_prefix and params.n > 1:
+        return _generate_unshared(model, tokenizer, prompt_ids, params, generator, autocast_dtype)
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    eos_ids = _eos_ids(model, tokenizer)
-    n_prompts, g = len(prompt_ids), params.n
-    if not params.share_prefix and g > 1:  # reference path: every row encodes its own prompt
-        r = _generate(
-            model,
-            tokenizer,
-            [p for p in prompt_ids for _ in range(g)],
-            replace(params, n=1),
-            generator,
-            autocast_dtype,
-        )
-        r.group_size = g
-        r.prompt_index = torch.arange(n_prompts, device=r.completion_ids.device).repeat_interleave(
-            g
-        )
-        return r
-    n_rows = n_prompts * g
-    max_new = params.max_new_tokens
-    stop_strings = [s for s in params.stop_strings if s]
-    stop_window = max((len(s) for s in stop_strings), default=0)
+    stop = _StopCheck.build(model, tokenizer, params, device)
+    input_ids, attn, positions = _left_pad(prompt_ids, pad_id, device)
+    out = _Outputs.empty(len(prompt_ids) * params.n, params.max_new_tokens, pad_id, device)
+    was_training = model.training
+    model.eval()
+    try:
+        with _autocast(device, autocast_dtype):
+            _decode(model, params, generator, stop, out, input_ids, attn, positions)
+    finally:
+        if was_training:
+            model.train()
+    return _assemble(tokenizer, prompt_ids, params.n, out, stop.eos, pad_id)
 
-    # Left-padded prefill of the distinct prompts.
+
+def _generate_unshared(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt_ids: list[list[int]],
+    params: SamplingParams,
+    generator: torch.Generator | None,
+    autocast_dtype: torch.dtype | None,
+) -> Rollout:
+    """The reference path without prefix sharing: every row encodes its own prompt."""
+    g = params.n
+    r = _generate(
+        model,
+        tokenizer,
+        [p for p in prompt_ids for _ in range(g)],
+        replace(params, n=1),
+        generator,
+        autocast_dtype,
+    )
+    r.group_size = g
+    r.prompt_index = torch.arange(len(prompt_ids), device=r.completion_ids.device)
+    r.prompt_index = r.prompt_index.repeat_interleave(g)
+    return r
+
+
+def _left_pad(
+    prompt_ids: list[list[int]], pad_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Left-padded `(P, L)` input ids, attention mask and position ids of the prompts."""
     plen = max(len(p) for p in prompt_ids)
-    input_ids = torch.full((n_prompts, plen), pad_id, dtype=torch.long, device=device)
-    attn = torch.zeros((n_prompts, plen), dtype=torch.long, device=device)
+    input_ids = torch.full((len(prompt_ids), plen), pad_id, dtype=torch.long, device=device)
+    attn = torch.zeros((len(prompt_ids), plen), dtype=torch.long, device=device)
     for i, p in enumerate(prompt_ids):
         input_ids[i, plen - len(p) :] = torch.tensor(p, dtype=torch.long)
         attn[i, plen - len(p) :] = 1
     positions = (attn.cumsum(-1) - 1).clamp(min=0)
+    return input_ids, attn, positions
 
-    was_training = model.training
-    model.eval()
-    ctx = (
-        torch.autocast(device_type=device.type, dtype=autocast_dtype)
-        if autocast_dtype is not None
-        else torch.autocast(device_type=device.type, enabled=False)
+
+def _autocast(device: torch.device, dtype: torch.dtype | None) -> torch.autocast:
+    """Autocast to `dtype`, or autocast explicitly disabled when `dtype` is None."""
+    if dtype is not None:
+        return torch.autocast(device_type=device.type, dtype=dtype)
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
+@dataclass
+class _Outputs:
+    """Per-row results, `(N, max_new_tokens)` over all `N` rows, filled one step at a time."""
+
+    tokens: torch.Tensor
+    logps: torch.Tensor
+    entropy: torch.Tensor
+    lengths: torch.Tensor
+    finished_by_stop: torch.Tensor
+
+    @classmethod
+    def empty(cls, n_rows: int, max_new: int, pad_id: int, device: torch.device) -> _Outputs:
+        return cls(
+            tokens=torch.full((n_rows, max_new), pad_id, dtype=torch.long, device=device),
+            logps=torch.zeros((n_rows, max_new), dtype=torch.float32, device=device),
+            entropy=torch.zeros((n_rows, max_new), dtype=torch.float32, device=device),
+            lengths=torch.zeros(n_rows, dtype=torch.long, device=device),
+            finished_by_stop=torch.zeros(n_rows, dtype=torch.bool, device=device),
+        )
+
+
+@dataclass
+class _StopCheck:
+    """Which rows finish at a step: an EOS id was sampled or the text ends in a stop string."""
+
+    tokenizer: PreTrainedTokenizerBase
+    eos: torch.Tensor  # the sorted EOS ids
+    stop_strings: list[str]
+    window: int  # tokens decoded to look for a stop string: the longest one's length
+
+    @classmethod
+    def build(
+        cls,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        params: SamplingParams,
+        device: torch.device,
+    ) -> _StopCheck:
+        eos = torch.tensor(sorted(_eos_ids(model, tokenizer)), dtype=torch.long, device=device)
+        stop_strings = [s for s in params.stop_strings if s]
+        window = max((len(s) for s in stop_strings), default=0)
+        return cls(tokenizer, eos, stop_strings, window)
+
+    def __call__(
+        self, tok: torch.Tensor, active: torch.Tensor, t: int, out: _Outputs
+    ) -> torch.Tensor:
+        """Finished flags of the batch rows that sampled `tok` at step `t`; rows that end in a
+        stop string are also marked in `out.finished_by_stop`."""
+        if len(self.eos):
+            done = torch.isin(tok, self.eos)
+        else:
+            done = torch.zeros_like(tok, dtype=torch.bool)
+        if self.stop_strings:
+            for j in (~done).nonzero().flatten().tolist():
+                row = int(active[j])
+                lo = max(0, t + 1 - self.window)
+                tail = self.tokenizer.decode(out.tokens[row, lo : t + 1].tolist())
+                if any(tail.endswith(s) or s in tail[-(len(s) + 8) :] for s in self.stop_strings):
+                    done[j] = True
+                    out.finished_by_stop[row] = True
+        return done
+
+
+def _prefill(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attn: torch.Tensor,
+    positions: torch.Tensor,
+) -> tuple[DynamicCache, str, torch.Tensor]:
+    """Encode the prompts into a fresh KV cache; returns the cache, the name of the model's
+    cache argument and the float32 logits `(P, V)` of the last prompt position."""
+    cache = DynamicCache(config=model.config)
+    cache_kw, keep_kw = cache_forward_kwargs(model)  # the cache is updated in place
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attn,
+        position_ids=positions,
+        use_cache=True,
+        **{cache_kw: cache},
+        **keep_kw,
     )
-    out_tokens = torch.full((n_rows, max_new), pad_id, dtype=torch.long, device=device)
-    out_logps = torch.zeros((n_rows, max_new), dtype=torch.float32, device=device)
-    out_ent = torch.zeros((n_rows, max_new), dtype=torch.float32, device=device)
-    lengths = torch.zeros(n_rows, dtype=torch.long, device=device)
-    finished_by_stop = torch.zeros(n_rows, dtype=torch.bool, device=device)
-    try:
-        with ctx:
-            cache = DynamicCache(config=model.config)
-            cache_kw, keep_kw = cache_forward_kwargs(model)  # the cache is updated in place
-            out = model(
-                input_ids=input_ids,
-                attention_mask=attn,
-                position_ids=positions,
-                use_cache=True,
-                **{cache_kw: cache},
-                **keep_kw,
-            )
-            logits = out.logits[:, -1, :].float()
-            if g > 1:  # prefix sharing: the prompt was encoded once, its cache is copied
-                cache.batch_repeat_interleave(g)
-                logits = logits.repeat_interleave(g, dim=0)
-                attn = attn.repeat_interleave(g, dim=0)
-                positions = positions.repeat_interleave(g, dim=0)
-            next_pos = positions[:, -1] + 1
-            active = torch.arange(n_rows, device=device)  # original row index of each batch row
-            eos_tensor = torch.tensor(sorted(eos_ids), dtype=torch.long, device=device)
+    return cache, cache_kw, out.logits[:, -1, :].float()
 
-            for t in range(max_new):
-                if params.greedy:
-                    tok = logits.argmax(-1)
-                    logp_all = torch.log_softmax(logits, dim=-1)
-                else:
-                    scaled = logits / params.temperature
-                    logp_all = torch.log_softmax(scaled, dim=-1)
-                    filtered = _filter_logits(scaled, params.top_k, params.top_p)
-                    probs = torch.softmax(filtered, dim=-1)
-                    tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-                out_tokens[active, t] = tok
-                out_logps[active, t] = logp_all.gather(-1, tok[:, None]).squeeze(-1)
-                out_ent[active, t] = -(logp_all.exp() * logp_all).sum(-1)
-                lengths[active] = t + 1
-                done = (
-                    torch.isin(tok, eos_tensor)
-                    if len(eos_ids)
-                    else torch.zeros_like(tok, dtype=torch.bool)
-                )
-                if stop_strings:
-                    for j in (~done).nonzero().flatten().tolist():
-                        row = int(active[j])
-                        lo = max(0, t + 1 - stop_window)
-                        tail = tokenizer.decode(out_tokens[row, lo : t + 1].tolist())
-                        if any(
-                            tail.endswith(s) or s in tail[-(len(s) + 8) :] for s in stop_strings
-                        ):
-                            done[j] = True
-                            finished_by_stop[row] = True
-                if t == max_new - 1:
-                    break
-                keep = ~done
-                if not bool(keep.any()):
-                    break
-                if not bool(keep.all()):  # drop finished rows from the batch and the cache
-                    idx = keep.nonzero().flatten()
-                    cache.batch_select_indices(idx)
-                    active, tok, attn, next_pos = active[idx], tok[idx], attn[idx], next_pos[idx]
-                attn = torch.cat([attn, attn.new_ones((attn.shape[0], 1))], dim=1)
-                out = model(
-                    input_ids=tok[:, None],
-                    attention_mask=attn,
-                    position_ids=next_pos[:, None],
-                    use_cache=True,
-                    **{cache_kw: cache},
-                )
-                logits = out.logits[:, -1, :].float()
-                next_pos = next_pos + 1
-    finally:
-        if was_training:
-            model.train()
 
-    width = int(lengths.max().item()) if n_rows else 0
-    completion_ids = out_tokens[:, :width].clone()
+def _sample_token(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    generator: torch.Generator | None,
+    out: _Outputs,
+    active: torch.Tensor,
+    t: int,
+) -> torch.Tensor:
+    """Sample (or take the argmax of) one token per batch row from `logits` `(B, V)`, and
+    record it with its log-prob and the entropy of its distribution at step `t`."""
+    if params.greedy:  # log-probs and entropy at T = 1
+        scaled = logits
+        tok = logits.argmax(-1)
+        logp_all = torch.log_softmax(logits, dim=-1)
+    else:
+        scaled = logits / params.temperature
+        logp_all = torch.log_softmax(scaled, dim=-1)
+        filtered = _filter_logits(scaled, params.top_k, params.top_p)
+        probs = torch.softmax(filtered, dim=-1)
+        tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    out.tokens[active, t] = tok
+    out.logps[active, t] = logp_all.gather(-1, tok[:, None]).squeeze(-1)
+    out.entropy[active, t] = entropy_from_logits(scaled)
+    out.lengths[active] = t + 1
+    return tok
+
+
+def _decode(
+    model: PreTrainedModel,
+    params: SamplingParams,
+    generator: torch.Generator | None,
+    stop: _StopCheck,
+    out: _Outputs,
+    input_ids: torch.Tensor,
+    attn: torch.Tensor,
+    positions: torch.Tensor,
+) -> None:
+    """Prefill the distinct prompts, copy their cache to the `n` rows of each group, then
+    decode one token per step for all unfinished rows, dropping finished rows from the batch
+    and the cache. Fills `out`."""
+    g, max_new = params.n, params.max_new_tokens
+    cache, cache_kw, logits = _prefill(model, input_ids, attn, positions)
+    if g > 1:  # prefix sharing: the prompt was encoded once, its cache is copied
+        cache.batch_repeat_interleave(g)
+        logits = logits.repeat_interleave(g, dim=0)
+        attn = attn.repeat_interleave(g, dim=0)
+        positions = positions.repeat_interleave(g, dim=0)
+    next_pos = positions[:, -1] + 1
+    active = torch.arange(out.tokens.shape[0], device=out.tokens.device)  # row of each batch row
+    for t in range(max_new):
+        tok = _sample_token(logits, params, generator, out, active, t)
+        done = stop(tok, active, t, out)
+        if t == max_new - 1:
+            break
+        keep = ~done
+        if not bool(keep.any()):
+            break
+        if not bool(keep.all()):  # drop finished rows from the batch and the cache
+            idx = keep.nonzero().flatten()
+            cache.batch_select_indices(idx)
+            active, tok, attn, next_pos = active[idx], tok[idx], attn[idx], next_pos[idx]
+        attn = torch.cat([attn, attn.new_ones((attn.shape[0], 1))], dim=1)
+        step = model(
+            input_ids=tok[:, None],
+            attention_mask=attn,
+            position_ids=next_pos[:, None],
+            use_cache=True,
+            **{cache_kw: cache},
+        )
+        logits = step.logits[:, -1, :].float()
+        next_pos = next_pos + 1
+
+
+def _assemble(
+    tokenizer: PreTrainedTokenizerBase,
+    prompt_ids: list[list[int]],
+    g: int,
+    out: _Outputs,
+    eos: torch.Tensor,
+    pad_id: int,
+) -> Rollout:
+    """The `Rollout` of the filled buffers: trimmed to the longest completion, padded and
+    masked after each row's last token, decoded to text."""
+    lengths = out.lengths
+    n_rows = lengths.shape[0]
+    device = lengths.device
+    width = int(lengths.max().item())
+    completion_ids = out.tokens[:, :width].clone()
     steps = torch.arange(width, device=device)[None, :]
     mask = (steps < lengths[:, None]).float()
     completion_ids[mask == 0] = pad_id
-    logps = out_logps[:, :width] * mask
-    entropy = out_ent[:, :width] * mask
+    logps = out.logps[:, :width] * mask
+    entropy = out.entropy[:, :width] * mask
     last_tok = completion_ids.gather(1, (lengths - 1).clamp(min=0)[:, None]).squeeze(1)
-    ended = torch.isin(last_tok, eos_tensor) | finished_by_stop
+    ended = torch.isin(last_tok, eos) | out.finished_by_stop
     truncated = ~ended
     texts = tokenizer.batch_decode(
         [completion_ids[i, : lengths[i]].tolist() for i in range(n_rows)], skip_special_tokens=True
@@ -279,7 +396,7 @@ def _generate(
         truncated=truncated,
         texts=texts,
         group_size=g,
-        prompt_index=torch.arange(n_prompts, device=device).repeat_interleave(g),
+        prompt_index=torch.arange(len(prompt_ids), device=device).repeat_interleave(g),
     )
 
 

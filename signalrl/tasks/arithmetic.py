@@ -153,13 +153,24 @@ class ArithmeticTask:
 
     # -- verification -------------------------------------------------------------------------
     def verify(self, prompt_row: Row, completion: str) -> float:
-        """1.0 when the final integer answer equals the reference: inside the last
-        `<answer>...</answer>` block if there is one, else as `extract_int_answer` finds it."""
-        tagged = extract_tagged_answer(completion)
-        got = extract_int_answer(tagged if tagged is not None else completion)
+        """1.0 when the final integer answer (:meth:`extract`) equals the reference."""
+        got = self.extract(completion)
         if got is None:
             return 0.0
         try:
             return 1.0 if int(got) == int(prompt_row["answer"]) else 0.0
         except ValueError:
             return 0.0
+
+    def extract(self, completion: str) -> str | None:
+        """The final integer answer of a completion, or None: inside the last
+        `<answer>...</answer>` block if there is one, else as `extract_int_answer` finds it;
+        in canonical form (``"007"`` is ``"7"``, ``"-0"`` is ``"0"``). :meth:`verify` judges
+        this answer; evaluation votes over it for maj@k."""
+        tagged = extract_tagged_answer(completion)
+        got = extract_int_answer(tagged if tagged is not None else completion)
+        if got is None:
+            return None
+        # canonical digits without int(), which refuses very long digit strings
+        digits = got.lstrip("-").lstrip("0") or "0"
+        return "-" + digits if got.startswith("-") and digits != "0" else digits

@@ -10,7 +10,11 @@ Row = dict[str, Any]
 @runtime_checkable
 class Task(Protocol):
     """A verifiable task. Rows hold at least `prompt` (str) and `answer` (str); SFT uses
-    `completion` (the reference completion text, without EOS)."""
+    `completion` (the reference completion text, without EOS).
+
+    A task may also define `extract(completion) -> str | None`, the final answer `verify`
+    reads from a completion (None: no answer); evaluation votes over it for maj@k. It is not
+    part of the protocol, so tasks without it still are tasks (they get no maj@k)."""
 
     name: str
 

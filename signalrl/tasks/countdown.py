@@ -413,3 +413,10 @@ class CountdownTask:
         return score_expression(
             expression, prompt_row["numbers"], int(prompt_row["target"]), use_all=self.use_all
         )
+
+    def extract(self, completion: str) -> str | None:
+        """The expression a completion proposes (:func:`extract_expression`) with whitespace
+        removed, or None: what :meth:`verify` scores, and what evaluation votes over for
+        maj@k."""
+        expression = extract_expression(completion)
+        return None if expression is None else "".join(expression.split())

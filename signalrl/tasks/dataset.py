@@ -42,9 +42,10 @@ Templates (``template``):
 
 Verification: if the completion has an ``<answer>...</answer>`` block (what ``r1_zero``
 asks for; honoured with every template), the last one is the answer; otherwise the whole
-completion goes to the format's reward. :meth:`verify` is accuracy only; ``reward_format``
-tells the trainer to add the R1 format reward, which :meth:`DatasetTask.format_reward`
-computes (composition happens in the trainer).
+completion goes to the format's reward. :meth:`verify` is accuracy only; to also reward the
+R1 ``<think>/<answer>`` format, list a ``format`` term next to the ``task`` term in the
+recipe's ``rewards`` (e.g. ``- {type: format, weight: 0.5}``). :meth:`DatasetTask.extract`
+gives the final answer :meth:`verify` reads (evaluation votes over it for maj@k).
 
 Splits: with ``test_path`` the two files are train and test. Without it, a row goes to test
 when a hash of its question falls under ``test_fraction``: deterministic, independent of
@@ -68,8 +69,7 @@ from pathlib import Path
 from typing import Any
 
 from signalrl.rewards.code import code_reward, extract_code
-from signalrl.rewards.format import R1_PATTERN, extract_tagged_answer
-from signalrl.rewards.format import format_reward as _format_reward
+from signalrl.rewards.format import extract_tagged_answer
 from signalrl.rewards.math import (
     _clean_phrase,  # the same phrase cleaning math_reward applies to "answer is ..."
     answers_match,
@@ -245,7 +245,6 @@ class DatasetTask:
     seed: int = 0
     template: str = "plain"
     system_prompt: str | None = None
-    reward_format: bool = False
     n_train: int | None = None
     n_test: int | None = None
     columns: dict[str, str] | None = None
@@ -421,17 +420,13 @@ class DatasetTask:
             return 0.0
         return 1.0 if answers_match(pred, reference, timeout=self.math_timeout) else 0.0
 
-    def format_reward(self, prompt_row: Row, completion: str) -> float:
-        """The DeepSeek-R1 format reward (1.0 if the whole completion is
-        ``<think>...</think> <answer>...</answer>``); add it to :meth:`verify` when
-        ``reward_format`` is set."""
-        return _format_reward(completion, pattern=R1_PATTERN)
-
     def extract(self, completion: str) -> str | None:
-        """The final answer of a completion (for majority voting), or None."""
+        """The final answer of a completion as :meth:`verify` reads it, or None: the program
+        for code, else the math answer (inside the last ``<answer>`` block if there is one).
+        Evaluation votes over it for maj@k."""
         tagged = extract_tagged_answer(completion)
+        if self.format == "code":
+            return extract_code(tagged if tagged is not None else completion).strip() or None
         if tagged is not None:
             return extract_answer(tagged, fallback_last_number=False) or _clean_phrase(tagged)
-        if self.format == "code":
-            return extract_code(completion).strip() or None
         return extract_answer(completion)
