@@ -10,6 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from signalrl.losses.advantages import (
+    AdvantageInput,
+    compute_advantages,
     gae,
     group_advantages,
     reinforce_pp_advantages,
@@ -19,10 +21,15 @@ from signalrl.losses.advantages import (
 )
 from signalrl.losses.kl import kl_estimate
 from signalrl.losses.policy import (
+    PolicyLossInput,
     aggregate,
+    cispo,
     entropy_from_logits,
     explained_variance,
+    importance_ratio,
     policy_loss,
+    ppo,
+    ratio_metrics,
     token_logprobs,
     value_loss,
 )
@@ -95,7 +102,9 @@ def test_group_advantages_validation() -> None:
     st.sampled_from(["group", "batch", "none"]),
     st.data(),
 )
-def test_group_advantages_zero_group_mean(n_groups: int, g: int, scale: str, data) -> None:
+def test_group_advantages_zero_group_mean(
+    n_groups: int, g: int, scale: str, data: st.DataObject
+) -> None:
     vals = data.draw(st.lists(st.floats(-10, 10), min_size=n_groups * g, max_size=n_groups * g))
     a = group_advantages(torch.tensor(vals, dtype=torch.float64), g, scale=scale)  # type: ignore[arg-type]
     assert torch.isfinite(a).all()
@@ -154,7 +163,9 @@ def test_whiten_hand_values() -> None:
     close(whiten(x, m, shift_mean=False, eps=0.0), [[1 / s, 2 / s, 3 / s], [4 / s, 0.0, 0.0]])
 
 
-def _reference_reinforce_pp(r: list[list[float]], m: list[list[float]], gamma: float):
+def _reference_reinforce_pp(
+    r: list[list[float]], m: list[list[float]], gamma: float
+) -> list[list[float]]:
     rets = [[0.0] * len(row) for row in r]
     for i, row in enumerate(r):
         running = 0.0
@@ -204,7 +215,9 @@ def test_reinforce_pp_matches_reference_loop() -> None:
 # --------------------------------------------------------------------------- GAE
 
 
-def _reference_gae(r, v, m, gamma, lam):
+def _reference_gae(
+    r: list[list[float]], v: list[list[float]], m: list[list[float]], gamma: float, lam: float
+) -> tuple[list[list[float]], list[list[float]]]:
     adv = [[0.0] * len(row) for row in r]
     ret = [[0.0] * len(row) for row in r]
     for i in range(len(r)):
@@ -258,6 +271,69 @@ def test_gae_validation() -> None:
         gae(torch.zeros(2, 3), torch.zeros(2, 4), torch.zeros(2, 3))
     with pytest.raises(ValueError, match="lam"):
         gae(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, 3), lam=1.5)
+
+
+# --------------------------------------------------------------------------- registered estimators
+
+
+def test_registered_group_estimator_hand_values() -> None:
+    r = torch.tensor([1.0, 3.0, 0.0, 0.0])
+    mask = torch.ones(4, 2)
+    kl = torch.full((4, 2), 5.0)  # group advantages ignore a KL in the reward
+    out = compute_advantages(AdvantageInput(r, mask, 2, kl=kl, kl_coef=1.0), "group")
+    close(out.advantages, [-1 / (math.sqrt(2) + 1e-6), 1 / (math.sqrt(2) + 1e-6), 0.0, 0.0])
+    assert out.returns is None
+    none = compute_advantages(AdvantageInput(r, mask, 2, adv_scale="none"), "group")
+    close(none.advantages, [-1.0, 1.0, 0.0, 0.0])
+    with pytest.raises(ValueError, match="group, batch, none"):
+        compute_advantages(AdvantageInput(r, mask, 2, adv_scale="std"), "group")
+
+
+def test_registered_rloo_estimator_subtracts_sequence_kl() -> None:
+    r = torch.tensor([1.0, 3.0, 0.0, 0.0])
+    mask = torch.ones(4, 2)
+    close(compute_advantages(AdvantageInput(r, mask, 2), "rloo").advantages, [-2, 2, 0, 0])
+    # sequence KL sums: [0.5, 1.5, 1.0, 0.0]; r - 0.2 * kl = [0.9, 2.7, -0.2, 0.0]
+    kl = torch.tensor([[0.25, 0.25], [1.0, 0.5], [1.0, 0.0], [0.0, 0.0]])
+    out = compute_advantages(AdvantageInput(r, mask, 2, kl=kl, kl_coef=0.2), "rloo")
+    close(out.advantages, [-1.8, 1.8, -0.2, 0.2])
+    assert out.returns is None
+
+
+def test_registered_reinforce_pp_estimator_hand_values() -> None:
+    r = torch.tensor([1.0, 2.0])
+    m = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    kl = torch.tensor([[0.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    # shaped rewards: [[0, 1, -], [0, -0.5, 2]]; gamma=1 returns [[1, 1], [1.5, 1.5, 2]]
+    out = compute_advantages(AdvantageInput(r, m, 1, kl=kl, kl_coef=0.5), "reinforce_pp")
+    rets = [1.0, 1.0, 1.5, 1.5, 2.0]
+    mu = sum(rets) / 5
+    s = math.sqrt(sum((v - mu) ** 2 for v in rets) / 4 + 1e-8)
+    close(
+        out.advantages,
+        [[(1 - mu) / s, (1 - mu) / s, 0.0], [(1.5 - mu) / s, (1.5 - mu) / s, (2 - mu) / s]],
+    )
+    assert out.returns is None
+
+
+def test_registered_gae_estimator_hand_values_and_whitening() -> None:
+    r = torch.tensor([1.0])
+    v = torch.tensor([[9.0, 0.5, 0.8, 9.0]])
+    m = torch.tensor([[0.0, 1.0, 1.0, 0.0]])
+    kl = torch.tensor([[0.0, 0.2, 0.0, 0.0]])
+    # token rewards [0, -0.1, 1, 0]: deltas 0.2 (last) and -0.1 + 0.8 - 0.5 = 0.2; lam=0.5
+    x = AdvantageInput(r, m, 1, kl=kl, kl_coef=0.5, values=v, gamma=1.0, lam=0.5)
+    out = compute_advantages(x, "gae")
+    close(out.advantages, [[0.0, 0.2 + 0.5 * 0.2, 0.2, 0.0]])
+    assert out.returns is not None
+    close(out.returns, [[0.0, 0.8, 1.0, 0.0]])
+    white = compute_advantages(AdvantageInput(r, m, 1, values=v, lam=0.5, whiten=True), "gae")
+    # without the KL: deltas 0.3 and 0.2 -> raw [0.4, 0.2], whitened +-1/sqrt(2); the returns
+    # come from the raw advantages
+    close(white.advantages, [[0.0, 1 / math.sqrt(2), -1 / math.sqrt(2), 0.0]], atol=1e-4)
+    close(white.returns, [[0.0, 0.9, 1.0, 0.0]])
+    with pytest.raises(ValueError, match="values"):
+        compute_advantages(AdvantageInput(r, m, 1), "gae")
 
 
 # --------------------------------------------------------------------------- KL estimators
@@ -348,7 +424,7 @@ def test_aggregate_validation() -> None:
 
 @settings(max_examples=40, deadline=None)
 @given(st.integers(1, 4), st.integers(1, 6), st.data())
-def test_aggregate_of_ones_is_one(b: int, t: int, data) -> None:
+def test_aggregate_of_ones_is_one(b: int, t: int, data: st.DataObject) -> None:
     bits = data.draw(st.lists(st.booleans(), min_size=b * t, max_size=b * t).filter(any))
     mask = torch.tensor(bits, dtype=torch.float32).view(b, t)
     ones = torch.ones(b, t)
@@ -364,7 +440,7 @@ def test_aggregate_of_ones_is_one(b: int, t: int, data) -> None:
 RATIOS = [0.7, 0.9, 1.1, 1.25, 1.35]
 
 
-def _ppo_inputs(ratios: list[float], rows: int = 2):
+def _ppo_inputs(ratios: list[float], rows: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
     old = torch.full((rows, len(ratios)), -2.0)
     logps = (old + torch.log(torch.tensor(ratios))).clone().requires_grad_(True)
     return logps, old
@@ -516,10 +592,64 @@ def test_policy_loss_validation() -> None:
     m = torch.ones(2, 3)
     with pytest.raises(ValueError, match=r"\(2,\) or \(2, 3\)"):
         policy_loss(x, x, torch.ones(3), m)
-    with pytest.raises(ValueError, match="ppo, cispo"):
-        policy_loss(x, x, torch.ones(2), m, loss_type="grpo")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="'grpo'; valid: cispo, ppo"):
+        policy_loss(x, x, torch.ones(2), m, loss_type="grpo")
     with pytest.raises(ValueError, match="shape mismatch"):
         policy_loss(x, torch.zeros(2, 4), torch.ones(2), m)
+
+
+def _input(
+    ratio: list[list[float]], adv: list[list[float]], dual_clip: float | None = None
+) -> PolicyLossInput:
+    """PPO-style inputs with clip range [0.8, 1.2] and every token counting."""
+    old = torch.full((len(ratio), len(ratio[0])), -1.0)
+    logps = (old + torch.log(torch.tensor(ratio))).requires_grad_(True)
+    mask = torch.ones_like(old)
+    return PolicyLossInput(
+        logps=logps,
+        old_logps=old,
+        ratio=importance_ratio(logps, old, mask, "token"),
+        advantages=torch.tensor(adv),
+        mask=mask,
+        keep=mask > 0,
+        n_tokens=int(mask.sum()),
+        clip_low=0.2,
+        clip_high=0.2,
+        dual_clip=dual_clip,
+    )
+
+
+def test_registered_ppo_per_token_loss_and_metrics() -> None:
+    x = _input([[0.5, 1.0, 1.5], [0.5, 1.0, 5.0]], [[1.0, 1.0, 1.0], [-1.0, -1.0, -1.0]])
+    per_token, metrics = ppo(x)
+    # A > 0: -min(r, clip r); A < 0: max(r, clip r)
+    close(per_token, [[-0.5, -1.0, -1.2], [0.8, 1.0, 5.0]])
+    assert metrics == pytest.approx({"clip_frac/low": 1 / 6, "clip_frac/high": 1 / 6})
+    per_token, metrics = ppo(_input([[0.5, 1.0, 5.0]], [[-1.0, -1.0, -1.0]], dual_clip=3.0))
+    close(per_token, [[0.8, 1.0, 3.0]])  # 5 capped at -c A = 3
+    assert metrics["dual_clip_frac"] == pytest.approx(1 / 3)
+
+
+def test_registered_cispo_per_token_loss_and_metrics() -> None:
+    x = _input([[0.5, 1.0, 1.5]], [[2.0, 2.0, -1.0]])
+    per_token, metrics = cispo(x)
+    lp = [-1.0 + math.log(r) for r in (0.5, 1.0, 1.5)]
+    close(per_token, [[-0.8 * 2 * lp[0], -2 * lp[1], 1.2 * lp[2]]])
+    assert metrics == pytest.approx({"clip_frac/low": 1 / 3, "clip_frac/high": 1 / 3})
+    per_token.sum().backward()
+    assert x.logps.grad is not None
+    close(x.logps.grad, [[-1.6, -2.0, 1.2]])  # the clipped weight is detached
+
+
+def test_importance_ratio_levels_and_ratio_metrics() -> None:
+    old = torch.zeros(1, 3)
+    logps = torch.tensor([[0.2, -0.2, 5.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    close(importance_ratio(logps, old, mask, "token"), [[math.exp(0.2), math.exp(-0.2), 1.0]])
+    close(importance_ratio(logps, old, mask, "sequence"), [[1.0, 1.0, 1.0]])
+    m = ratio_metrics(torch.tensor([[0.5, 2.0, 9.0]]), mask > 0)
+    assert m == pytest.approx({"ratio/mean": 1.25, "ratio/max": 2.0, "ratio/min": 0.5})
+    assert ratio_metrics(torch.ones(1, 3), torch.zeros(1, 3, dtype=torch.bool))["ratio/mean"] == 1
 
 
 # --------------------------------------------------------------------------- value loss

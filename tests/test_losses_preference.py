@@ -16,16 +16,17 @@ from hypothesis import strategies as st
 from signalrl.losses.preference import (
     DPO_LOSS_TYPES,
     F_DIVERGENCE_TYPES,
-    combine_losses,
+    PreferenceInput,
     dpo_loss,
-    dpo_loss_mixture,
     f_divergence_score,
     kto_loss,
     orpo_loss,
+    preference_loss,
     preference_metrics,
     rpo_loss,
     simpo_loss,
 )
+from signalrl.registry import PREFERENCE_LOSSES
 
 D = torch.float64
 
@@ -394,39 +395,8 @@ def test_kto_desirable_undesirable_and_clamp() -> None:
 
 
 # --------------------------------------------------------------------------------------
-# mixtures, RPO, metrics
+# RPO, metrics
 # --------------------------------------------------------------------------------------
-
-
-def test_combine_losses() -> None:
-    comps = {"a": t(1.0, 2.0), "b": t(10.0, 20.0), "c": torch.tensor(3.0, dtype=D)}
-    out = combine_losses(comps, {"a": 0.5, "b": 0.1})  # c defaults to 1.0
-    assert out.tolist() == pytest.approx([0.5 + 1.0 + 3.0, 1.0 + 2.0 + 3.0])
-    with pytest.raises(ValueError, match="unknown"):
-        combine_losses(comps, {"z": 1.0})
-
-
-def test_mpo_mixture() -> None:
-    g = torch.Generator().manual_seed(2)
-    x = [-torch.rand(4, generator=g, dtype=D) * 3 for _ in range(4)]
-    sft = t(0.7, 0.2, 0.4, 1.1)
-    losses, cr, _ = dpo_loss_mixture(
-        *x,
-        loss_types=["sigmoid", "bco_pair", "sft"],
-        weights=[0.8, 0.2, 1.0],
-        beta=0.2,
-        sft_loss=sft,
-    )
-    s, _, _ = dpo_loss(*x, beta=0.2)
-    b, _, _ = dpo_loss(*x, beta=0.2, loss_type="bco_pair")
-    torch.testing.assert_close(losses, 0.8 * s + 0.2 * b + sft)
-    torch.testing.assert_close(cr, 0.2 * (x[0] - x[2]))
-    with pytest.raises(ValueError, match="one entry per loss type"):
-        dpo_loss_mixture(*x, loss_types=["sigmoid", "ipo"], weights=[1.0])
-    with pytest.raises(ValueError, match="sft_loss"):
-        dpo_loss_mixture(*x, loss_types=["sft"], weights=[1.0])
-    with pytest.raises(ValueError, match="valid"):
-        dpo_loss_mixture(*x, loss_types=["nope"], weights=[1.0])
 
 
 def test_rpo() -> None:
@@ -449,6 +419,189 @@ def test_preference_metrics() -> None:
         }
     )
     assert all(isinstance(v, float) for v in m.values())
+
+
+# --------------------------------------------------------------------------------------
+# the registered functions (PreferenceInput -> (losses, chosen_rewards, rejected_rewards))
+# --------------------------------------------------------------------------------------
+
+LC, LR = 4.0, 2.0  # completion lengths of the pair
+EPS, DELTA, TAU = 0.1, 0.3, 0.05
+
+
+def _smoothed(z: float, eps: float) -> float:
+    return -(1 - eps) * logsig(z) - eps * logsig(-z)
+
+
+def _exo(z: float, e: float) -> float:
+    return sig(z) * (logsig(z) - math.log(1 - e)) + sig(-z) * (logsig(-z) - math.log(e))
+
+
+def _disco(z: float, tau: float) -> float:
+    m = sig(z / tau)
+    return (1 - m) * -logsig(z) + m * math.exp(-z)
+
+
+# Each DPO-family entry at beta = 0.5 (bz = beta * h = 1), label_smoothing = EPS,
+# bco_delta = DELTA, discopop_tau = TAU and lengths LC, LR, written out with `math`.
+_BZ = 0.5 * H
+DPO_EXPECTED: dict[str, float] = {
+    "sigmoid": _smoothed(_BZ, EPS),
+    "robust": ((1 - EPS) * -logsig(_BZ) - EPS * -logsig(-_BZ)) / (1 - 2 * EPS),
+    "ipo": (A / LC - B / LR - 1.0) ** 2,  # lengths given: scores are length-normalised
+    "hinge": max(0.0, 1 - _BZ),
+    "exo_pair": _exo(_BZ, EPS),
+    "nca_pair": -logsig(0.5 * A) - 0.5 * logsig(-0.5 * A) - 0.5 * logsig(-0.5 * B),
+    "bco_pair": -logsig(0.5 * A - DELTA) - logsig(-(0.5 * B - DELTA)),
+    "sppo_hard": (A - 1.0) ** 2 + (B + 1.0) ** 2,
+    "aot": _smoothed(0.5 * ((PC - PR) - (RC - RR)), EPS),  # one pair: sorting is the identity
+    "aot_unpaired": _smoothed(0.5 * (A - B), EPS),
+    "apo_zero": (1 - sig(0.5 * A)) + sig(0.5 * B),
+    "apo_down": sig(0.5 * A) + (1 - sig(0.5 * (A - B))),
+    "discopop": _disco(_BZ, TAU),
+    "sigmoid_norm": -logsig(0.5 * (A / LC - B / LR)),  # label_smoothing is not read
+}
+
+
+def _pair_input(**kw: object) -> PreferenceInput:
+    args: dict[str, object] = dict(
+        chosen_lengths=t(LC),
+        rejected_lengths=t(LR),
+        beta=0.5,
+        label_smoothing=EPS,
+        bco_delta=DELTA,
+        discopop_tau=TAU,
+    )
+    args.update(kw)
+    return PreferenceInput(t(PC), t(PR), t(RC), t(RR), **args)  # type: ignore[arg-type]
+
+
+def test_dpo_expected_table_covers_the_dpo_types() -> None:
+    assert set(DPO_EXPECTED) == set(DPO_LOSS_TYPES)
+
+
+@pytest.mark.parametrize("loss_type", DPO_LOSS_TYPES)
+def test_registered_dpo_entries_hand_values(loss_type: str) -> None:
+    x = _pair_input()
+    direct = PREFERENCE_LOSSES.get(loss_type)(x)
+    for losses, cr, rr in (direct, preference_loss(x, loss_type)):
+        assert losses.shape == (1,)
+        assert losses.item() == pytest.approx(DPO_EXPECTED[loss_type])
+        assert cr.item() == pytest.approx(0.5 * A) and rr.item() == pytest.approx(0.5 * B)
+        assert not cr.requires_grad and not rr.requires_grad
+    via_dpo, _, _ = dpo_loss(
+        t(PC),
+        t(PR),
+        t(RC),
+        t(RR),
+        beta=0.5,
+        loss_type=loss_type,
+        label_smoothing=EPS,
+        bco_delta=DELTA,
+        discopop_tau=TAU,
+        chosen_lengths=t(LC),
+        rejected_lengths=t(LR),
+    )
+    assert torch.equal(via_dpo, direct[0])
+
+
+@pytest.mark.parametrize("loss_type", DPO_LOSS_TYPES)
+def test_registered_dpo_entries_need_the_reference(loss_type: str) -> None:
+    x = PreferenceInput(t(PC), t(PR), chosen_lengths=t(LC), rejected_lengths=t(LR))
+    with pytest.raises(ValueError, match="ref_chosen_logps"):
+        preference_loss(x, loss_type)
+
+
+def test_registered_f_divergence_through_preference_loss() -> None:
+    x = _pair_input(label_smoothing=0.0, f_divergence_type="forward_kl")
+    losses, _, _ = preference_loss(x, "sigmoid")
+    assert losses.item() == pytest.approx(-logsig(0.5 * (math.exp(-B) - math.exp(-A))))
+    with pytest.raises(ValueError, match="no f-divergence generalisation"):
+        preference_loss(x, "bco_pair")
+    with pytest.raises(ValueError, match="no f-divergence generalisation"):
+        preference_loss(x, "simpo")
+    with pytest.raises(ValueError, match="reverse_kl"):
+        preference_loss(_pair_input(f_divergence_type="tv"), "sigmoid")
+
+
+def test_registered_simpo_uses_average_logps() -> None:
+    # avg_c = -4 / 4 = -1, avg_r = -3 / 2 = -1.5; z = 2 * 0.5 - 0.5 = 0.5
+    x = PreferenceInput(
+        t(-4.0),
+        t(-3.0),
+        chosen_lengths=t(4.0),
+        rejected_lengths=t(2.0),
+        beta=2.0,
+        simpo_gamma=0.5,
+        label_smoothing=0.2,
+    )
+    losses, cr, rr = preference_loss(x, "simpo")
+    assert losses.item() == pytest.approx(-0.8 * logsig(0.5) - 0.2 * logsig(-0.5))
+    assert (cr.item(), rr.item()) == pytest.approx((-2.0, -3.0))
+    with pytest.raises(ValueError, match="chosen_lengths"):
+        preference_loss(PreferenceInput(t(-4.0), t(-3.0)), "simpo")
+
+
+def test_registered_orpo_is_nll_plus_odds_term() -> None:
+    # avg_c = log 0.5 (2 tokens), avg_r = log 0.25 (3 tokens): log odds ratio = log 3
+    x = PreferenceInput(
+        t(2 * math.log(0.5)),
+        t(3 * math.log(0.25)),
+        chosen_lengths=t(2.0),
+        rejected_lengths=t(3.0),
+        beta=0.1,
+    )
+    losses, cr, rr = preference_loss(x, "orpo")
+    assert losses.item() == pytest.approx(math.log(2.0) - 0.1 * math.log(0.75))
+    assert cr.item() == pytest.approx(0.1 * math.log(0.5))
+    assert rr.item() == pytest.approx(0.1 * math.log(0.25))
+
+
+def test_registered_rpo_adds_chosen_token_mean_nll() -> None:
+    x = _pair_input(label_smoothing=0.0, rpo_alpha=0.5)
+    losses, cr, rr = preference_loss(x, "rpo")
+    # DPO sigmoid + alpha * (-PC / LC)
+    assert losses.item() == pytest.approx(-logsig(_BZ) + 0.5 * (-PC / LC))
+    assert (cr.item(), rr.item()) == pytest.approx((0.5 * A, 0.5 * B))
+    pc = t(PC).requires_grad_()
+    x = PreferenceInput(pc, t(PR), t(RC), t(RR), t(LC), t(LR), beta=0.5, rpo_alpha=0.5)
+    preference_loss(x, "rpo")[0].sum().backward()
+    assert pc.grad is not None
+    assert pc.grad.item() == pytest.approx(-0.5 * sig(-_BZ) - 0.5 / LC)
+
+
+def test_registered_kto_returns_row_rewards_twice() -> None:
+    x = PreferenceInput(
+        t(-1.0, -1.0, -3.0),
+        ref_chosen_logps=t(-2.0, -2.0, -2.0),
+        desirable=torch.tensor([True, False, False]),
+        kl_ref=0.4,
+        beta=0.5,
+        kto_desirable_weight=2.0,
+        kto_undesirable_weight=0.5,
+    )
+    losses, cr, rr = preference_loss(x, "kto")
+    expected = [
+        2.0 * (1 - sig(0.5 * (1.0 - 0.4))),
+        0.5 * (1 - sig(0.5 * (0.4 - 1.0))),
+        0.5 * (1 - sig(0.5 * (0.4 + 1.0))),
+    ]
+    assert losses.tolist() == pytest.approx(expected)
+    assert cr.tolist() == pytest.approx([0.5, 0.5, -0.5])
+    assert rr is cr
+    with pytest.raises(ValueError, match="desirable"):
+        preference_loss(PreferenceInput(t(-1.0), ref_chosen_logps=t(-2.0)), "kto")
+
+
+def test_preference_loss_shared_checks() -> None:
+    with pytest.raises(ValueError, match="beta"):
+        preference_loss(_pair_input(beta=0.0), "sigmoid")
+    with pytest.raises(ValueError, match="label_smoothing"):
+        preference_loss(_pair_input(label_smoothing=0.6), "simpo")
+    with pytest.raises(ValueError, match="shape"):
+        preference_loss(PreferenceInput(t(1.0, 2.0), t(1.0), t(1.0), t(1.0)), "sigmoid")
+    with pytest.raises(ValueError, match="discopop_tau"):
+        preference_loss(_pair_input(discopop_tau=0.0), "discopop")
 
 
 # --------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Advantage estimators: group normalisation (GRPO, Dr. GRPO), RLOO, REINFORCE++ and GAE.
 
-Pure tensor functions. Conventions (see DESIGN.md, "Tensor conventions"):
+Pure tensor functions. Conventions (see docs/architecture.md, "Tensor conventions"):
 
 - sequence rewards are ``(N,)``; the rollouts of one prompt are contiguous groups of size ``G``;
 - per-token tensors are ``(B, T)``; ``mask`` is ``(B, T)`` float, 1.0 on completion tokens
@@ -9,17 +9,29 @@ Pure tensor functions. Conventions (see DESIGN.md, "Tensor conventions"):
 Advantages and returns are training *targets*: every estimator here works on detached inputs
 and returns tensors that carry no gradient. ``whiten`` is a generic utility and does not
 detach.
+
+The estimators a recipe selects by name (``rl.advantage``) are registered in
+:data:`signalrl.registry.ADVANTAGES`, each a pure function with one signature,
+``fn(x: AdvantageInput) -> AdvantageOutput``: ``group``, ``rloo``, ``reinforce_pp`` and
+``gae``. A user estimator with that signature is selected as ``module:function`` (set
+``fn.needs_values = True`` on it if it reads the critic's ``values``).
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
+from signalrl.registry import ADVANTAGES, register_advantage
+
 __all__ = [
     "GROUP_SCALES",
+    "AdvantageInput",
+    "AdvantageOutput",
+    "compute_advantages",
     "gae",
     "group_advantages",
     "reinforce_pp_advantages",
@@ -248,3 +260,99 @@ def gae(
         next_value = torch.where(mt, v[:, t], next_value)
     returns = torch.where(m, advantages + v, 0.0)
     return advantages, returns
+
+
+# --------------------------------------------------------------------------- registry entries
+
+
+@dataclass(frozen=True)
+class AdvantageInput:
+    """What an advantage estimator gets (the one signature of the ``ADVANTAGES`` registry).
+
+    Attributes:
+        rewards: ``(N,)`` sequence rewards; the ``group_size`` rollouts of one prompt are
+            contiguous rows.
+        mask: ``(N, T)`` float completion mask (1.0 on the tokens that count).
+        group_size: rollouts per prompt ``G`` (divides ``N``).
+        kl: ``(N, T)`` per-token estimate of ``KL(policy || ref)``, already multiplied by
+            ``mask``; present only when the KL goes in the reward (``None`` otherwise).
+        kl_coef: weight of ``kl`` in the reward.
+        values: ``(N, T)`` critic values (estimators registered with ``needs_values=True``).
+        adv_scale: ``"group"``, ``"batch"`` or ``"none"`` (see :func:`group_advantages`).
+        gamma: discount; lam: GAE's lambda.
+        whiten: whiten the GAE advantages over the batch's unmasked tokens.
+    """
+
+    rewards: Tensor
+    mask: Tensor
+    group_size: int
+    kl: Tensor | None = None
+    kl_coef: float = 0.0
+    values: Tensor | None = None
+    adv_scale: str = "group"
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten: bool = False
+
+
+@dataclass(frozen=True)
+class AdvantageOutput:
+    """An estimator's result: ``advantages`` ``(N,)`` (one per sequence, broadcast over its
+    tokens) or ``(N, T)`` (per token), and the value targets ``returns`` ``(N, T)`` of the
+    estimators that train a critic (``None`` otherwise). Both detached."""
+
+    advantages: Tensor
+    returns: Tensor | None = None
+
+
+def _shaped_rewards(x: AdvantageInput) -> Tensor:
+    """Per-token rewards: the sequence reward on the last completion token minus
+    ``kl_coef * kl`` (when ``kl`` is given), see :func:`token_level_rewards`."""
+    return token_level_rewards(
+        x.rewards, x.mask, kl=x.kl, kl_coef=x.kl_coef if x.kl is not None else 0.0
+    )
+
+
+@register_advantage("group")
+def group(x: AdvantageInput) -> AdvantageOutput:
+    """GRPO / Dr. GRPO group-relative advantages, ``(N,)``: :func:`group_advantages` with
+    ``scale=x.adv_scale`` (Shao et al. 2024; Liu et al. 2025). Ignores ``kl``."""
+    scale: Any = x.adv_scale  # validated by group_advantages
+    return AdvantageOutput(group_advantages(x.rewards, x.group_size, scale=scale))
+
+
+@register_advantage("rloo", needs_groups=True)
+def rloo(x: AdvantageInput) -> AdvantageOutput:
+    """RLOO leave-one-out advantages, ``(N,)`` (Ahmadian et al. 2024): on
+    ``r = rewards - kl_coef * kl.sum(-1)`` (the sequence KL in the reward, when ``kl`` is
+    given), ``A_i = r_i - mean_{j != i in g} r_j`` (:func:`rloo_advantages`)."""
+    r = x.rewards - x.kl_coef * x.kl.sum(-1) if x.kl is not None else x.rewards
+    return AdvantageOutput(rloo_advantages(r, x.group_size))
+
+
+@register_advantage("reinforce_pp")
+def reinforce_pp(x: AdvantageInput) -> AdvantageOutput:
+    """REINFORCE++ (Hu 2025), ``(N, T)``: the discounted return-to-go (``gamma``) of the
+    shaped per-token rewards (:func:`token_level_rewards`: reward on the last token, minus
+    ``kl_coef * kl``), whitened over the batch (:func:`reinforce_pp_advantages`)."""
+    return AdvantageOutput(reinforce_pp_advantages(_shaped_rewards(x), x.mask, gamma=x.gamma))
+
+
+@register_advantage("gae", needs_values=True)
+def gae_advantages(x: AdvantageInput) -> AdvantageOutput:
+    """PPO's GAE (Schulman et al. 2016), ``(N, T)``, on the shaped per-token rewards
+    (:func:`token_level_rewards`) and the critic's ``values``, with ``gamma`` and ``lam``
+    (:func:`gae`); with ``whiten``, ``A = whiten(A, mask) * mask``. ``returns`` are the value
+    targets ``A_raw + V`` (from the raw, unwhitened advantages)."""
+    if x.values is None:
+        raise ValueError("advantage 'gae' needs the critic's values (AdvantageInput.values)")
+    adv, returns = gae(_shaped_rewards(x), x.values, x.mask, gamma=x.gamma, lam=x.lam)
+    if x.whiten:
+        adv = whiten(adv, x.mask) * x.mask
+    return AdvantageOutput(adv, returns)
+
+
+def compute_advantages(x: AdvantageInput, estimator: str) -> AdvantageOutput:
+    """Run the ``ADVANTAGES`` entry ``estimator`` (a registered name or a user
+    ``module:function``) on ``x``; an unknown name is a ValueError listing the valid ones."""
+    return ADVANTAGES.get(estimator)(x)

@@ -1,28 +1,40 @@
 """Policy-gradient losses: loss aggregation, PPO/DAPO clipped surrogate, GSPO, dual clip,
 CISPO, clipped value loss, and memory-bounded per-token log-prob / entropy from logits.
 
-Pure tensor functions. Conventions (DESIGN.md, "Tensor conventions"): ``logps`` are ``(B, T)``
-float32 log-probs of the realised tokens, ``mask`` is ``(B, T)`` float (1.0 on completion
-tokens that count), advantages are ``(B,)`` or ``(B, T)``.
+Pure tensor functions. Conventions (docs/architecture.md, "Tensor conventions"): ``logps``
+are ``(B, T)`` float32 log-probs of the realised tokens, ``mask`` is ``(B, T)`` float (1.0 on
+completion tokens that count), advantages are ``(B,)`` or ``(B, T)``.
+
+The per-token losses a recipe selects by name (``rl.loss_type``) are registered in
+:data:`signalrl.registry.POLICY_LOSSES`: ``ppo`` and ``cispo``, each
+``fn(x: PolicyLossInput) -> tuple[Tensor, dict[str, float]]``. A new loss is one more
+decorated function here (or a user ``module:function``); :func:`policy_loss` does the rest.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from signalrl.registry import POLICY_LOSSES, register_policy_loss
+
 __all__ = [
     "AGG_MODES",
-    "LOSS_TYPES",
     "RATIO_LEVELS",
+    "PolicyLossInput",
     "aggregate",
+    "cispo",
     "entropy_from_logits",
     "explained_variance",
+    "importance_ratio",
     "policy_loss",
+    "ppo",
+    "ratio_metrics",
     "token_logprobs",
     "value_loss",
 ]
@@ -34,7 +46,6 @@ AGG_MODES: tuple[str, ...] = (
     "seq-mean-token-sum-norm",
 )
 RATIO_LEVELS: tuple[str, ...] = ("token", "sequence")
-LOSS_TYPES: tuple[str, ...] = ("ppo", "cispo")
 
 #: Bound on |log pi - log pi_old| before ``exp`` in the importance ratio.
 LOG_RATIO_CLAMP = 20.0
@@ -129,6 +140,38 @@ def aggregate(
 # --------------------------------------------------------------------------- policy loss
 
 
+@dataclass(frozen=True)
+class PolicyLossInput:
+    """What a per-token policy loss gets (the one signature of the ``POLICY_LOSSES``
+    registry, ``fn(x) -> (per_token_loss (B, T), metrics)``); built by :func:`policy_loss`.
+
+    Attributes:
+        logps: ``(B, T)`` log-probs of the realised tokens under the policy (with grad).
+        old_logps: ``(B, T)`` behaviour-policy log-probs (detached).
+        ratio: ``(B, T)`` importance ratio (with grad): per token, or GSPO's sequence ratio
+            in its per-token gradient form (:func:`importance_ratio`).
+        advantages: ``(B, T)`` detached, in ``logps``' dtype (a ``(B,)`` input broadcast).
+        mask: ``(B, T)`` float mask; keep: ``mask > 0``; n_tokens: ``int(keep.sum())``.
+        clip_low, clip_high: the clip range ``[1 - clip_low, 1 + clip_high]``.
+        dual_clip: the dual-clip constant ``c > 1`` or ``None`` (only passed to losses
+            registered with ``dual_clip=True``).
+
+    The entry returns the ``(B, T)`` per-token loss (values at ``keep == False`` are ignored)
+    and its own float metrics; :func:`policy_loss` aggregates it and adds the ratio metrics.
+    """
+
+    logps: Tensor
+    old_logps: Tensor
+    ratio: Tensor
+    advantages: Tensor
+    mask: Tensor
+    keep: Tensor
+    n_tokens: int
+    clip_low: float
+    clip_high: float
+    dual_clip: float | None = None
+
+
 def _masked_stats(x: Tensor, keep: Tensor) -> tuple[float, float, float]:
     if not bool(keep.any()):
         return 1.0, 1.0, 1.0
@@ -138,6 +181,139 @@ def _masked_stats(x: Tensor, keep: Tensor) -> tuple[float, float, float]:
 
 def _frac(cond: Tensor, keep: Tensor, n: int) -> float:
     return float((cond & keep).sum()) / max(n, 1)
+
+
+def _check_policy_args(
+    loss_type: str,
+    clip_low: float,
+    clip_high: float,
+    agg: str,
+    ratio_level: str,
+    dual_clip: float | None,
+) -> Callable[[PolicyLossInput], tuple[Tensor, dict[str, float]]]:
+    """The argument checks of :func:`policy_loss` that do not need the tensors; returns the
+    ``POLICY_LOSSES`` entry (an unknown name is a ValueError listing the valid ones)."""
+    _check_choice("aggregation mode", agg, AGG_MODES)
+    _check_choice("ratio_level", ratio_level, RATIO_LEVELS)
+    fn = POLICY_LOSSES.get(loss_type)
+    if not 0.0 <= clip_low <= 1.0:
+        raise ValueError(f"clip_low must be in [0, 1], got {clip_low}")
+    if clip_high < 0.0:
+        raise ValueError(f"clip_high must be >= 0, got {clip_high}")
+    if dual_clip is not None:
+        key = "dual_clip"
+        if not POLICY_LOSSES.meta(loss_type, key, False):
+            with_dual = [n for n in POLICY_LOSSES.registered() if POLICY_LOSSES.meta(n, key)]
+            raise ValueError(
+                f"dual_clip is not defined for loss_type={loss_type!r}; "
+                f"it is for {', '.join(sorted(with_dual))}"
+            )
+        if dual_clip <= 1.0:
+            raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
+    if ratio_level == "sequence" and agg != "seq-mean-token-mean":
+        raise ValueError(
+            "ratio_level='sequence' (GSPO) averages the per-sequence loss over sequences; "
+            f"use agg='seq-mean-token-mean', got {agg!r}"
+        )
+    return fn
+
+
+def _token_advantages(advantages: Tensor, like: Tensor) -> Tensor:
+    """Detached ``(B, T)`` advantages in ``like``'s dtype from ``(B,)`` or ``(B, T)``."""
+    B, T = like.shape
+    if advantages.shape == (B,):
+        adv = advantages.detach().unsqueeze(-1).expand(B, T)
+    elif advantages.shape == (B, T):
+        adv = advantages.detach()
+    else:
+        raise ValueError(
+            f"advantages must have shape ({B},) or ({B}, {T}), got {tuple(advantages.shape)}"
+        )
+    return adv.to(like.dtype)
+
+
+def importance_ratio(
+    logps: Tensor, old_logps: Tensor, mask: Tensor, level: Literal["token", "sequence"] | str
+) -> Tensor:
+    """The ``(B, T)`` importance ratio of :func:`policy_loss` (with grad through ``logps``).
+
+    ``level="token"``: ``r_t = exp(clamp(logp_t - old_logp_t, -20, 20))``.
+    ``level="sequence"`` (GSPO, Zheng et al. 2025): ``s_i = exp(mean_{t in o_i}(logp_t -
+    old_logp_t))`` (mask-weighted, clamped likewise) in the gradient form
+    ``s_{i,t} = sg(s_i) * exp(logp_t - sg(logp_t))``, whose value is ``s_i`` and gradient
+    ``s_i grad(logp_t)``. Masked positions hold a log-ratio of 0.
+    """
+    _check_choice("ratio_level", level, RATIO_LEVELS)
+    keep = mask > 0
+    log_ratio = torch.where(keep, logps - old_logps.detach(), 0.0)
+    if level == "token":
+        return torch.exp(log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+    w = torch.where(keep, mask, 0.0).to(logps.dtype)
+    seq_len = w.sum(dim=-1).clamp(min=1e-8)
+    seq_log_ratio = (log_ratio * w).sum(dim=-1) / seq_len
+    seq_ratio = torch.exp(seq_log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+    safe_logps = torch.where(keep, logps, 0.0)
+    return seq_ratio.detach().unsqueeze(-1) * torch.exp(safe_logps - safe_logps.detach())
+
+
+def ratio_metrics(ratio: Tensor, keep: Tensor) -> dict[str, float]:
+    """``ratio/mean``, ``ratio/max``, ``ratio/min`` over the tokens with ``keep`` (1.0 when
+    none counts)."""
+    r_mean, r_max, r_min = _masked_stats(ratio, keep)
+    return {"ratio/mean": r_mean, "ratio/max": r_max, "ratio/min": r_min}
+
+
+@register_policy_loss("ppo", dual_clip=True)
+def ppo(x: PolicyLossInput) -> tuple[Tensor, dict[str, float]]:
+    """PPO clipped surrogate (Schulman et al. 2017), with DAPO's clip-higher and dual clip.
+
+    ``l_t = max(-r_t A, -clip(r_t) A)``, ``clip(r) = clamp(r, 1 - clip_low, 1 + clip_high)``;
+    ``clip_low != clip_high`` is DAPO's asymmetric "clip-higher" (Yu et al. 2025). With
+    ``dual_clip=c`` (Ye et al. 2020, "Mastering Complex Control in MOBA Games with Deep RL")
+    the loss of ``A < 0`` tokens is capped: ``l_t = min(max(-r_t A, -clip(r_t) A), -c A)``.
+
+    Metrics: ``clip_frac/low`` (``A < 0`` and ``r < 1 - clip_low``), ``clip_frac/high``
+    (``A > 0`` and ``r > 1 + clip_high``), and with ``dual_clip`` ``dual_clip_frac`` (the
+    ``-c A`` cap is active); fractions of the tokens that count.
+    """
+    lo, hi = 1.0 - x.clip_low, 1.0 + x.clip_high
+    adv, keep, n = x.advantages, x.keep, x.n_tokens
+    clipped_ratio = x.ratio.clamp(lo, hi)
+    r_det = x.ratio.detach()
+    pg1 = -adv * x.ratio
+    pg2 = -adv * clipped_ratio
+    per_token = torch.maximum(pg1, pg2)
+    metrics = {
+        "clip_frac/low": _frac((adv < 0) & (r_det < lo), keep, n),
+        "clip_frac/high": _frac((adv > 0) & (r_det > hi), keep, n),
+    }
+    if x.dual_clip is not None:
+        pg3 = -x.dual_clip * adv
+        capped = (adv < 0) & (per_token.detach() > pg3)
+        per_token = torch.where(adv < 0, torch.minimum(per_token, pg3), per_token)
+        metrics["dual_clip_frac"] = _frac(capped, keep, n)
+    return per_token, metrics
+
+
+@register_policy_loss("cispo")
+def cispo(x: PolicyLossInput) -> tuple[Tensor, dict[str, float]]:
+    """CISPO (MiniMax-M1, MiniMax 2025): ``l_t = -sg(clip(r_t)) * A * logp_t``.
+
+    The clipped importance weight is detached, so every token keeps a gradient
+    ``-clip(r_t) A grad(logp_t)`` (the paper uses a very large ``clip_low``, i.e. no lower
+    bound; ``clip_low=1.0`` gives that). The weight is truncated whatever the sign of ``A``,
+    so ``clip_frac/low`` / ``clip_frac/high`` count ``r < 1 - clip_low`` / ``r > 1 +
+    clip_high``.
+    """
+    lo, hi = 1.0 - x.clip_low, 1.0 + x.clip_high
+    clipped_ratio = x.ratio.clamp(lo, hi)
+    r_det = x.ratio.detach()
+    per_token = -clipped_ratio.detach() * x.advantages * x.logps
+    metrics = {
+        "clip_frac/low": _frac(r_det < lo, x.keep, x.n_tokens),
+        "clip_frac/high": _frac(r_det > hi, x.keep, x.n_tokens),
+    }
+    return per_token, metrics
 
 
 def policy_loss(
@@ -152,111 +328,48 @@ def policy_loss(
     max_len: int | None = None,
     ratio_level: Literal["token", "sequence"] = "token",
     dual_clip: float | None = None,
-    loss_type: Literal["ppo", "cispo"] = "ppo",
+    loss_type: str = "ppo",
 ) -> tuple[Tensor, dict[str, float]]:
-    """Clipped policy-gradient loss (PPO, DAPO clip-higher, GSPO, dual clip, CISPO).
+    """Clipped policy-gradient loss: PPO / DAPO / GSPO / dual clip / CISPO / user losses.
 
-    With ``r_t = exp(logp_t - old_logp_t)`` (log-ratio clamped to ``[-20, 20]``), ``A`` the
-    advantage (``(B,)`` broadcast over tokens, or ``(B, T)``; detached here, as is
-    ``old_logps``) and ``clip(r) = clamp(r, 1 - clip_low, 1 + clip_high)``:
+    ``loss_type`` names a ``POLICY_LOSSES`` entry (:func:`ppo`, :func:`cispo`) or a user
+    ``module:function`` with the same signature (``fn(x: PolicyLossInput) -> (per_token,
+    metrics)``). Steps: validate; ``r = importance_ratio(logps, old_logps, mask,
+    ratio_level)`` (``advantages`` ``(B,)`` broadcast over tokens or ``(B, T)``; detached,
+    as is ``old_logps``); the entry's per-token loss; :func:`aggregate` with ``agg`` and
+    ``max_len``; the ratio metrics.
 
-    - ``loss_type="ppo"`` (Schulman et al. 2017, "Proximal Policy Optimization Algorithms"):
-      ``l_t = max(-r_t A, -clip(r_t) A)``; ``clip_low != clip_high`` is the asymmetric
-      "clip-higher" of DAPO (Yu et al. 2025), e.g. ``clip_low=0.2, clip_high=0.28``.
-    - ``dual_clip=c`` (``c > 1``, Ye et al. 2020, "Mastering Complex Control in MOBA Games
-      with Deep RL"): for ``A < 0`` the loss is additionally capped,
-      ``l_t = min(max(-r_t A, -clip(r_t) A), -c A)``. PPO only.
-    - ``loss_type="cispo"`` (MiniMax-M1, MiniMax 2025): ``l_t = -sg(clip(r_t)) * A * logp_t``;
-      the clipped importance weight is detached, so every token keeps a gradient
-      ``-clip(r_t) A grad(logp_t)``. (The paper uses a very large ``clip_low``, i.e. no
-      lower bound; ``clip_low=1.0`` gives that.)
-    - ``ratio_level="sequence"`` (GSPO, Zheng et al. 2025, "Group Sequence Policy
-      Optimization"): the ratio is the length-normalised sequence ratio
-      ``s_i = exp(mean_{t in o_i} (logp_t - old_logp_t))`` (geometric mean of token ratios),
-      used per token in the gradient form ``s_{i,t} = sg(s_i) * exp(logp_t - sg(logp_t))`` whose
-      value is ``s_i`` and whose gradient is ``s_i grad(logp_t)``; clipping is therefore
-      decided per sequence. The per-sequence loss is the token mean, averaged over sequences,
-      so ``agg`` must be ``"seq-mean-token-mean"`` (anything else raises). Note GSPO uses much
-      smaller clip ranges than PPO (the paper: 3e-4 / 4e-4).
+    ``ratio_level="sequence"`` is GSPO (Zheng et al. 2025, "Group Sequence Policy
+    Optimization"): clipping is decided per sequence, and the per-sequence loss is the token
+    mean averaged over sequences, so ``agg`` must be ``"seq-mean-token-mean"`` (anything
+    else raises); GSPO uses much smaller clip ranges than PPO (the paper: 3e-4 / 4e-4).
+    ``dual_clip`` is accepted only by entries registered with ``dual_clip=True`` (PPO).
 
-    The per-token loss is reduced with :func:`aggregate` (``agg``, ``max_len``).
-
-    Metrics (python floats, over tokens with ``mask > 0``): ``clip_frac/low`` -- fraction of
-    tokens where the low clip is active (``A < 0`` and ``r < 1 - clip_low``);
-    ``clip_frac/high`` -- ``A > 0`` and ``r > 1 + clip_high``; for CISPO the weight is
-    truncated whatever the sign of ``A``, so there they count ``r < 1 - clip_low`` /
-    ``r > 1 + clip_high``; ``ratio/mean``, ``ratio/max``, ``ratio/min`` (1.0 when no token
-    counts; under GSPO these are over tokens, each carrying its sequence ratio);
-    ``dual_clip_frac`` (only when ``dual_clip`` is set) -- fraction of tokens where the
-    ``-c A`` cap is active.
+    Metrics (python floats, over tokens with ``mask > 0``): the entry's (``clip_frac/low``,
+    ``clip_frac/high``, ``dual_clip_frac``), then ``ratio/mean``, ``ratio/max``,
+    ``ratio/min`` (1.0 when no token counts; under GSPO over tokens, each carrying its
+    sequence ratio).
     """
-    B, T = _check_same_2d(logps=logps, old_logps=old_logps, mask=mask)
-    _check_choice("aggregation mode", agg, AGG_MODES)
-    _check_choice("ratio_level", ratio_level, RATIO_LEVELS)
-    _check_choice("loss_type", loss_type, LOSS_TYPES)
-    if not 0.0 <= clip_low <= 1.0:
-        raise ValueError(f"clip_low must be in [0, 1], got {clip_low}")
-    if clip_high < 0.0:
-        raise ValueError(f"clip_high must be >= 0, got {clip_high}")
-    if dual_clip is not None:
-        if loss_type != "ppo":
-            raise ValueError("dual_clip is only defined for loss_type='ppo'")
-        if dual_clip <= 1.0:
-            raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
-    if ratio_level == "sequence" and agg != "seq-mean-token-mean":
-        raise ValueError(
-            "ratio_level='sequence' (GSPO) averages the per-sequence loss over sequences; "
-            f"use agg='seq-mean-token-mean', got {agg!r}"
-        )
-    if advantages.shape == (B,):
-        adv = advantages.detach().unsqueeze(-1).expand(B, T)
-    elif advantages.shape == (B, T):
-        adv = advantages.detach()
-    else:
-        raise ValueError(
-            f"advantages must have shape ({B},) or ({B}, {T}), got {tuple(advantages.shape)}"
-        )
-    adv = adv.to(logps.dtype)
+    _check_same_2d(logps=logps, old_logps=old_logps, mask=mask)
+    fn = _check_policy_args(loss_type, clip_low, clip_high, agg, ratio_level, dual_clip)
+    adv = _token_advantages(advantages, logps)
     keep = mask > 0
-    n_tokens = int(keep.sum())
-
-    log_ratio = torch.where(keep, logps - old_logps.detach(), 0.0)
-    if ratio_level == "token":
-        ratio = torch.exp(log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
-    else:
-        w = torch.where(keep, mask, 0.0).to(logps.dtype)
-        seq_len = w.sum(dim=-1).clamp(min=1e-8)
-        seq_log_ratio = (log_ratio * w).sum(dim=-1) / seq_len
-        seq_ratio = torch.exp(seq_log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
-        safe_logps = torch.where(keep, logps, 0.0)
-        ratio = seq_ratio.detach().unsqueeze(-1) * torch.exp(safe_logps - safe_logps.detach())
-
-    lo, hi = 1.0 - clip_low, 1.0 + clip_high
-    clipped_ratio = ratio.clamp(lo, hi)
-    metrics: dict[str, float] = {}
-    r_det = ratio.detach()
-    if loss_type == "cispo":
-        per_token = -clipped_ratio.detach() * adv * logps
-        metrics["clip_frac/low"] = _frac(r_det < lo, keep, n_tokens)
-        metrics["clip_frac/high"] = _frac(r_det > hi, keep, n_tokens)
-    else:
-        pg1 = -adv * ratio
-        pg2 = -adv * clipped_ratio
-        per_token = torch.maximum(pg1, pg2)
-        metrics["clip_frac/low"] = _frac((adv < 0) & (r_det < lo), keep, n_tokens)
-        metrics["clip_frac/high"] = _frac((adv > 0) & (r_det > hi), keep, n_tokens)
-        if dual_clip is not None:
-            pg3 = -dual_clip * adv
-            capped = (adv < 0) & (per_token.detach() > pg3)
-            per_token = torch.where(adv < 0, torch.minimum(per_token, pg3), per_token)
-            metrics["dual_clip_frac"] = _frac(capped, keep, n_tokens)
-
+    ratio = importance_ratio(logps, old_logps, mask, ratio_level)
+    x = PolicyLossInput(
+        logps=logps,
+        old_logps=old_logps.detach(),
+        ratio=ratio,
+        advantages=adv,
+        mask=mask,
+        keep=keep,
+        n_tokens=int(keep.sum()),
+        clip_low=clip_low,
+        clip_high=clip_high,
+        dual_clip=dual_clip,
+    )
+    per_token, metrics = fn(x)
     loss = aggregate(per_token, mask, agg, max_len=max_len)
-    r_mean, r_max, r_min = _masked_stats(ratio, keep)
-    metrics["ratio/mean"] = r_mean
-    metrics["ratio/max"] = r_max
-    metrics["ratio/min"] = r_min
-    return loss, metrics
+    return loss, {**metrics, **ratio_metrics(ratio, keep)}
 
 
 # --------------------------------------------------------------------------- value loss

@@ -1,10 +1,10 @@
-"""Preference-optimisation losses: the DPO family, SimPO, ORPO, KTO, RPO and mixtures.
+"""Preference-optimisation losses: the DPO family, SimPO, ORPO, RPO and KTO.
 
 Every function here is a pure tensor function: no models, no I/O, no state. A trainer
 computes sequence log-probabilities and passes them in.
 
-Conventions
------------
+Conventions (see docs/architecture.md, "Tensor conventions")
+-----------------------------------------------------------
 * A *sequence log-prob* is a ``(B,)`` float tensor: the sum of the per-token log-probs of
   the completion tokens, ``(logps * mask).sum(-1)``.
 * An *average log-prob* ("avg") is that sum divided by the number of completion tokens,
@@ -15,37 +15,50 @@ Conventions
 * Losses are returned per example, shape ``(B,)``; the trainer reduces them (usually with
   ``.mean()``).
 
-The ``loss_type`` names and formulas of :func:`dpo_loss` follow Hugging Face TRL's
-``DPOTrainer`` (``trl/trainer/dpo_trainer.py``); the few places where we deliberately differ
-are marked "Differs from TRL" in the docstrings.
+Registry
+--------
+The losses a recipe selects by name (``preference.loss_type``) are registered in
+:data:`signalrl.registry.PREFERENCE_LOSSES`, all with one signature,
+``fn(x: PreferenceInput) -> (losses (B,), chosen_rewards (B,), rejected_rewards (B,))``:
+the 14 DPO-family losses of :mod:`signalrl.losses.dpo` and, here, ``simpo`` and ``orpo``
+(``reference_free=True``), ``rpo`` and ``kto`` (``unpaired=True``). Entries registered with
+``f_divergence=True`` accept a non-default ``f_divergence_type``. A trainer calls
+:func:`preference_loss`; a user loss with the same signature is selected as
+``module:function``.
+
+The DPO ``loss_type`` names and formulas follow Hugging Face TRL's ``DPOTrainer``; the few
+places where we deliberately differ are marked "Differs from TRL" in the docstrings.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from signalrl.registry import PREFERENCE_LOSSES, register_preference_loss
+
 __all__ = [
     "DPO_LOSS_TYPES",
     "F_DIVERGENCE_TYPES",
-    "combine_losses",
+    "PreferenceInput",
+    "PreferenceOutput",
     "dpo_loss",
-    "dpo_loss_mixture",
     "f_divergence_score",
     "kto_loss",
     "orpo_loss",
+    "preference_loss",
     "preference_metrics",
     "rpo_loss",
     "simpo_loss",
 ]
 
-#: Every ``loss_type`` accepted by :func:`dpo_loss` (TRL's set, minus ``"sft"``, which needs
-#: token logits and is handled by :func:`dpo_loss_mixture` / :func:`combine_losses`).
+#: The ``loss_type`` values accepted by :func:`dpo_loss`: the DPO family of
+#: :mod:`signalrl.losses.dpo` (TRL's set, minus ``"sft"``, which needs token logits).
 DPO_LOSS_TYPES: tuple[str, ...] = (
     "sigmoid",
     "robust",
@@ -71,26 +84,61 @@ F_DIVERGENCE_TYPES: tuple[str, ...] = (
     "alpha_divergence",
 )
 
-# Loss types built on the chosen-minus-rejected score difference; only these have an
-# f-divergence generalisation (TRL rejects a non-default f-divergence for the others).
-_F_DIVERGENCE_LOSS_TYPES = frozenset(
-    {"sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop"}
-)
-
-# Loss types that read ``label_smoothing``.
-_LABEL_SMOOTHING_LOSS_TYPES = frozenset({"sigmoid", "robust", "exo_pair", "aot", "aot_unpaired"})
-
-# EXO's epsilon when the caller leaves ``label_smoothing`` at 0 (log(0) is undefined); the
-# value the EXO paper recommends.
-_EXO_DEFAULT_EPSILON = 1e-3
-
 # ORPO: average log-probs are clamped to at most this value so that log(1 - p) stays finite
 # when p -> 1 (odds capped at ~1e6).
 _ORPO_MAX_AVG_LOGP = -1e-6
 
+#: What every registered preference loss returns: ``(losses, chosen_rewards,
+#: rejected_rewards)``, each ``(B,)``, the rewards detached.
+PreferenceOutput = tuple[Tensor, Tensor, Tensor]
+
+
+@dataclass(frozen=True)
+class PreferenceInput:
+    """What a preference loss gets (the one signature of ``PREFERENCE_LOSSES``).
+
+    Log-probs are ``(B,)`` *sequence* log-probs (sums over the completion tokens):
+
+    Attributes:
+        policy_chosen_logps: the policy's chosen completions; for an unpaired loss (KTO)
+            every row's completion, desirable or not (see ``desirable``).
+        policy_rejected_logps: the policy's rejected completions (``None`` when unpaired).
+        ref_chosen_logps, ref_rejected_logps: the reference's (``None`` for a
+            reference-free loss; ``ref_rejected_logps`` ``None`` when unpaired).
+        chosen_lengths, rejected_lengths: ``(B,)`` completion lengths in tokens (clamped to
+            >= 1 here); used by simpo / orpo / rpo (averages), ``sigmoid_norm`` and ``ipo``.
+        beta: inverse temperature / KL strength (IPO's tau, SimPO's beta, ORPO's lambda).
+        label_smoothing: ``eps`` in ``[0, 0.5]`` (cDPO, robust, EXO, AOT, SimPO).
+        f_divergence_type, f_alpha_divergence_coef: f-DPO (:func:`f_divergence_score`).
+        bco_delta: BCO reward shift; discopop_tau: DiscoPOP temperature;
+        simpo_gamma: SimPO margin; rpo_alpha: RPO's NLL weight.
+        kto_desirable_weight, kto_undesirable_weight: KTO's ``w_d``, ``w_u``.
+        desirable: KTO: ``(B,)`` bool, True for the desirable rows.
+        kl_ref: KTO: the reference point, a detached estimate of ``KL(policy || ref)``.
+    """
+
+    policy_chosen_logps: Tensor
+    policy_rejected_logps: Tensor | None = None
+    ref_chosen_logps: Tensor | None = None
+    ref_rejected_logps: Tensor | None = None
+    chosen_lengths: Tensor | None = None
+    rejected_lengths: Tensor | None = None
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    f_divergence_type: str = "reverse_kl"
+    f_alpha_divergence_coef: float = 0.5
+    bco_delta: float | Tensor = 0.0
+    discopop_tau: float = 0.05
+    simpo_gamma: float = 0.5
+    rpo_alpha: float = 1.0
+    kto_desirable_weight: float = 1.0
+    kto_undesirable_weight: float = 1.0
+    desirable: Tensor | None = None
+    kl_ref: Tensor | float = 0.0
+
 
 # --------------------------------------------------------------------------------------
-# helpers
+# helpers (also used by signalrl.losses.dpo)
 # --------------------------------------------------------------------------------------
 
 
@@ -119,6 +167,31 @@ def _as_lengths(lengths: Tensor | None, like: Tensor, name: str, loss_type: str)
             f"`{name}` must have shape {tuple(like.shape)}, got {tuple(lengths.shape)}"
         )
     return lengths.clamp(min=1.0)
+
+
+def _required(value: Tensor | None, name: str, loss_type: str) -> Tensor:
+    if value is None:
+        raise ValueError(f"loss_type={loss_type!r} needs `{name}`")
+    return value
+
+
+def _paired_logps(x: PreferenceInput, loss_type: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(pc, pr, rc, rr)``; a ValueError when one is missing."""
+    return (
+        x.policy_chosen_logps,
+        _required(x.policy_rejected_logps, "policy_rejected_logps", loss_type),
+        _required(x.ref_chosen_logps, "ref_chosen_logps", loss_type),
+        _required(x.ref_rejected_logps, "ref_rejected_logps", loss_type),
+    )
+
+
+def _average_logps(x: PreferenceInput, loss_type: str) -> tuple[Tensor, Tensor]:
+    """The policy's average log-probs ``(pc / L_c, pr / L_r)``."""
+    pc = x.policy_chosen_logps
+    pr = _required(x.policy_rejected_logps, "policy_rejected_logps", loss_type)
+    lc = _as_lengths(x.chosen_lengths, pc, "chosen_lengths", loss_type)
+    lr = _as_lengths(x.rejected_lengths, pr, "rejected_lengths", loss_type)
+    return pc / lc, pr / lr
 
 
 def _smoothed_sigmoid_loss(z: Tensor, eps: float) -> Tensor:
@@ -185,8 +258,49 @@ def f_divergence_score(
 
 
 # --------------------------------------------------------------------------------------
-# DPO family
+# entry points
 # --------------------------------------------------------------------------------------
+
+
+def _check_input(x: PreferenceInput, loss_type: str) -> None:
+    """Checks shared by every preference loss: the f-divergence (known, and accepted by the
+    entry), ``beta > 0``, ``label_smoothing`` in ``[0, 0.5]``, same-shape log-probs."""
+    if x.f_divergence_type not in F_DIVERGENCE_TYPES:
+        raise ValueError(
+            f"unknown f_divergence_type {x.f_divergence_type!r}; "
+            f"valid: {', '.join(F_DIVERGENCE_TYPES)}"
+        )
+    key = "f_divergence"
+    if x.f_divergence_type != "reverse_kl" and not PREFERENCE_LOSSES.meta(loss_type, key, False):
+        with_f = [n for n in PREFERENCE_LOSSES.registered() if PREFERENCE_LOSSES.meta(n, key)]
+        raise ValueError(
+            f"loss_type={loss_type!r} has no f-divergence generalisation; "
+            f"f_divergence_type={x.f_divergence_type!r} is only valid with "
+            f"{', '.join(sorted(with_f))}"
+        )
+    if not x.beta > 0:
+        raise ValueError(f"beta must be > 0, got {x.beta}")
+    if not 0.0 <= float(x.label_smoothing) <= 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5], got {x.label_smoothing}")
+    logps = {
+        "policy_chosen_logps": x.policy_chosen_logps,
+        "policy_rejected_logps": x.policy_rejected_logps,
+        "ref_chosen_logps": x.ref_chosen_logps,
+        "ref_rejected_logps": x.ref_rejected_logps,
+    }
+    _check_same_shape(**{k: v for k, v in logps.items() if v is not None})
+
+
+def preference_loss(x: PreferenceInput, loss_type: str) -> PreferenceOutput:
+    """The ``PREFERENCE_LOSSES`` entry ``loss_type`` (a registered name or a user
+    ``module:function``) applied to ``x``, after the shared checks of the inputs.
+
+    Returns ``(losses (B,), chosen_rewards (B,), rejected_rewards (B,))``, rewards detached
+    (an unpaired loss returns the rewards of all rows twice). An unknown name is a
+    ValueError listing the valid ones."""
+    fn = PREFERENCE_LOSSES.get(loss_type)
+    _check_input(x, loss_type)
+    return fn(x)
 
 
 def dpo_loss(
@@ -204,78 +318,20 @@ def dpo_loss(
     discopop_tau: float = 0.05,
     chosen_lengths: Tensor | None = None,
     rejected_lengths: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> PreferenceOutput:
     r"""Per-example loss of the DPO family, plus the implicit rewards.
 
-    Notation: ``a = pc - rc`` and ``b = pr - rr`` are the chosen / rejected log-ratios;
-    ``s_w = f'(a)``, ``s_l = f'(b)`` their f-divergence scores (:func:`f_divergence_score`;
-    ``s = a, b`` for the default reverse KL) and ``h = s_w - s_l``, which for reverse KL is
-    ``(pc - rc) - (pr - rr)``. ``eps = label_smoothing``, ``sig`` is the logistic sigmoid.
+    ``loss_type`` is one of :data:`DPO_LOSS_TYPES`; each is a registered function of
+    :mod:`signalrl.losses.dpo` (formula and paper in its docstring), reached through
+    :func:`preference_loss`. ``f_divergence_type`` (:func:`f_divergence_score`) changes the
+    scores of the types built on ``h = s_w - s_l`` -- ``sigmoid``, ``sigmoid_norm``,
+    ``robust``, ``ipo``, ``hinge``, ``exo_pair``, ``discopop``; with any other type a
+    non-default f-divergence is a ``ValueError`` (as in TRL).
 
-    ``loss_type``:
-
-    * ``sigmoid`` -- DPO, Rafailov et al. 2023 (arXiv:2305.18290):
-      ``-log sig(beta h)``. With ``eps > 0`` it is conservative DPO (cDPO, Mitchell 2023,
-      "A note on DPO with noisy preferences"): ``-(1-eps) log sig(beta h) - eps log sig(-beta h)``.
-      (Differs from current TRL, whose ``sigmoid`` ignores ``label_smoothing``; older TRL
-      releases implemented cDPO exactly like this.)
-    * ``robust`` -- robust DPO, Chowdhury et al. 2024 (arXiv:2403.00409), an unbiased loss
-      when labels flip with probability ``eps``:
-      ``((1-eps)(-log sig(beta h)) - eps(-log sig(-beta h))) / (1 - 2 eps)``; ``eps < 0.5``.
-    * ``ipo`` -- IPO, Azar et al. 2023 (arXiv:2310.12036): ``(h - 1/(2 beta))^2``, beta being
-      the paper's tau. IPO is meant for *length-averaged* log-probs: either pass average
-      log-probs (sum / completion length) for all four inputs, or pass sequence log-probs
-      together with ``chosen_lengths``/``rejected_lengths`` and the scores are divided by
-      them (TRL's behaviour: ``h = s_w / L_w - s_l / L_l``).
-    * ``hinge`` -- SLiC, Zhao et al. 2023 (arXiv:2305.10425): ``relu(1 - beta h)``.
-    * ``exo_pair`` -- EXO, Ji et al. 2024 (arXiv:2402.00856, eq. 16), ``KL(q || p)`` with
-      ``q = (sig(beta h), sig(-beta h))`` and ``p = (1 - eps, eps)``:
-      ``sig(beta h)(log sig(beta h) - log(1-eps)) + sig(-beta h)(log sig(-beta h) - log eps)``;
-      ``eps = 0`` is replaced by the paper's ``1e-3``.
-    * ``nca_pair`` -- NCA, Chen et al. 2024 (arXiv:2402.05369):
-      ``-log sig(beta a) - 0.5 log sig(-beta a) - 0.5 log sig(-beta b)``.
-    * ``bco_pair`` -- BCO, Jung et al. 2024 (arXiv:2404.04656), with reward shift
-      ``delta = bco_delta`` (a running mean of the rewards, maintained by the trainer):
-      ``-log sig(beta a - delta) - log sig(-(beta b - delta))``. Current TRL uses
-      ``delta = 0`` (the default here); older TRL kept the running mean internally.
-    * ``sppo_hard`` -- SPPO with hard win probabilities, Wu et al. 2024 (arXiv:2405.00675):
-      ``(a - 1/(2 beta))^2 + (b + 1/(2 beta))^2``.
-    * ``aot`` -- AOT paired, Melnyk et al. 2024 (arXiv:2406.05882): with
-      ``d = sort(pc - pr) - sort(rc - rr)`` (each sorted over the batch),
-      ``-(1-eps) log sig(beta d) - eps log sig(-beta d)``.
-    * ``aot_unpaired`` -- AOT unpaired (same paper): ``d = sort(a) - sort(b)``, same loss.
-      For both AOT types row ``i`` of the output belongs to the ``i``-th order statistic,
-      not to input pair ``i`` (only the batch mean is meaningful).
-    * ``apo_zero`` -- APO-zero, D'Oosterlinck et al. 2024 (arXiv:2408.06266, eq. 7):
-      ``(1 - sig(beta a)) + sig(beta b)``.
-    * ``apo_down`` -- APO-down (same paper, eq. 8): ``sig(beta a) + (1 - sig(beta (a - b)))``.
-    * ``discopop`` -- DiscoPOP / log-ratio modulated loss, Chan et al. 2024
-      (arXiv:2406.08414, eq. 5): with ``z = beta h`` and ``m = sig(z / tau)``,
-      ``(1 - m)(-log sig(z)) + m exp(-z)``, ``tau = discopop_tau``. (Evaluated as
-      ``exp(-z + log sig(z/tau))`` so that very negative ``z`` gives no ``0 * inf``.)
-    * ``sigmoid_norm`` -- length-normalised DPO (TRL's ``sigmoid_norm``; the
-      length-normalised DPO of Tulu 3, Lambert et al. 2024, arXiv:2411.15124):
-      ``-log sig(beta (s_w / L_w - s_l / L_l))`` with ``L = chosen_lengths /
-      rejected_lengths`` (required; clamped to >= 1). Pass *summed* log-probs.
-
-    ``f_divergence_type`` (Wang et al. 2023, see :func:`f_divergence_score`) changes the
-    scores for the types built on ``h`` -- ``sigmoid``, ``sigmoid_norm``, ``robust``,
-    ``ipo``, ``hinge``, ``exo_pair``, ``discopop``; any other type with a non-default
-    f-divergence is a ``ValueError`` (as in TRL).
-
-    Args:
-        policy_chosen_logps, policy_rejected_logps: ``(B,)`` policy log-probs (``pc, pr``).
-        ref_chosen_logps, ref_rejected_logps: ``(B,)`` reference log-probs (``rc, rr``).
-        beta: inverse temperature / KL strength (IPO's tau), > 0.
-        loss_type: one of :data:`DPO_LOSS_TYPES`.
-        label_smoothing: ``eps`` in ``[0, 0.5]`` (``< 0.5`` for ``robust``); read by
-            ``sigmoid``, ``robust``, ``exo_pair``, ``aot``, ``aot_unpaired``.
-        f_divergence_type: one of :data:`F_DIVERGENCE_TYPES`.
-        f_alpha_divergence_coef: ``a`` of the alpha divergence (TRL convention).
-        bco_delta: BCO reward shift (float or scalar tensor; detached).
-        discopop_tau: DiscoPOP temperature.
-        chosen_lengths, rejected_lengths: ``(B,)`` completion lengths (``sigmoid_norm``;
-            optional for ``ipo``).
+    The arguments are the fields of :class:`PreferenceInput` of the same names (``pc, pr, rc,
+    rr`` are ``(B,)`` sequence log-probs; ``label_smoothing`` is read by ``sigmoid``,
+    ``robust`` (``< 0.5``), ``exo_pair``, ``aot``, ``aot_unpaired``; the lengths by
+    ``sigmoid_norm`` (required) and ``ipo`` (optional)).
 
     Returns:
         ``(losses, chosen_rewards, rejected_rewards)``, each ``(B,)``; the rewards are
@@ -283,96 +339,26 @@ def dpo_loss(
     """
     if loss_type not in DPO_LOSS_TYPES:
         raise ValueError(f"unknown loss_type {loss_type!r}; valid: {', '.join(DPO_LOSS_TYPES)}")
-    if f_divergence_type not in F_DIVERGENCE_TYPES:
-        raise ValueError(
-            f"unknown f_divergence_type {f_divergence_type!r}; "
-            f"valid: {', '.join(F_DIVERGENCE_TYPES)}"
-        )
-    if f_divergence_type != "reverse_kl" and loss_type not in _F_DIVERGENCE_LOSS_TYPES:
-        raise ValueError(
-            f"loss_type={loss_type!r} has no f-divergence generalisation; "
-            f"f_divergence_type={f_divergence_type!r} is only valid with "
-            f"{', '.join(sorted(_F_DIVERGENCE_LOSS_TYPES))}"
-        )
-    if not beta > 0:
-        raise ValueError(f"beta must be > 0, got {beta}")
-    eps = float(label_smoothing)
-    if not 0.0 <= eps <= 0.5:
-        raise ValueError(f"label_smoothing must be in [0, 0.5], got {eps}")
-    if loss_type == "robust" and eps >= 0.5:
-        raise ValueError(f"robust DPO needs label_smoothing < 0.5, got {eps}")
-    _check_same_shape(
+    x = PreferenceInput(
         policy_chosen_logps=policy_chosen_logps,
         policy_rejected_logps=policy_rejected_logps,
         ref_chosen_logps=ref_chosen_logps,
         ref_rejected_logps=ref_rejected_logps,
+        chosen_lengths=chosen_lengths,
+        rejected_lengths=rejected_lengths,
+        beta=beta,
+        label_smoothing=label_smoothing,
+        f_divergence_type=f_divergence_type,
+        f_alpha_divergence_coef=f_alpha_divergence_coef,
+        bco_delta=bco_delta,
+        discopop_tau=discopop_tau,
     )
+    return preference_loss(x, loss_type)
 
-    pc, pr = policy_chosen_logps, policy_rejected_logps
-    rc, rr = ref_chosen_logps, ref_rejected_logps
-    chosen_logratios = pc - rc
-    rejected_logratios = pr - rr
 
-    chosen_rewards = (beta * chosen_logratios).detach()
-    rejected_rewards = (beta * rejected_logratios).detach()
-
-    # Scores (f-divergence transformed log-ratios; identity for reverse KL, which the check
-    # above guarantees for the types that do not use them) and the DPO score difference h.
-    s_w = f_divergence_score(chosen_logratios, f_divergence_type, f_alpha_divergence_coef)
-    s_l = f_divergence_score(rejected_logratios, f_divergence_type, f_alpha_divergence_coef)
-    normalise = loss_type == "sigmoid_norm" or (
-        loss_type == "ipo" and (chosen_lengths is not None or rejected_lengths is not None)
-    )
-    if normalise:
-        s_w = s_w / _as_lengths(chosen_lengths, s_w, "chosen_lengths", loss_type)
-        s_l = s_l / _as_lengths(rejected_lengths, s_l, "rejected_lengths", loss_type)
-    h = s_w - s_l
-    z = beta * h
-
-    a, b = chosen_logratios, rejected_logratios
-    if loss_type in ("sigmoid", "sigmoid_norm"):
-        losses = _smoothed_sigmoid_loss(z, eps if loss_type == "sigmoid" else 0.0)
-    elif loss_type == "robust":
-        losses = ((1.0 - eps) * -F.logsigmoid(z) - eps * -F.logsigmoid(-z)) / (1.0 - 2.0 * eps)
-    elif loss_type == "ipo":
-        losses = (h - 1.0 / (2.0 * beta)) ** 2
-    elif loss_type == "hinge":
-        losses = torch.relu(1.0 - z)
-    elif loss_type == "exo_pair":
-        e = eps if eps > 0.0 else _EXO_DEFAULT_EPSILON
-        losses = torch.sigmoid(z) * (F.logsigmoid(z) - math.log1p(-e)) + torch.sigmoid(-z) * (
-            F.logsigmoid(-z) - math.log(e)
-        )
-    elif loss_type == "nca_pair":
-        losses = (
-            -F.logsigmoid(beta * a) - 0.5 * F.logsigmoid(-beta * a) - 0.5 * F.logsigmoid(-beta * b)
-        )
-    elif loss_type == "bco_pair":
-        delta = torch.as_tensor(bco_delta, dtype=a.dtype, device=a.device).detach()
-        losses = -F.logsigmoid(beta * a - delta) - F.logsigmoid(-(beta * b - delta))
-    elif loss_type == "sppo_hard":
-        losses = (a - 0.5 / beta) ** 2 + (b + 0.5 / beta) ** 2
-    elif loss_type == "aot":
-        d = torch.sort(pc - pr, dim=0).values - torch.sort(rc - rr, dim=0).values
-        losses = _smoothed_sigmoid_loss(beta * d, eps)
-    elif loss_type == "aot_unpaired":
-        d = torch.sort(a, dim=0).values - torch.sort(b, dim=0).values
-        losses = _smoothed_sigmoid_loss(beta * d, eps)
-    elif loss_type == "apo_zero":
-        losses = (1.0 - torch.sigmoid(beta * a)) + torch.sigmoid(beta * b)
-    elif loss_type == "apo_down":
-        losses = torch.sigmoid(beta * a) + (1.0 - torch.sigmoid(beta * (a - b)))
-    else:  # discopop (membership in DPO_LOSS_TYPES was checked above)
-        if not discopop_tau > 0:
-            raise ValueError(f"discopop_tau must be > 0, got {discopop_tau}")
-        m = torch.sigmoid(z / discopop_tau)
-        # m * exp(-z), computed in log space: exp(-z + log m)
-        exp_term = torch.exp(
-            torch.clamp(-z + F.logsigmoid(z / discopop_tau), max=_exp_cap(z.dtype))
-        )
-        losses = (1.0 - m) * -F.logsigmoid(z) + exp_term
-
-    return losses, chosen_rewards, rejected_rewards
+# --------------------------------------------------------------------------------------
+# RPO, SimPO, ORPO, KTO as tensor functions
+# --------------------------------------------------------------------------------------
 
 
 def rpo_loss(
@@ -386,7 +372,7 @@ def rpo_loss(
     beta: float = 0.1,
     loss_type: str = "sigmoid",
     **dpo_kwargs: Any,
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> PreferenceOutput:
     r"""RPO: a DPO-family loss plus a weighted NLL on the chosen completion.
 
     Pang et al. 2024, "Iterative Reasoning Preference Optimization" (arXiv:2404.19733):
@@ -412,96 +398,6 @@ def rpo_loss(
     return losses + alpha * chosen_nll, chosen_rewards, rejected_rewards
 
 
-def combine_losses(components: Mapping[str, Tensor], weights: Mapping[str, float]) -> Tensor:
-    r"""Weighted sum of named loss components: ``L = sum_k w_k * L_k``.
-
-    The building block of mixed objectives such as MPO (Wang et al. 2024, "Enhancing the
-    Reasoning Ability of Multimodal Large Language Models via Mixed Preference
-    Optimization", arXiv:2411.10442: ``w_p * sigmoid + w_q * bco_pair + w_g * sft``) and RPO
-    (``dpo + alpha * nll``). Components are ``(B,)`` per-example losses or scalars
-    (broadcast); the result is their weighted sum, so taking its mean equals TRL's
-    ``sum_k w_k * mean(L_k)``. A component with no entry in ``weights`` gets weight 1.0; a
-    weight naming no component is a ``ValueError`` (it is almost certainly a typo).
-    """
-    if not components:
-        raise ValueError("combine_losses needs at least one component")
-    unknown = sorted(set(weights) - set(components))
-    if unknown:
-        raise ValueError(
-            f"weights given for unknown components {unknown}; have {sorted(components)}"
-        )
-    total: Tensor | None = None
-    for name, value in components.items():
-        term = float(weights.get(name, 1.0)) * value
-        total = term if total is None else total + term
-    assert total is not None
-    return total
-
-
-def dpo_loss_mixture(
-    policy_chosen_logps: Tensor,
-    policy_rejected_logps: Tensor,
-    ref_chosen_logps: Tensor,
-    ref_rejected_logps: Tensor,
-    *,
-    loss_types: Sequence[str],
-    weights: Sequence[float],
-    beta: float = 0.1,
-    sft_loss: Tensor | None = None,
-    **kw: Any,
-) -> tuple[Tensor, Tensor, Tensor]:
-    r"""Weighted mixture of DPO-family losses (TRL's multi-``loss_type``, e.g. MPO).
-
-    ``losses = sum_k weights[k] * dpo_loss(..., loss_type=loss_types[k])`` per example,
-    with the same ``beta`` and keyword arguments ``kw`` (forwarded to :func:`dpo_loss`) for
-    every term. MPO (Wang et al. 2024, arXiv:2411.10442) is
-    ``loss_types=("sigmoid", "bco_pair", "sft"), weights=(0.8, 0.2, 1.0)``: the name
-    ``"sft"`` takes the caller's ``sft_loss`` (the chosen NLL, ``(B,)`` or scalar), since it
-    needs token logits rather than sequence log-probs.
-
-    Returns:
-        ``(losses, chosen_rewards, rejected_rewards)``; the rewards are
-        ``beta * (pc - rc)`` and ``beta * (pr - rr)``, detached.
-    """
-    loss_types = list(loss_types)
-    weights = [float(w) for w in weights]
-    if not loss_types:
-        raise ValueError("loss_types must not be empty")
-    if len(weights) != len(loss_types):
-        raise ValueError(
-            f"weights must have one entry per loss type: {len(weights)} weights for "
-            f"{len(loss_types)} loss types"
-        )
-    if len(set(loss_types)) != len(loss_types):
-        raise ValueError(f"duplicate loss types in {loss_types}")
-    components: dict[str, Tensor] = {}
-    chosen_rewards = (beta * (policy_chosen_logps - ref_chosen_logps)).detach()
-    rejected_rewards = (beta * (policy_rejected_logps - ref_rejected_logps)).detach()
-    for lt in loss_types:
-        if lt == "sft":
-            if sft_loss is None:
-                raise ValueError('loss type "sft" needs `sft_loss` (the chosen NLL)')
-            components[lt] = sft_loss
-            continue
-        components[lt], _, _ = dpo_loss(
-            policy_chosen_logps,
-            policy_rejected_logps,
-            ref_chosen_logps,
-            ref_rejected_logps,
-            beta=beta,
-            loss_type=lt,
-            **kw,
-        )
-    losses = combine_losses(components, dict(zip(loss_types, weights, strict=True)))
-    losses = losses.expand_as(chosen_rewards) if losses.dim() == 0 else losses
-    return losses, chosen_rewards, rejected_rewards
-
-
-# --------------------------------------------------------------------------------------
-# reference-free and unpaired objectives
-# --------------------------------------------------------------------------------------
-
-
 def simpo_loss(
     chosen_avg_logps: Tensor,
     rejected_avg_logps: Tensor,
@@ -509,7 +405,7 @@ def simpo_loss(
     beta: float = 2.0,
     gamma: float = 0.5,
     label_smoothing: float = 0.0,
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> PreferenceOutput:
     r"""SimPO, Meng et al. 2024, "SimPO: Simple Preference Optimization with a
     Reference-Free Reward" (arXiv:2405.14734).
 
@@ -541,8 +437,8 @@ def orpo_loss(
     With ``odds(y) = p / (1 - p)`` and ``log p = avg`` (length-averaged log-prob):
     ``log_odds = (avg_c - avg_r) - (log(1 - exp(avg_c)) - log(1 - exp(avg_r)))`` and
     ``losses = -beta * log sig(log_odds)``. The full ORPO objective adds this to the
-    chosen NLL (the trainer's job). ``log(1 - exp(x))`` is evaluated stably (``expm1`` near
-    0, ``log1p`` below ``-log 2``) and the averages are clamped to ``<= -1e-6`` so that
+    chosen NLL (the registered ``orpo``). ``log(1 - exp(x))`` is evaluated stably (``expm1``
+    near 0, ``log1p`` below ``-log 2``) and the averages are clamped to ``<= -1e-6`` so that
     ``p -> 1`` gives finite values and gradients.
 
     Returns:
@@ -592,6 +488,83 @@ def kto_loss(
     undesirable_losses = undesirable_weight * (1.0 - torch.sigmoid(beta * (z0 - logratios)))
     losses = torch.where(desirable, desirable_losses, undesirable_losses)
     return losses, (beta * logratios).detach()
+
+
+# --------------------------------------------------------------------------------------
+# registered: reference-free, RPO, unpaired
+# --------------------------------------------------------------------------------------
+
+
+@register_preference_loss("simpo", reference_free=True)
+def simpo(x: PreferenceInput) -> PreferenceOutput:
+    """SimPO (Meng et al. 2024, arXiv:2405.14734), reference-free: on the average log-probs
+    ``avg = seq / length``, ``z = beta (avg_c - avg_r) - simpo_gamma`` and
+    ``-(1 - eps) log sig(z) - eps log sig(-z)`` (:func:`simpo_loss`). Rewards
+    ``beta * avg``. Needs ``chosen_lengths`` and ``rejected_lengths``."""
+    avg_c, avg_r = _average_logps(x, "simpo")
+    return simpo_loss(
+        avg_c, avg_r, beta=x.beta, gamma=x.simpo_gamma, label_smoothing=x.label_smoothing
+    )
+
+
+@register_preference_loss("orpo", reference_free=True)
+def orpo(x: PreferenceInput) -> PreferenceOutput:
+    """ORPO (Hong et al. 2024, arXiv:2403.07691), reference-free, on the average log-probs
+    ``avg = seq / length``: ``-avg_c - beta log sig(log_odds)`` -- the chosen token-mean NLL
+    plus the odds-ratio term of :func:`orpo_loss` (``beta`` is the paper's lambda). Rewards
+    ``beta * avg``. Needs ``chosen_lengths`` and ``rejected_lengths``."""
+    avg_c, avg_r = _average_logps(x, "orpo")
+    odds, _ = orpo_loss(avg_c, avg_r, beta=x.beta)
+    losses = -avg_c + odds
+    return losses, (x.beta * avg_c).detach(), (x.beta * avg_r).detach()
+
+
+@register_preference_loss("rpo", f_divergence=True)
+def rpo(x: PreferenceInput) -> PreferenceOutput:
+    """RPO (Pang et al. 2024, arXiv:2404.19733): DPO ``sigmoid`` (with ``label_smoothing``
+    and the f-divergence) plus ``rpo_alpha`` times the chosen token-mean NLL
+    ``-pc / chosen_lengths`` (:func:`rpo_loss`). Rewards as DPO. Needs ``chosen_lengths``."""
+    pc, pr, rc, rr = _paired_logps(x, "rpo")
+    nll = -(pc / _as_lengths(x.chosen_lengths, pc, "chosen_lengths", "rpo"))
+    return rpo_loss(
+        pc,
+        pr,
+        rc,
+        rr,
+        nll,
+        alpha=x.rpo_alpha,
+        loss_type="sigmoid",
+        beta=x.beta,
+        label_smoothing=x.label_smoothing,
+        f_divergence_type=x.f_divergence_type,
+        f_alpha_divergence_coef=x.f_alpha_divergence_coef,
+        chosen_lengths=x.chosen_lengths,
+        rejected_lengths=x.rejected_lengths,
+    )
+
+
+@register_preference_loss("kto", unpaired=True)
+def kto(x: PreferenceInput) -> PreferenceOutput:
+    """KTO (Ethayarajh et al. 2024, arXiv:2402.01306), unpaired: row ``i`` is one completion,
+    ``policy_chosen_logps`` / ``ref_chosen_logps`` its log-probs, ``desirable[i]`` its label:
+    ``w_d (1 - sig(beta (r - z0)))`` for desirable rows and ``w_u (1 - sig(beta (z0 - r)))``
+    for the others, ``r = policy - ref``, ``z0 = max(kl_ref, 0)`` detached (:func:`kto_loss`).
+
+    Returns ``(losses, rewards, rewards)``: the same ``(B,)`` tensor ``beta * r`` (detached)
+    twice, one reward per row; split it with ``desirable`` for the chosen/rejected metrics.
+    """
+    ref = _required(x.ref_chosen_logps, "ref_chosen_logps", "kto")
+    desirable = _required(x.desirable, "desirable", "kto")
+    losses, rewards = kto_loss(
+        x.policy_chosen_logps,
+        ref,
+        desirable,
+        x.kl_ref,
+        beta=x.beta,
+        desirable_weight=x.kto_desirable_weight,
+        undesirable_weight=x.kto_undesirable_weight,
+    )
+    return losses, rewards, rewards
 
 
 # --------------------------------------------------------------------------------------
