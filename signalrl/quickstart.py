@@ -53,7 +53,7 @@ DEFAULT: dict[str, Any] = {
             "schedule": "cosine",
             "precision": "fp32",
         },
-        "rl": {"algorithm": "grpo", "group_size": 8, "beta": 0.0},
+        "rl": {"algorithm": "grpo", "group_size": 8, "kl_coef": 0.0},
         "sampling": {"max_new_tokens": 6, "temperature": 1.0},
         "eval": {"k": 8},
         "logging": {"every": 5, "samples_every": 20},
@@ -66,7 +66,7 @@ def load_quickstart(
     path: str | os.PathLike[str] | None = None, overrides: list[str] | None = None
 ) -> dict[str, Any]:
     """The two stage dicts, from `path` (same shape as DEFAULT) or the built-in default.
-    Overrides are `sft.train.steps=10` or `grpo.rl.beta=0.1`."""
+    Overrides are `sft.train.steps=10` or `grpo.rl.kl_coef=0.1`."""
     where = str(path) if path else "<built-in quickstart>"
     data = yaml.safe_load(Path(path).read_text()) if path else json.loads(json.dumps(DEFAULT))
     if not isinstance(data, dict) or set(data) != {"sft", "grpo"}:

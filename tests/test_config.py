@@ -64,9 +64,11 @@ def test_bad_values_and_files(tmp_path):
 
 def test_overrides_and_dump_round_trip(tmp_path):
     r = recipe_from_dict(
-        {}, "x", ["train.lr=0.5", "rl.beta=0.1", "task.digits=3", 'sampling.stop_strings=["\\n"]']
+        {"trainer": "online_rl"},
+        "x",
+        ["train.lr=0.5", "rl.kl_coef=0.1", "task.digits=3", 'sampling.stop_strings=["\\n"]'],
     )
-    assert r.train.lr == 0.5 and r.rl.beta == 0.1 and r.task.kwargs()["digits"] == 3
+    assert r.train.lr == 0.5 and r.rl.kl_coef == 0.1 and r.task.kwargs()["digits"] == 3
     assert r.sampling.stop_strings == ["\n"]
     p = tmp_path / "dump.yaml"
     p.write_text(dump_recipe(r))

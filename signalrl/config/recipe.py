@@ -1,0 +1,253 @@
+"""A recipe per trainer: a discriminated union on `trainer`, so a section that belongs to
+another trainer is an error naming it; YAML load/dump and `--set` overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import Field, TypeAdapter, ValidationError, model_validator
+
+from signalrl.config.methods import DistillConfig, PreferenceConfig, RewardModelConfig, RLConfig
+from signalrl.config.sections import (
+    CheckpointConfig,
+    DataConfig,
+    EvalConfig,
+    LoggingConfig,
+    ModelConfig,
+    SamplingConfig,
+    Section,
+    TaskConfig,
+    TrainConfig,
+)
+from signalrl.rewards.registry import RewardSpec
+
+
+class RecipeBase(Section):
+    """The sections every trainer reads."""
+
+    name: str = "run"
+    seed: int = 0
+    output_dir: str = "runs"
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+    @model_validator(mode="after")
+    def _check_eval(self) -> RecipeBase:
+        if self.eval.samples is not None and self.eval.samples < self.eval.k:
+            raise ValueError("eval.samples must be >= eval.k")
+        return self
+
+
+class SFTRecipe(RecipeBase):
+    trainer: Literal["sft"] = "sft"
+
+
+class OnlineRLRecipe(RecipeBase):
+    trainer: Literal["online_rl"] = "online_rl"
+    rl: RLConfig = Field(default_factory=RLConfig)
+    rewards: list[RewardSpec] = Field(
+        default_factory=lambda: [RewardSpec(type="task")],
+        description="weighted reward terms; default: the task's verifier",
+    )
+    reward_on_error: Literal["raise", "zero"] = "raise"
+
+
+class PreferenceRecipe(RecipeBase):
+    trainer: Literal["preference"] = "preference"
+    preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
+
+    @model_validator(mode="after")
+    def _check_data(self) -> PreferenceRecipe:
+        if not self.preference.online and not self.data.path:
+            raise ValueError("trainer 'preference' needs data.path (a preference data file)")
+        return self
+
+
+class RewardModelRecipe(RecipeBase):
+    trainer: Literal["reward_model"] = "reward_model"
+    reward_model: RewardModelConfig = Field(default_factory=RewardModelConfig)
+
+    @model_validator(mode="after")
+    def _check_data(self) -> RewardModelRecipe:
+        if not self.data.path:
+            raise ValueError("trainer 'reward_model' needs data.path (a preference data file)")
+        return self
+
+
+class DistillRecipe(OnlineRLRecipe):
+    """Distillation samples like online RL (the `rl` section: group size, aggregation, ...)."""
+
+    trainer: Literal["distill"] = "distill"  # type: ignore[assignment]
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _distill_defaults(cls, data: Any) -> Any:
+        """Distillation's policy-gradient defaults: token-mean and no reference KL (any key
+        the recipe sets wins)."""
+        if isinstance(data, dict):
+            rl = data.get("rl") or {}
+            if isinstance(rl, dict) and "beta" not in rl:
+                data = {**data, "rl": {"loss_agg": "token-mean", "kl_coef": 0.0, **rl}}
+            elif isinstance(rl, dict):
+                data = {**data, "rl": {"loss_agg": "token-mean", **rl}}
+        return data
+
+    @model_validator(mode="after")
+    def _check_distill(self) -> DistillRecipe:
+        d = self.distill
+        if not d.teacher:
+            raise ValueError(
+                "trainer 'distill' needs distill.teacher (a checkpoint directory or preset)"
+            )
+        if d.reward_weight > 0 and self.rl.group_size < 2:
+            raise ValueError("distill.reward_weight > 0 needs rl.group_size >= 2")
+        if d.mode != "on_policy" and d.reward_weight > 0:
+            raise ValueError(
+                f"distill.reward_weight > 0 is only supported with distill.mode on_policy "
+                f"(got mode {d.mode!r})"
+            )
+        return self
+
+
+RECIPES: dict[str, type[RecipeBase]] = {
+    "sft": SFTRecipe,
+    "online_rl": OnlineRLRecipe,
+    "preference": PreferenceRecipe,
+    "reward_model": RewardModelRecipe,
+    "distill": DistillRecipe,
+}
+
+Recipe = Annotated[
+    SFTRecipe | OnlineRLRecipe | PreferenceRecipe | RewardModelRecipe | DistillRecipe,
+    Field(discriminator="trainer"),
+]
+_ADAPTER: TypeAdapter[Any] = TypeAdapter(Recipe)
+
+
+class RecipeError(ValueError):
+    """A recipe that does not validate; the message names the file and the keys."""
+
+
+def _format_errors(err: ValidationError, where: str) -> str:
+    lines = [f"{where}: invalid recipe"]
+    for e in err.errors():
+        loc = list(e["loc"])
+        if loc and loc[0] in RECIPES:  # the union's tag
+            loc = loc[1:]
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  unknown key '{key}'")
+        else:
+            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def _check_sections(data: dict[str, Any], where: str) -> None:
+    """A section of another trainer's recipe is an error naming it and its trainers."""
+    trainer = data.get("trainer")
+    if trainer not in RECIPES:
+        return
+    own = set(RECIPES[trainer].model_fields)
+    for key in data:
+        if key in own:
+            continue
+        owners = [t for t, cls in RECIPES.items() if key in cls.model_fields]
+        if owners:
+            raise RecipeError(
+                f"{where}: section '{key}' does not belong to trainer {trainer!r} (it "
+                f"configures trainer {' / '.join(repr(o) for o in owners)}); remove it or "
+                "change 'trainer'"
+            )
+
+
+def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    cur = data
+    for k in keys[:-1]:
+        nxt = cur.setdefault(k, {})
+        if not isinstance(nxt, dict):
+            raise RecipeError(f"--set {dotted}: '{k}' is not a section")
+        cur = nxt
+    cur[keys[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise RecipeError(f"--set {text!r}: expected section.key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise RecipeError(f"--set {text!r}: empty key")
+    return key, yaml.safe_load(raw) if raw.strip() else ""
+
+
+def recipe_from_dict(
+    data: dict[str, Any], where: str = "<recipe>", overrides: list[str] | None = None
+) -> Recipe:
+    data = {"trainer": "sft", **data}
+    for ov in overrides or []:
+        key, value = parse_override(ov)
+        set_dotted(data, key, value)
+    _check_sections(data, where)
+    try:
+        recipe = _ADAPTER.validate_python(data)
+    except ValidationError as e:
+        raise RecipeError(_format_errors(e, where)) from None
+    _check_task(recipe, where)
+    return recipe
+
+
+def _check_task(recipe: RecipeBase, where: str) -> None:
+    from signalrl.tasks import TASKS, make_task
+
+    if recipe.task.name not in TASKS:
+        raise RecipeError(
+            f"{where}: task.name: unknown task {recipe.task.name!r}; available: "
+            f"{', '.join(sorted(TASKS))}"
+        )
+    cls = TASKS[recipe.task.name]
+    fields = {f.name for f in dataclasses.fields(cls) if f.init}
+    for key in recipe.task.kwargs():
+        if key not in fields:
+            raise RecipeError(
+                f"{where}: unknown key 'task.{key}' for task {recipe.task.name!r}; valid: "
+                f"{', '.join(sorted(fields))}"
+            )
+    try:
+        make_task(recipe.task.name, **recipe.task.kwargs())
+    except ValueError as e:
+        raise RecipeError(f"{where}: task: {e}") from None
+
+
+def load_recipe(path: str | os.PathLike[str], overrides: list[str] | None = None) -> Recipe:
+    p = Path(path)
+    if not p.is_file():
+        raise RecipeError(f"{p}: recipe file not found")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{p}: not valid YAML: {e}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"{p}: a recipe must be a mapping of sections")
+    return recipe_from_dict(data, str(p), overrides)
+
+
+def dump_recipe(recipe: RecipeBase) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

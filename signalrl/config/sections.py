@@ -1,0 +1,122 @@
+"""The sections every recipe has: model, task, train, sampling, eval, logging, checkpoint,
+data. Standard library and pydantic only (validating a recipe imports no torch)."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    name_or_path: str = "tiny"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    seed: int = Field(0, description="initialisation seed for presets")
+    device: str = Field("auto", description="auto (cuda if available, else cpu), cpu, cuda:N")
+    attn_implementation: Literal["sdpa", "eager"] = Field(
+        "sdpa", description="eager is faster than sdpa for very small models on CPU"
+    )
+
+
+class TaskConfig(BaseModel):
+    """`name` picks a built-in task; every other key is passed to the task's constructor."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str = "arithmetic"
+
+    def kwargs(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class TrainConfig(Section):
+    steps: int = Field(100, ge=1, description="optimizer steps")
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    schedule: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    grad_clip: float | None = Field(1.0, gt=0)
+    batch_size: int = Field(32, ge=1, description="SFT: sequences per step; RL: prompts per step")
+    micro_batch_size: int | None = Field(None, ge=1, description="rows per forward/backward")
+    precision: Literal["fp32", "bf16"] = "fp32"
+    threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's)")
+
+
+class SamplingConfig(Section):
+    max_new_tokens: int = Field(16, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0)
+    stop_strings: list[str] = Field(default_factory=list)
+
+
+class EvalConfig(Section):
+    every: int = Field(0, ge=0, description="evaluate every N steps (0: only at the end)")
+    n: int | None = Field(None, ge=1, description="test problems used (default: all)")
+    k: int = Field(0, ge=0, description="pass@k (0: greedy accuracy only)")
+    samples: int | None = Field(None, ge=1, description="samples per problem for pass@k (>= k)")
+    temperature: float = Field(1.0, gt=0)
+    max_new_tokens: int | None = Field(None, ge=1)
+    batch_size: int = Field(256, ge=1)
+
+
+class LoggingConfig(Section):
+    every: int = Field(1, ge=1)
+    samples_every: int = Field(10, ge=0, description="0: never")
+    samples_n: int = Field(4, ge=1)
+    tensorboard: bool = True
+    progress: bool = True
+
+
+class CheckpointConfig(Section):
+    every: int = Field(0, ge=0, description="save every N steps (0: only final/)")
+    keep: int = Field(2, ge=1)
+
+
+class DataConfig(Section):
+    """A data file. Preference trainers: rows {prompt, chosen, rejected} or, for kto,
+    {prompt, completion, label}. SFT (optional; without it SFT trains on the task's train
+    split): rows {text} (loss on every token: pretraining), {prompt, completion} or chat
+    {messages} (`kind`; see `signalrl.data.sft`). Relative paths are relative to the working
+    directory. `train_subset: k` (SFT and online RL) trains on the first k train rows,
+    repeated: `train_subset: 1` is 1-shot RLVR (Wang et al. 2025)."""
+
+    train_subset: int | None = Field(None, ge=1, description="first k train rows only")
+
+    path: str | None = None
+    format: Literal["auto", "jsonl", "parquet", "hf"] = "auto"
+    kind: Literal["auto", "text", "prompt_completion", "messages"] = Field(
+        "auto", description="SFT rows: text, prompt_completion or messages (auto: by columns)"
+    )
+    max_length: int | None = Field(
+        None, ge=2, description="SFT: longest row in tokens (default: the model's positions)"
+    )
+    test_path: str | None = None
+    test_fraction: float = Field(
+        0.1, ge=0, lt=1, description="held-out rows for eval metrics when test_path is unset"
+    )
+
+
+def renamed(data: Any, section: str, old: str, new: str) -> Any:
+    """A `before`-validator helper: accept the deprecated key `old` of `section` as `new`
+    (with a FutureWarning) for one release; both at once is an error."""
+    if not isinstance(data, dict) or old not in data:
+        return data
+    if new in data:
+        raise ValueError(f"{section}.{old} is the old name of {section}.{new}: set only {new}")
+    warnings.warn(
+        f"recipe key '{section}.{old}' is deprecated: use '{section}.{new}' (the old name is "
+        "accepted in this release and will be removed in the next)",
+        FutureWarning,
+        stacklevel=2,
+    )
+    data = dict(data)
+    data[new] = data.pop(old)
+    return data
