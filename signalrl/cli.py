@@ -112,6 +112,7 @@ def eval_(
             temperature=temperature,
             seed=seed,
             scorer=scorer,
+            extract=getattr(t, "extract", None),
         )
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))

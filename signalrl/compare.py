@@ -54,7 +54,9 @@ from signalrl.config import Recipe, RecipeError, _format_errors, dump_recipe, lo
 from signalrl.logging.run import read_metrics
 from signalrl.sweep import _clean, _last, _num, train_all
 
-COUNTER_TRAINERS: tuple[str, ...] = ("online_rl", "distill", "preference")
+# trainers whose runs log task accuracy and the budget counters (a reward model does not
+# generate, so it has no task accuracy)
+COUNTER_TRAINERS: tuple[str, ...] = ("online_rl", "distill", "preference", "sft")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -151,8 +153,8 @@ def load_compare(
             raise RecipeError(f"{where}: {e}") from None
         if r.trainer not in COUNTER_TRAINERS:
             raise RecipeError(
-                f"{where}: trainer {r.trainer!r} does not log student/forward_tokens; a "
-                f"comparison takes {', '.join(COUNTER_TRAINERS)} runs"
+                f"{where}: trainer {r.trainer!r} does not measure task accuracy against "
+                f"student/forward_tokens; a comparison takes {', '.join(COUNTER_TRAINERS)} runs"
             )
         if r.eval.every and r.eval.every % r.logging.every:
             raise RecipeError(
@@ -171,12 +173,14 @@ def method_label(recipe: Recipe) -> str:
     `online_dpo/sigmoid`, ..."""
     if recipe.trainer == "online_rl":
         return recipe.rl.algorithm
+    if recipe.trainer == "sft":
+        return "sft"
     if recipe.trainer == "preference":
         p = recipe.preference
         return f"{'online_dpo' if p.online else 'dpo'}/{p.loss_type}"
     d = recipe.distill
     if d.mode == "gkd":
-        return f"distill/gkd(lmbda={d.lmbda:g},beta={d.beta:g},{d.gkd_data})"
+        return f"distill/gkd(lmbda={d.lmbda:g},beta={d.jsd_beta:g},{d.gkd_data})"
     return f"distill/{d.mode}"
 
 

@@ -37,7 +37,7 @@ def _write(tmp_path: Path, runs: list[dict] | None = None, **top) -> Path:
         "logging": {"every": 1, "progress": False, "samples_every": 0, "tensorboard": False},
     }
     (tmp_path / "grpo.yaml").write_text(
-        yaml.safe_dump({**base, "trainer": "online_rl", "rl": {"group_size": 2, "beta": 0.0}})
+        yaml.safe_dump({**base, "trainer": "online_rl", "rl": {"group_size": 2, "kl_coef": 0.0}})
     )
     (tmp_path / "distill.yaml").write_text(
         yaml.safe_dump({**base, "trainer": "distill", "distill": {"teacher": "tiny"}})
@@ -128,8 +128,11 @@ def test_compare_validates_every_run_first(tmp_path):
         load_compare(_write(tmp_path, sets=["x=1"]))
     with pytest.raises(RecipeError, match="multiple of logging.every"):
         load_compare(_write(tmp_path, runs, set=["logging.every=2", "eval.every=3"]))
-    sft = {**runs[0], "set": ["trainer=sft"]}
-    with pytest.raises(RecipeError, match="does not log student/forward_tokens"):
+    rm = {"name": "rm", "recipe": str(ROOT / "recipes" / "reward-model-arithmetic.yaml")}
+    with pytest.raises(RecipeError, match="does not measure task accuracy"):
+        load_compare(_write(tmp_path, [rm]))
+    sft = {**runs[0], "set": ["trainer=sft"]}  # the online_rl recipe's rl section is foreign
+    with pytest.raises(RecipeError, match="section 'rl' does not belong to trainer 'sft'"):
         load_compare(_write(tmp_path, [sft]))
     with pytest.raises(RecipeError, match="name .a/b.: use letters"):
         load_compare(_write(tmp_path, [{**runs[0], "name": "a/b"}]))

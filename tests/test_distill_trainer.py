@@ -102,26 +102,26 @@ def test_advantage_is_negative_reverse_kl(tmp_path):
     roll, _ = t.collect()
     from signalrl.data.collate import build_batch
 
-    batch = build_batch(roll["prompt_ids"], roll["completions"], t.tokenizer.pad_token_id)
+    batch = build_batch(roll.prompt_ids, roll.completion_ids, t.tokenizer.pad_token_id)
     behaviour = torch.zeros(batch.completion_ids.shape)
-    for i, lp in enumerate(roll["sampler_logps"]):
+    for i, lp in enumerate(roll.sampler_logps):
         behaviour[i, : lp.shape[0]] = lp
-    slices = t._micro_slices(len(batch))
-    adv, _ = t.advantages(roll["rewards"], batch, behaviour, None, slices, roll["prompt_ids"])
+    slices = t.micro_slices(len(batch))
+    adv, _ = t.advantages(roll.rewards, batch, behaviour, None, slices, roll.prompt_ids)
     assert adv.shape == batch.completion_ids.shape
     assert adv.abs().max() < 1e-4
     assert abs(t._distill_metrics["distill/reverse_kl"]) < 1e-4
     # with another teacher: the advantage is exactly -(student - teacher) on the tokens
     t.teacher, _ = load_model("tiny", seed=5)
-    adv, _ = t.advantages(roll["rewards"], batch, behaviour, None, slices, roll["prompt_ids"])
-    teacher = t._logps_no_grad(t.teacher, batch, roll["prompt_ids"], slices)
+    adv, _ = t.advantages(roll.rewards, batch, behaviour, None, slices, roll.prompt_ids)
+    teacher = t._logps_no_grad(t.teacher, batch, roll.prompt_ids, slices)
     mask = batch.completion_mask
     torch.testing.assert_close(adv, -(behaviour - teacher) * mask)
     assert adv.abs().max() > 0.1
     # reward mixing adds reward_weight * group-normalised reward on every token
     t.recipe.distill.reward_weight = 0.5
     rewards = torch.tensor([1.0, 0.0, 0.0, 0.0] * 4)
-    mixed, _ = t.advantages(rewards, batch, behaviour, None, slices, roll["prompt_ids"])
+    mixed, _ = t.advantages(rewards, batch, behaviour, None, slices, roll.prompt_ids)
     g = (rewards.view(-1, 4) - rewards.view(-1, 4).mean(-1, keepdim=True)) / (
         rewards.view(-1, 4).std(-1, keepdim=True) + 1e-6
     )
@@ -167,9 +167,9 @@ def test_distill_recipe_needs_a_teacher(tmp_path):
             "x",
         )
     r = recipe_from_dict(
-        {"trainer": "distill", "distill": {"teacher": "t"}, "rl": {"beta": 0.1}}, "x"
+        {"trainer": "distill", "distill": {"teacher": "t"}, "rl": {"kl_coef": 0.1}}, "x"
     )
-    assert r.rl.beta == 0.1 and r.rl.loss_agg == "token-mean"
+    assert r.rl.kl_coef == 0.1 and r.rl.loss_agg == "token-mean"
     r = load_recipe(ROOT / "recipes" / "distill-arithmetic.yaml")
     assert r.trainer == "distill" and r.distill.teacher == "runs/teacher-base-arithmetic-3/final"
     assert (r.train.batch_size, r.rl.group_size, r.train.steps) == (16, 8, 300)

@@ -31,8 +31,8 @@ def _recipe(tmp_path, **rl):
     )
 
 
-def _capture_rollouts(t: OnlineRLTrainer) -> list[dict]:
-    seen: list[dict] = []
+def _capture_rollouts(t: OnlineRLTrainer) -> list:
+    seen: list = []
     orig = t._sample_round
 
     def wrapped(n):
@@ -44,12 +44,12 @@ def _capture_rollouts(t: OnlineRLTrainer) -> list[dict]:
     return seen
 
 
-def _sequence_tokens(roll: dict, g: int, rows: list[int] | None = None) -> int:
+def _sequence_tokens(roll, g: int, rows: list[int] | None = None) -> int:
     """Distinct prompts (once per group that has a row in `rows`) + completion tokens."""
-    rows = list(range(len(roll["completions"]))) if rows is None else rows
+    rows = list(range(len(roll.completion_ids))) if rows is None else rows
     groups = sorted({i // g for i in rows})
-    return sum(len(roll["prompt_ids"][k * g]) for k in groups) + sum(
-        len(roll["completions"][i]) for i in rows
+    return sum(len(roll.prompt_ids[k * g]) for k in groups) + sum(
+        len(roll.completion_ids[i]) for i in rows
     )
 
 
@@ -80,12 +80,12 @@ def test_every_student_pass_is_counted_once(tmp_path):
 def test_skipped_rows_are_not_counted(tmp_path):
     # GRPO skips rows whose advantage is exactly 0: their training forward never runs
     torch.manual_seed(0)
-    t = OnlineRLTrainer(_recipe(tmp_path, algorithm="grpo", beta=0.0), task=SevenTask())
+    t = OnlineRLTrainer(_recipe(tmp_path, algorithm="grpo", kl_coef=0.0), task=SevenTask())
     seen = _capture_rollouts(t)
     m, _ = t.train_step()
     roll = seen[0]
-    std = roll["rewards"].view(-1, 4).std(-1)
-    kept = [i for i in range(len(roll["completions"])) if std[i // 4] > 0]
+    std = roll.rewards.view(-1, 4).std(-1)
+    kept = [i for i in range(len(roll.completion_ids)) if std[i // 4] > 0]
     expected = _sequence_tokens(roll, 4) + (_sequence_tokens(roll, 4, kept) if kept else 0)
     assert m["batch/trained_rows"] == len(kept)
     assert m["student/forward_tokens"] == expected

@@ -47,28 +47,38 @@ def test_every_algorithm_raises_the_reward(tmp_path, algorithm):
     assert late > early + 0.3, (algorithm, early, late)
     held = rows[0]["models/held"]
     rl = t.recipe.rl
-    assert held == 1 + (rl.beta > 0) + (rl.advantage == "gae")
+    assert held == 1 + (rl.kl_coef > 0) + (rl.advantage == "gae")
     if algorithm == "ppo":
         assert "value_loss" in rows[0] and "explained_variance" in rows[-1]
-    if rl.beta > 0:
+    if rl.kl_coef > 0:
         assert "kl" in rows[-1]
     assert rows[0]["memory/peak_mb"] > 0
 
 
 def test_presets_fill_and_recipe_overrides_win():
-    r = recipe_from_dict({"rl": {"algorithm": "dapo"}}, "x")
+    r = recipe_from_dict({"trainer": "online_rl", "rl": {"algorithm": "dapo"}}, "x")
     assert (r.rl.clip_low, r.rl.clip_high, r.rl.loss_agg) == (0.2, 0.28, "token-mean")
-    assert r.rl.dynamic_sampling and r.rl.beta == 0.0 and not r.rl.uses_reference
-    r = recipe_from_dict({"rl": {"algorithm": "dapo", "clip_high": 0.3, "beta": 0.1}}, "x")
+    assert r.rl.dynamic_sampling and r.rl.kl_coef == 0.0 and not r.rl.uses_reference
+    r = recipe_from_dict(
+        {"trainer": "online_rl", "rl": {"algorithm": "dapo", "clip_high": 0.3, "kl_coef": 0.1}}, "x"
+    )
     assert r.rl.clip_high == 0.3 and r.rl.kl_placement == "loss" and r.rl.uses_reference
-    r = recipe_from_dict({"rl": {"algorithm": "dr_grpo"}}, "x")
+    r = recipe_from_dict({"trainer": "online_rl", "rl": {"algorithm": "dr_grpo"}}, "x")
     assert r.rl.adv_scale == "none" and r.rl.loss_agg == "seq-mean-token-sum-norm"
-    r = recipe_from_dict({"rl": {"algorithm": "ppo"}}, "x")
+    r = recipe_from_dict({"trainer": "online_rl", "rl": {"algorithm": "ppo"}}, "x")
     assert r.rl.advantage == "gae" and r.rl.kl_placement == "reward" and r.rl.kl_estimator == "k1"
     with pytest.raises(RecipeError, match="kl_placement"):
-        recipe_from_dict({"rl": {"algorithm": "dapo", "kl_placement": "off", "beta": 0.1}}, "x")
+        recipe_from_dict(
+            {
+                "trainer": "online_rl",
+                "rl": {"algorithm": "dapo", "kl_placement": "off", "kl_coef": 0.1},
+            },
+            "x",
+        )
     with pytest.raises(RecipeError, match="GSPO"):
-        recipe_from_dict({"rl": {"algorithm": "gspo", "loss_agg": "token-mean"}}, "x")
+        recipe_from_dict(
+            {"trainer": "online_rl", "rl": {"algorithm": "gspo", "loss_agg": "token-mean"}}, "x"
+        )
 
 
 class HalfTask(SevenTask):
@@ -84,7 +94,7 @@ def test_dapo_dynamic_sampling_keeps_only_groups_with_variance(tmp_path):
     roll, stats = t.collect()
     assert stats["dynamic_sampling/rounds"] >= 1
     if roll:
-        groups = roll["rewards"].view(-1, 8)
+        groups = roll.rewards.view(-1, 8)
         assert (groups.std(-1) > 0).all()
         assert len(groups) == stats["batch/groups"] <= 4
         assert 0 < stats["dynamic_sampling/kept_frac"] <= 1
@@ -94,8 +104,8 @@ def test_overlong_shaping_and_mask_truncated(tmp_path):
     r = _recipe(tmp_path, "dapo", overlong_cache=2, dynamic_sampling=False, mask_truncated=True)
     t = OnlineRLTrainer(r, task=SevenTask())
     roll, _ = t.collect()
-    lengths = [len(c) for c in roll["completions"]]
-    for n, pen in zip(lengths, roll["overlong"].tolist(), strict=True):
+    lengths = [len(c) for c in roll.completion_ids]
+    for n, pen in zip(lengths, roll.shaping.tolist(), strict=True):
         expected = 0.0 if n <= 2 else (2 - n) / 2  # max_len 4, cache 2
         assert pen == pytest.approx(expected)
     metrics, _ = t.train_step()
@@ -145,7 +155,7 @@ def test_custom_function_reward_trains(tmp_path):
             "trainer": "online_rl",
             "model": {"name_or_path": "tiny"},
             "train": {"steps": 25, "lr": 3e-3, "batch_size": 4},
-            "rl": {"algorithm": "grpo", "beta": 0.0},
+            "rl": {"algorithm": "grpo", "kl_coef": 0.0},
             "sampling": {"max_new_tokens": 4},
             "rewards": [{"type": "function", "fn": "rewards_plugin:has_seven"}],
             "eval": {"n": 4},
@@ -167,7 +177,7 @@ def test_train_subset_is_one_shot(tmp_path):
             "trainer": "online_rl",
             "model": {"name_or_path": "tiny"},
             "train": {"steps": 1, "batch_size": 3},
-            "rl": {"algorithm": "grpo", "beta": 0.0, "group_size": 2},
+            "rl": {"algorithm": "grpo", "kl_coef": 0.0, "group_size": 2},
             "sampling": {"max_new_tokens": 2},
             "data": {"train_subset": 1},
             "logging": {"progress": False, "tensorboard": False},
@@ -177,7 +187,7 @@ def test_train_subset_is_one_shot(tmp_path):
     t = OnlineRLTrainer(r, task=SevenTask())
     assert len(t.rows) == 1
     roll, _ = t.collect()
-    assert {row["prompt"] for row in roll["rows"]} == {"0:"}
+    assert {row["prompt"] for row in roll.rows} == {"0:"}
     with pytest.raises(ValueError, match="train_subset=99"):
         OnlineRLTrainer(
             r.model_copy(update={"data": r.data.model_copy(update={"train_subset": 99})}),
@@ -193,7 +203,7 @@ def test_rows_with_messages_use_the_chat_template(tmp_path):
                 {"prompt": "hi", "messages": [{"role": "user", "content": "hi"}], "answer": "7"}
             ]
 
-    r = _recipe(tmp_path, "grpo", beta=0.0)
+    r = _recipe(tmp_path, "grpo", kl_coef=0.0)
     t = OnlineRLTrainer(r, task=ChatTask())
     assert t.rows[0]["prompt"] == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
 
@@ -224,8 +234,8 @@ def test_skipping_zero_advantage_rows_keeps_the_gradient_exact(tmp_path):
         metrics, _ = t.train_step()
         return out["g"], metrics
 
-    skipped, m1 = grads("a", beta=0.0)
-    full, m2 = grads("b", beta=1e-12)
+    skipped, m1 = grads("a", kl_coef=0.0)
+    full, m2 = grads("b", kl_coef=1e-12)
     assert 0 < m1["batch/trained_rows"] < m2["batch/trained_rows"] == 64
     assert skipped.abs().max() > 0
     torch.testing.assert_close(skipped, full, atol=1e-7, rtol=1e-5)

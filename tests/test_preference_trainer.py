@@ -310,3 +310,21 @@ def test_budget_counters_survive_resume(tmp_path):
     assert t.train_seconds == pytest.approx(logged["time/train_s"])
     out, _ = t.train_step()
     assert out["student/forward_tokens"] > logged["student/forward_tokens"]
+
+
+def test_f_divergence_type_is_a_recipe_key_that_changes_the_loss(tmp_path):
+    """`preference.f_divergence_type` (f-DPO, Wang et al. 2023) reaches the loss: at step 1
+    (policy == reference, log-ratios 0) every divergence gives ln 2, and after a step the
+    js_divergence run's loss differs from plain DPO's."""
+    losses = {}
+    for f in ("reverse_kl", "js_divergence", "alpha_divergence"):
+        r = _pref(tmp_path / f, preference={"f_divergence_type": f}, train={"steps": 2})
+        t = PreferenceTrainer(r)
+        first, _ = t.train_step()
+        second, _ = t.train_step()
+        assert first["loss"] == pytest.approx(0.6931, abs=1e-3), f
+        losses[f] = second["loss"]
+    assert losses["js_divergence"] != pytest.approx(losses["reverse_kl"], abs=1e-6)
+    assert losses["alpha_divergence"] != pytest.approx(losses["reverse_kl"], abs=1e-6)
+    with pytest.raises(RecipeError, match="no f-divergence generalisation"):
+        _pref(tmp_path, preference={"loss_type": "nca_pair", "f_divergence_type": "forward_kl"})

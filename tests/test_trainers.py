@@ -121,7 +121,7 @@ def _grpo(tmp_path, **over):
         "seed": 0,
         "model": {"name_or_path": "tiny"},
         "train": {"steps": 30, "lr": 3e-3, "batch_size": 4},
-        "rl": {"group_size": 8, "beta": 0.0},
+        "rl": {"group_size": 8, "kl_coef": 0.0},
         "sampling": {"max_new_tokens": 4},
         "eval": {"k": 0, "n": 4},
         "logging": {"progress": False, "samples_every": 5, "samples_n": 2},
@@ -166,7 +166,7 @@ def test_grpo_with_kl_and_inner_epochs(tmp_path):
     r = _grpo(
         tmp_path,
         train={"steps": 3, "micro_batch_size": 8},
-        rl={"beta": 0.1, "mu": 2, "clip_high": 0.28},
+        rl={"kl_coef": 0.1, "mu": 2, "clip_high": 0.28},
     )
     t = OnlineRLTrainer(r, task=SevenTask())
     assert t.ref_model is not None

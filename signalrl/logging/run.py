@@ -1,4 +1,5 @@
-"""The run directory (DESIGN.md): config.yaml, metrics.jsonl, samples.jsonl, TensorBoard events.
+"""The run directory (docs/architecture.md, "A run directory"): config.yaml, metrics.jsonl,
+samples.jsonl, TensorBoard events.
 
 `metrics.jsonl` is the source of truth: one JSON object per logged step. On resume, lines past
 the checkpoint's step are dropped so a step is never logged twice.

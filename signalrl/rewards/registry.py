@@ -12,13 +12,14 @@ completion (`on_error: raise`), or scores 0 and is counted (`on_error: zero`).
 
 from __future__ import annotations
 
-import importlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from signalrl.registry import import_function
 
 Row = dict[str, Any]
 BatchReward = Callable[[list[str], list[str], list[Row], list[int]], list[float]]
@@ -54,16 +55,10 @@ class RewardResult:
 
 
 def _import_fn(spec: str) -> Callable[..., Any]:
-    mod, sep, name = spec.partition(":")
-    if not sep or not mod or not name:
-        raise RewardError(f"reward function {spec!r}: expected 'module:function'")
     try:
-        fn = getattr(importlib.import_module(mod), name)
-    except (ImportError, AttributeError) as e:
-        raise RewardError(f"reward function {spec!r}: {e}") from None
-    if not callable(fn):
-        raise RewardError(f"reward function {spec!r} is not callable")
-    return fn
+        return import_function(spec, "reward function")
+    except ValueError as e:
+        raise RewardError(str(e)) from None
 
 
 def build_term(spec: RewardSpec, task: Any = None, device: Any = None) -> BatchReward:

@@ -1,18 +1,31 @@
-"""Shared loop pieces: optimiser, LR schedule, checkpoints and resume, progress, evaluation.
+"""The step skeleton every trainer shares (see docs/architecture.md, "The life of a step").
 
-Every trainer owns a `TrainerBase`: it creates the run directory, writes the resolved recipe,
-builds AdamW and the schedule, saves checkpoints atomically (`checkpoints/step-N/`: HF-format
-model + tokenizer + `trainer_state.pt`) and resumes from the latest one.
+`TrainerBase` owns the run directory, the policy and its tokenizer, the frozen reference
+(built from the *starting* weights, also on resume), the budget counters and models-held
+metrics, AdamW and the schedule, micro-batching with exact gradient-accumulation weights, the
+optimizer step, checkpoints and resume, progress, evaluation and `final/`.
+
+A trainer supplies only what is its own:
+
+- `next_batch()`: this step's training data (sampled, scored, read from a file, ...) and its
+  metrics; `None` when there is nothing to learn from (the schedule still advances);
+- `micro_batches(batch)`: the micro-batches and the total count of loss units (tokens,
+  sequences or pairs) the step's loss is a mean over;
+- `micro_loss(batch, chunk, epoch)`: one micro-batch's loss as a mean over its own units
+  (`MicroLoss`); the skeleton weights it by `units / total`, so accumulating the micro-batches
+  gives exactly the full batch's gradient;
+- `step_metrics(batch, result)` and `step_samples(batch)`.
 """
 
 from __future__ import annotations
 
+import copy
 import io
-import math
 import random
-import re
 import shutil
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,93 +41,76 @@ from rich.progress import (
 )
 from transformers.utils import logging as hf_logging
 
-from signalrl.config import Recipe, dump_recipe
+from signalrl.config import RecipeBase, dump_recipe
 from signalrl.eval import EvalResult, evaluate
+from signalrl.logging.memory import peak_memory_mb, reset_peak_memory
 from signalrl.logging.run import RunDir
-from signalrl.models import load_model, save_model
+from signalrl.models import count_parameters, load_model, save_model
 from signalrl.rollout.sampler import SamplingParams
 from signalrl.tasks import Task, make_task
+from signalrl.trainers.state import (
+    STATE_FILE,
+    STEP_DIR,
+    Budget,
+    DataCursor,
+    latest_checkpoint,
+    lr_lambda,
+    seed_everything,
+)
 
-STATE_FILE = "trainer_state.pt"
-_STEP_DIR = re.compile(r"^step-(\d+)$")
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def lr_lambda(recipe: Recipe):  # noqa: ANN201
-    t = recipe.train
-
-    def f(step: int) -> float:
-        if t.warmup_steps and step < t.warmup_steps:
-            return (step + 1) / t.warmup_steps
-        if t.schedule == "constant":
-            return 1.0
-        span = max(1, t.steps - t.warmup_steps)
-        progress = min(1.0, (step - t.warmup_steps) / span)
-        if t.schedule == "linear":
-            frac = 1.0 - progress
-        else:
-            frac = 0.5 * (1.0 + math.cos(math.pi * progress))
-        return t.min_lr_ratio + (1.0 - t.min_lr_ratio) * frac
-
-    return f
+__all__ = [
+    "STATE_FILE",
+    "DataCursor",
+    "MicroLoss",
+    "StepResult",
+    "TrainerBase",
+    "latest_checkpoint",
+    "lr_lambda",
+    "seed_everything",
+]
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    ck = run_dir / "checkpoints"
-    if not ck.is_dir():
-        return None
-    steps = [
-        (int(m.group(1)), p)
-        for p in ck.iterdir()
-        if (m := _STEP_DIR.match(p.name)) and (p / STATE_FILE).is_file()
-    ]
-    return max(steps)[1] if steps else None
+@dataclass
+class MicroLoss:
+    """One micro-batch's loss: a mean over its `units` (tokens, sequences or pairs); its
+    `metrics` are averaged with the same weights; `aux` is handed back in order;
+    `extra_loss` is backpropagated with the same weight but not logged as `loss` (e.g. a
+    critic's value loss)."""
+
+    loss: torch.Tensor
+    units: float
+    metrics: dict[str, float] = field(default_factory=dict)
+    aux: Any = None
+    extra_loss: torch.Tensor | None = None
 
 
-class DataCursor:
-    """Epoch-wise shuffled order over `n` rows, resumable: `take(k)` returns the next k
-    indices, reshuffling (seeded by the epoch) when an epoch ends."""
+@dataclass
+class StepResult:
+    """What the update of one step produced: per-epoch weighted metric sums (`loss` and the
+    micro-batches' metrics), the first epoch's `aux` values, and the optimizer step's
+    `grad_norm` and `lr`."""
 
-    def __init__(self, n: int, seed: int) -> None:
-        if n <= 0:
-            raise ValueError("no training rows")
-        self.n, self.seed = n, seed
-        self.order: list[int] = []
-        self.cursor = 0
-        self.epoch = 0
+    epochs: list[dict[str, float]]
+    aux: list[Any]
+    opt: dict[str, float]
 
-    def take(self, k: int) -> list[int]:
-        out: list[int] = []
-        while len(out) < k:
-            if self.cursor >= len(self.order):
-                self.order = list(range(self.n))
-                random.Random(self.seed * 7919 + self.epoch).shuffle(self.order)
-                self.epoch += 1
-                self.cursor = 0
-            step = min(k - len(out), len(self.order) - self.cursor)
-            out.extend(self.order[self.cursor : self.cursor + step])
-            self.cursor += step
-        return out
-
-    def state(self) -> dict[str, Any]:
-        return {"order": self.order, "cursor": self.cursor, "epoch": self.epoch}
-
-    def load(self, state: dict[str, Any]) -> None:
-        self.order = list(state.get("order", []))
-        self.cursor = int(state.get("cursor", 0))
-        self.epoch = int(state.get("epoch", 0))
+    def metrics(self) -> dict[str, float]:
+        """Each key's mean over the epochs that logged it."""
+        out: dict[str, float] = {}
+        for key in {k for e in self.epochs for k in e}:
+            vals = [e[key] for e in self.epochs if key in e]
+            out[key] = sum(vals) / len(vals)
+        return {**out, **self.opt}
 
 
 class TrainerBase:
-    """Run directory, model, optimiser, schedule, checkpoints, progress and evaluation."""
+    """Run directory, models, optimiser, the step skeleton, checkpoints and evaluation."""
+
+    recipe: Any  # the trainer's own recipe class (see `signalrl.config.RECIPES`)
 
     def __init__(
         self,
-        recipe: Recipe,
+        recipe: RecipeBase,
         *,
         resume: bool = False,
         overwrite: bool = False,
@@ -134,21 +130,66 @@ class TrainerBase:
         self.task: Task = task or make_task(recipe.task.name, **recipe.task.kwargs())
         self.resume_from = latest_checkpoint(self.run.path) if resume else None
         source = str(self.resume_from) if self.resume_from else recipe.model.name_or_path
-        device = recipe.model.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model, self.tokenizer = load_model(
-            source,
-            dtype=recipe.model.dtype,
-            seed=recipe.model.seed,
-            device=device,
-            attn_implementation=recipe.model.attn_implementation,
-        )
+        self.model, self.tokenizer = self.load_policy(source)
         self.device = next(self.model.parameters()).device
         self.autocast_dtype = torch.bfloat16 if recipe.train.precision == "bf16" else None
+        self.ref_model: torch.nn.Module | None = None
+        self.budget = Budget()
+        self.models_held: dict[str, float] = {}
         self.step = 0
         self.started = time.time()
         self.elapsed_before = 0.0
+
+    # -- models -------------------------------------------------------------------------------
+    def load_policy(self, source: str) -> tuple[Any, Any]:
+        m = self.recipe.model
+        device = m.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        return load_model(
+            source,
+            dtype=m.dtype,
+            seed=m.seed,
+            device=device,
+            attn_implementation=m.attn_implementation,
+        )
+
+    def frozen_reference(self) -> torch.nn.Module:
+        """A frozen copy of the *starting* policy: a deep copy of the model just loaded on a
+        fresh run; on resume (the policy holds checkpoint weights) the start model is loaded
+        again from `model.name_or_path`."""
+        if self.resume_from is None:
+            ref = copy.deepcopy(self.model)
+        else:
+            ref, _ = self.load_policy(self.recipe.model.name_or_path)
+            ref = ref.to(self.device)
+        ref.eval()
+        for p in ref.parameters():
+            p.requires_grad_(False)
+        return ref
+
+    def held_models(self) -> list[tuple[str, torch.nn.Module]]:
+        """The models resident during training, by role (subclasses add theirs)."""
+        held: list[tuple[str, torch.nn.Module]] = [("policy", self.model)]
+        if self.ref_model is not None:
+            held.append(("reference", self.ref_model))
+        return held
+
+    def finish_setup(self) -> None:
+        """Build the optimiser, resume, measure what set-up holds, and reset the memory peak
+        so that `memory/peak_mb` is the training phase's (`memory/setup_peak_mb` is set-up's)."""
+        if not hasattr(self, "optimizer"):
+            self.build_optimizer()
+        self.maybe_resume()
+        held = self.held_models()
+        self.console.print(f"models held: {', '.join(name for name, _ in held)}")
+        self.models_held = {
+            "models/held": float(len(held)),
+            "models/params_held": float(sum(count_parameters(m) for _, m in held)),
+            "models/params_trainable": float(count_parameters(self.model, trainable_only=True)),
+            "memory/setup_peak_mb": peak_memory_mb(self.device),
+        }
+        reset_peak_memory(self.device)
 
     # -- optimisation ---------------------------------------------------------------------
     def build_optimizer(self, params: list[torch.nn.Parameter] | None = None) -> None:
@@ -192,6 +233,109 @@ class TrainerBase:
             self.scheduler.step()
         return {"grad_norm": float(norm), "lr": lr}
 
+    # -- the step skeleton ------------------------------------------------------------------
+    def next_batch(self) -> tuple[Any | None, dict[str, float]]:
+        """This step's batch (None: nothing to learn from) and its metrics."""
+        raise NotImplementedError
+
+    def micro_batches(self, batch: Any) -> tuple[Sequence[Any], float]:
+        """The micro-batches of `batch` and the total loss units of the step."""
+        raise NotImplementedError
+
+    def micro_loss(self, batch: Any, chunk: Any, epoch: int) -> MicroLoss:
+        raise NotImplementedError
+
+    def updates_per_batch(self) -> int:
+        """Optimiser updates on one batch (PPO's `mu`)."""
+        return 1
+
+    def after_update(self) -> None:
+        """Runs after every optimiser update (e.g. the critic's own optimiser)."""
+
+    def step_metrics(self, batch: Any, result: StepResult) -> dict[str, float]:
+        return result.metrics()
+
+    def step_samples(self, batch: Any) -> list[dict[str, Any]]:
+        return []
+
+    def micro_slices(self, n: int) -> list[slice]:
+        """`train.micro_batch_size` rows at a time (all `n` rows when unset)."""
+        micro = self.recipe.train.micro_batch_size or n
+        return [slice(i, min(n, i + micro)) for i in range(0, n, max(micro, 1))]
+
+    def accumulate(
+        self, batch: Any, chunks: Sequence[Any], total: float, epoch: int
+    ) -> tuple[dict[str, float], list[Any]]:
+        """Backward every micro-batch's mean loss times `units / total`: the sum is the
+        step's mean over all its units, as one big batch would give. Returns the weighted
+        sums of `loss` and of the micro-batches' metrics, and their `aux` values."""
+        sums: dict[str, float] = {"loss": 0.0}
+        aux: list[Any] = []
+        for chunk in chunks:
+            m = self.micro_loss(batch, chunk, epoch)
+            w = m.units / total if total else 0.0
+            full = m.loss if m.extra_loss is None else m.loss + m.extra_loss
+            (full if w == 1.0 else full * w).backward()
+            sums["loss"] += w * float(m.loss.detach())
+            for k, v in m.metrics.items():
+                sums[k] = sums.get(k, 0.0) + w * v
+            aux.append(m.aux)
+        return sums, aux
+
+    def update(self, batch: Any) -> StepResult:
+        """`updates_per_batch()` optimiser updates on `batch` (the schedule advances once)."""
+        chunks, total = self.micro_batches(batch)
+        n = self.updates_per_batch()
+        epochs: list[dict[str, float]] = []
+        first_aux: list[Any] = []
+        opt: dict[str, float] = {}
+        self.model.train()
+        for epoch in range(n):
+            sums, aux = self.accumulate(batch, chunks, total, epoch)
+            epochs.append(sums)
+            first_aux = first_aux or aux
+            opt = self.optimizer_step(step_scheduler=epoch == n - 1)
+            self.after_update()
+        return StepResult(epochs, first_aux, opt)
+
+    def skip_update(self) -> dict[str, float]:
+        """A step with nothing to learn from: no update, the schedule advances."""
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return {"lr": lr, "skipped": 1.0}
+
+    def train_step(self) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        """One optimiser step; returns its metrics and rows for samples.jsonl."""
+        t0 = time.perf_counter()
+        batch, stats = self.next_batch()
+        samples: list[dict[str, Any]] = []
+        if batch is None:
+            metrics = {**stats, **self.skip_update()}
+        else:
+            t_data = time.perf_counter() - t0
+            result = self.update(batch)
+            metrics = {**stats, **self.step_metrics(batch, result), "time/rollout_s": t_data}
+            samples = self.step_samples(batch)
+        metrics.update(self.models_held)
+        metrics["memory/peak_mb"] = peak_memory_mb(self.device)
+        metrics["time/step_s"] = time.perf_counter() - t0
+        return self.account(metrics), samples
+
+    def account(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Add this step's `time/step_s` to the budget and log the cumulative counters."""
+        self.budget.train_seconds += metrics.get("time/step_s", 0.0)
+        metrics.update(self.budget.metrics())
+        return metrics
+
+    @property
+    def forward_tokens(self) -> int:
+        return self.budget.forward_tokens
+
+    @property
+    def train_seconds(self) -> float:
+        return self.budget.train_seconds
+
     # -- checkpoints ----------------------------------------------------------------------
     def trainer_state(self) -> dict[str, Any]:
         return {
@@ -205,12 +349,16 @@ class TrainerBase:
         }
 
     def extra_state(self) -> dict[str, Any]:
-        """What a checkpoint needs beyond model, optimiser and schedule (subclasses extend);
-        the data order of `self.data` (a DataCursor) when the trainer has one."""
+        """What a checkpoint needs beyond model, optimiser and schedule (subclasses extend):
+        the budget counters and the data order of `self.data` (a DataCursor) if any."""
         data = getattr(self, "data", None)
-        return {"data": data.state()} if isinstance(data, DataCursor) else {}
+        state = self.budget.state()
+        if isinstance(data, DataCursor):
+            state["data"] = data.state()
+        return state
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.budget.load(state)
         data = getattr(self, "data", None)
         if isinstance(data, DataCursor):
             data.load(state.get("data", {}))
@@ -229,7 +377,7 @@ class TrainerBase:
 
     def _prune_checkpoints(self) -> None:
         ck = self.run.checkpoints
-        steps = sorted((int(m.group(1)), p) for p in ck.iterdir() if (m := _STEP_DIR.match(p.name)))
+        steps = sorted((int(m.group(1)), p) for p in ck.iterdir() if (m := STEP_DIR.match(p.name)))
         for _, p in steps[: -self.recipe.checkpoint.keep]:
             shutil.rmtree(p, ignore_errors=True)
 
@@ -324,6 +472,7 @@ class TrainerBase:
             seed=self.recipe.seed,
             stop_strings=self.recipe.sampling.stop_strings,
             autocast_dtype=self.autocast_dtype,
+            extract=getattr(self.task, "extract", None),
         )
 
     def maybe_evaluate(self, metrics: dict[str, Any]) -> None:
@@ -332,23 +481,19 @@ class TrainerBase:
             metrics.update(self.evaluate(with_pass_k=False).metrics())
 
     # -- the loop ---------------------------------------------------------------------------
-    def train_step(self) -> tuple[dict[str, float], list[dict[str, Any]]]:
-        """One optimiser step; returns its metrics and rows for samples.jsonl."""
-        raise NotImplementedError
-
     def progress_info(self, metrics: dict[str, Any]) -> str:
         return f"loss {metrics.get('loss', float('nan')):.4f}"
+
+    def progress_name(self) -> str:
+        return self.recipe.trainer
 
     def train(self) -> dict[str, Any]:
         """Step until `train.steps`, with logging, samples, evaluation and checkpoints; then
         the final evaluation and `final/`."""
         t, lg = self.recipe.train, self.recipe.logging
         metrics: dict[str, Any] = {}
-        name = (
-            self.recipe.rl.algorithm if self.recipe.trainer == "online_rl" else self.recipe.trainer
-        )
         with self.progress() as bar:
-            task = bar.add_task(name, total=t.steps, completed=self.step, info="")
+            task = bar.add_task(self.progress_name(), total=t.steps, completed=self.step, info="")
             while self.step < t.steps:
                 metrics, samples = self.train_step()
                 self.step += 1

@@ -30,7 +30,7 @@ samples (on-policy), otherwise it is the off-policy data `distill.gkd_data`:
 - `teacher`: `B` prompts x `G` teacher samples (the `off_policy` mode's data).
 
 Both models then run one forward over the batch, and the loss is the token-mean
-`generalized_jsd(student_logits, teacher_logits, mask, beta=distill.beta,
+`generalized_jsd(student_logits, teacher_logits, mask, beta=distill.jsd_beta,
 temperature=sampling.temperature)` over the full vocabulary on the completion tokens
 (`beta=0`: forward KL(teacher || student), `beta=1`: reverse KL(student || teacher)); the
 gradient flows through the student's full distribution, with no sampling in the loss. Memory:
@@ -42,29 +42,30 @@ chunks of tokens (`signalrl.losses.distill`). `distill.reward_weight` is on-poli
 are cast to float32 before use), the usual choice for a teacher much larger than the student.
 
 Every mode logs the cumulative budget counters `student/forward_tokens` and `time/train_s`
-(see `signalrl.trainers.online_rl.count_forward_tokens`); the teacher's passes are not counted.
+(see `signalrl.rollout.collect.count_forward_tokens`); the teacher's passes are not counted.
 """
 
 from __future__ import annotations
 
 import inspect
 import random
-import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from signalrl.config import Recipe
+from signalrl.config import DistillRecipe
 from signalrl.data.collate import SequenceBatch, build_batch, tokenize_sft
-from signalrl.logging.memory import peak_memory_mb
 from signalrl.losses.advantages import group_advantages
 from signalrl.losses.distill import generalized_jsd, reverse_kl_per_token
 from signalrl.losses.kl import kl_estimate
 from signalrl.losses.policy import token_logprobs
-from signalrl.models import count_parameters, load_model
+from signalrl.models import load_model
 from signalrl.models.logprobs import autocast_context, completion_logps
-from signalrl.rollout.sampler import generate
-from signalrl.trainers.online_rl import OnlineRLTrainer, count_forward_tokens
+from signalrl.rollout.batch import RolloutBatch, Row
+from signalrl.rollout.collect import collect as collect_rollouts
+from signalrl.trainers.base import MicroLoss, StepResult
+from signalrl.trainers.online_rl import OnlineRLTrainer, RLBatch
 
 
 def completion_logits(
@@ -110,16 +111,42 @@ def check_same_vocab(
     )
 
 
+@dataclass
+class ReferenceBatch:
+    """GKD's `dataset` data: train rows with their reference completions (no sampling)."""
+
+    rows: list[Row]
+    prompt_ids: list[list[int]]
+    completion_ids: list[list[int]]
+    texts: list[str]
+
+
+@dataclass
+class DistillBatch:
+    """An off-policy or GKD step's data, collated."""
+
+    data: RolloutBatch | ReferenceBatch
+    seq: SequenceBatch
+    on_policy: bool
+
+
 class DistillTrainer(OnlineRLTrainer):
-    def __init__(self, recipe: Recipe, **kw: Any) -> None:
-        self.teacher = None
+    recipe: DistillRecipe
+
+    def __init__(self, recipe: DistillRecipe, **kw: Any) -> None:
+        self.teacher: torch.nn.Module | None = None
         # GKD's on-/off-policy coin: its own stream, so sampling does not shift it (created
         # before the base class resumes, which restores its state)
         self.gkd_rng = random.Random(recipe.seed * 1_000_003 + 6)
+        self._distill_metrics: dict[str, float] = {}
+        self.ref_prompts: list[list[int]] = []
+        self.ref_completions: list[list[int]] = []
         super().__init__(recipe, **kw)
-        d = recipe.distill
+
+    def setup_extra(self) -> None:
+        """Load and freeze the teacher; tokenise the reference completions GKD may use."""
+        d, m = self.recipe.distill, self.recipe.model
         assert d.teacher, "trainer 'distill' needs distill.teacher"
-        m = recipe.model
         self.teacher, teacher_tok = load_model(
             d.teacher,
             dtype=d.teacher_dtype or m.dtype,
@@ -131,10 +158,7 @@ class DistillTrainer(OnlineRLTrainer):
         self.teacher.eval()
         for p in self.teacher.parameters():
             p.requires_grad_(False)
-        self.models_held = self._models_held()
-        self._distill_metrics: dict[str, float] = {}
-        self.ref_prompts: list[list[int]] = []
-        self.ref_completions: list[list[int]] = []
+        self.console.print(f"distillation teacher: {d.teacher}")
         if d.mode == "gkd" and d.gkd_data == "dataset" and d.lmbda < 1:
             self._tokenize_references()
 
@@ -154,6 +178,12 @@ class DistillTrainer(OnlineRLTrainer):
             source=f"task {self.task.name} (train)",
         )
 
+    def held_models(self) -> list[tuple[str, torch.nn.Module]]:
+        held = super().held_models()
+        if self.teacher is not None:
+            held.append(("teacher", self.teacher))
+        return held
+
     def extra_state(self) -> dict[str, Any]:
         return {**super().extra_state(), "gkd_rng": self.gkd_rng.getstate()}
 
@@ -161,16 +191,6 @@ class DistillTrainer(OnlineRLTrainer):
         super().load_extra_state(state)
         if "gkd_rng" in state:
             self.gkd_rng.setstate(state["gkd_rng"])
-
-    def _models_held(self) -> dict[str, float]:
-        if self.teacher is None:  # OnlineRLTrainer.__init__, before the teacher is loaded
-            return {}
-        held = super()._models_held()
-        self.console.print(f"distillation teacher: {self.recipe.distill.teacher}")
-        return {
-            "models/held": held["models/held"] + 1,
-            "models/params_held": held["models/params_held"] + count_parameters(self.teacher),
-        }
 
     # -- on-policy ------------------------------------------------------------------------------
     def advantages(
@@ -184,6 +204,7 @@ class DistillTrainer(OnlineRLTrainer):
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(N, T) advantages `-(logp_student - logp_teacher)` on the sampled tokens."""
         rl, d = self.recipe.rl, self.recipe.distill
+        assert self.teacher is not None
         mask = batch.completion_mask
         teacher = self._logps_no_grad(self.teacher, batch, prompt_ids, slices)
         rkl = reverse_kl_per_token(behaviour, teacher).detach() * mask
@@ -195,7 +216,7 @@ class DistillTrainer(OnlineRLTrainer):
         if ref_logps is not None and rl.kl_placement == "reward":
             kl = kl_estimate(behaviour, ref_logps, kind=rl.kl_estimator) * mask
             extras["kl"] = kl
-            adv = adv - rl.beta * kl
+            adv = adv - rl.kl_coef * kl
         n_tok = float(mask.sum()) or 1.0
         self._distill_metrics = {
             "distill/reverse_kl": float(rkl.sum()) / n_tok,
@@ -204,171 +225,134 @@ class DistillTrainer(OnlineRLTrainer):
         }
         return adv, extras
 
-    def train_step(self) -> tuple[dict[str, float], list[dict[str, Any]]]:
-        mode = self.recipe.distill.mode
-        if mode == "off_policy":
-            return self._off_policy_step()
-        if mode == "gkd":
-            return self._gkd_step()
-        self._distill_metrics = {}
-        metrics, samples = super().train_step()
-        metrics.update(self._distill_metrics)
-        return metrics, samples
-
-    # -- generated batches (teacher samples; GKD's student samples) -----------------------------
-    def _sampled(self, model: torch.nn.Module) -> dict[str, Any]:
+    # -- the data of a step ----------------------------------------------------------------------
+    def _sampled(self, model: torch.nn.Module) -> RolloutBatch:
         """`B` prompts x `G` completions sampled from `model` (the student's generation tokens
         are counted), scored by the verifier."""
-        b, g = self.recipe.train.batch_size, self.sampling.n
-        rows = [self.rows[i] for i in self.data.take(b)]
-        r = generate(
+        rows = [self.rows[i] for i in self.data.take(self.recipe.train.batch_size)]
+        roll, tokens = collect_rollouts(
             model,
             self.tokenizer,
-            [x["prompt"] for x in rows],
+            rows,
             self.sampling,
+            self.rewards,
             generator=self.generator,
             autocast_dtype=self.autocast_dtype,
         )
-        lengths = [int(x) for x in r.lengths.tolist()]
         if model is self.model:
-            self.forward_tokens += count_forward_tokens(r.prompt_ids[::g], sum(lengths))
-        row_of = [rows[i // g] for i in range(len(r))]
-        scored = self.rewards([x["prompt"] for x in row_of], r.texts, row_of, lengths)
-        return {
-            "rows": row_of,
-            "prompt_ids": r.prompt_ids,
-            "completions": [r.completion_ids[i, : lengths[i]].tolist() for i in range(len(r))],
-            "sampler_logps": r.logps,
-            "texts": r.texts,
-            "rewards": torch.tensor(scored.total, dtype=torch.float32),
-            "components": scored.components,
-        }
+            self.budget.forward_tokens += tokens
+        return roll
 
-    def _reference_batch(self) -> dict[str, Any]:
+    def _reference_batch(self) -> ReferenceBatch:
         """`B * G` train rows with their reference completions (GKD's `dataset` data)."""
-        n = self.recipe.train.batch_size * self.sampling.n
-        idx = self.data.take(n)
-        return {
-            "rows": [self.rows[i] for i in idx],
-            "prompt_ids": [self.ref_prompts[i] for i in idx],
-            "completions": [self.ref_completions[i] for i in idx],
-            "texts": [self.rows[i]["completion"] for i in idx],
-        }
-
-    def _common_metrics(
-        self, data: dict[str, Any], batch: SequenceBatch, t0: float, t_data: float
-    ) -> dict[str, float]:
-        metrics: dict[str, float] = {
-            "completion/mean_length": float(batch.completion_mask.sum(-1).mean()),
-            "time/rollout_s": t_data,
-            "time/step_s": time.time() - t0,
-            "memory/peak_mb": peak_memory_mb(self.device),
-            **self.models_held,
-        }
-        if "rewards" in data:
-            rewards = data["rewards"]
-            metrics["reward/mean"] = float(rewards.mean())
-            metrics["reward/std"] = float(rewards.std()) if len(rewards) > 1 else 0.0
-            for name, values in data["components"].items():
-                metrics[f"reward/{name}"] = float(torch.tensor(values).mean())
-        return self.account(metrics)
-
-    @staticmethod
-    def _samples(data: dict[str, Any]) -> list[dict[str, Any]]:
-        rewards = data.get("rewards")
-        return [
-            {
-                "prompt": row["prompt"],
-                "completion": data["texts"][i],
-                "answer": row.get("answer"),
-                **({"reward": float(rewards[i])} if rewards is not None else {}),
-            }
-            for i, row in enumerate(data["rows"])
-        ]
-
-    # -- off-policy (SFT on teacher samples) ---------------------------------------------------
-    def _off_policy_step(self) -> tuple[dict[str, float], list[dict[str, Any]]]:
-        t0 = time.time()
-        data = self._sampled(self.teacher)
-        t_data = time.time() - t0
-        batch = build_batch(
-            data["prompt_ids"], data["completions"], self.tokenizer.pad_token_id, device=self.device
+        idx = self.data.take(self.recipe.train.batch_size * self.sampling.n)
+        return ReferenceBatch(
+            rows=[self.rows[i] for i in idx],
+            prompt_ids=[self.ref_prompts[i] for i in idx],
+            completion_ids=[self.ref_completions[i] for i in idx],
+            texts=[self.rows[i]["completion"] for i in idx],
         )
-        n_tok = batch.completion_mask.sum()
-        width = batch.completion_mask.shape[1]
-        teacher_logp = float(data["sampler_logps"][:, :width].sum()) / max(float(n_tok), 1.0)
-        self.model.train()
-        total = 0.0
-        for s in self._micro_slices(len(batch)):
-            mb = batch.select(s)
-            self.forward_tokens += int(mb.attention_mask.sum())
-            logps = completion_logps(self.model, mb, autocast_dtype=self.autocast_dtype)
-            loss = -(logps * mb.completion_mask).sum() / n_tok
-            loss.backward()
-            total += float(loss.detach())
-        opt = self.optimizer_step()
-        metrics = {
-            "loss": total,
-            "distill/nll": total,
-            "distill/teacher_logp": teacher_logp,
-            "grad_norm": opt["grad_norm"],
-            "lr": opt["lr"],
-        }
-        metrics.update(self._common_metrics(data, batch, t0, t_data))
-        return metrics, self._samples(data)
 
-    # -- GKD (generalised JSD on a lambda-mixture of student samples and off-policy data) ------
-    def _gkd_step(self) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    def next_batch(self) -> tuple[Any, dict[str, float]]:
         d = self.recipe.distill
-        temperature = self.recipe.sampling.temperature
-        t0 = time.time()
-        on_policy = self.gkd_rng.random() < d.lmbda
+        if d.mode == "on_policy":
+            self._distill_metrics = {}
+            return super().next_batch()
+        on_policy = d.mode == "gkd" and self.gkd_rng.random() < d.lmbda
+        data: RolloutBatch | ReferenceBatch
         if on_policy:
             data = self._sampled(self.model)
-        elif d.gkd_data == "teacher":
-            data = self._sampled(self.teacher)
+        elif d.mode == "off_policy" or d.gkd_data == "teacher":
+            data = self._sampled(self.teacher)  # type: ignore[arg-type]
         else:
             data = self._reference_batch()
-        t_data = time.time() - t0
-        batch = build_batch(
-            data["prompt_ids"], data["completions"], self.tokenizer.pad_token_id, device=self.device
+        seq = build_batch(
+            data.prompt_ids, data.completion_ids, self.tokenizer.pad_token_id, device=self.device
         )
-        n_tok = float(batch.completion_mask.sum()) or 1.0
-        self.model.train()
-        jsd_sum = teacher_sum = student_sum = 0.0
-        for s in self._micro_slices(len(batch)):
-            mb = batch.select(s)
-            mask = mb.completion_mask
-            with torch.no_grad():
-                t_logits = completion_logits(self.teacher, mb, self.autocast_dtype)
-            self.forward_tokens += int(mb.attention_mask.sum())
-            s_logits = completion_logits(self.model, mb, self.autocast_dtype)
-            jsd = generalized_jsd(s_logits, t_logits, mask, beta=d.beta, temperature=temperature)
-            share = float(mask.sum()) / n_tok
-            (jsd * share).backward()
-            jsd_sum += share * float(jsd.detach())
-            with torch.no_grad():
-                ids = mb.completion_ids
-                teacher_sum += float(
-                    (token_logprobs(t_logits, ids, temperature=temperature) * mask).sum()
-                )
-                student_sum += float(
-                    (token_logprobs(s_logits.detach(), ids, temperature=temperature) * mask).sum()
-                )
-        opt = self.optimizer_step()
+        return DistillBatch(data, seq, on_policy), {}
+
+    # -- the loss ---------------------------------------------------------------------------------
+    def micro_batches(self, batch: Any) -> tuple[list[Any], float]:
+        if isinstance(batch, RLBatch):
+            return super().micro_batches(batch)
+        return self.micro_slices(len(batch.seq)), float(batch.seq.completion_mask.sum())
+
+    def updates_per_batch(self) -> int:
+        return self.recipe.rl.mu if self.recipe.distill.mode == "on_policy" else 1
+
+    def micro_loss(self, batch: Any, chunk: Any, epoch: int) -> MicroLoss:
+        if isinstance(batch, RLBatch):
+            return super().micro_loss(batch, chunk, epoch)
+        mb = batch.seq.select(chunk)
+        mask = mb.completion_mask
+        n = float(mask.sum())
+        self.budget.forward_tokens += int(mb.attention_mask.sum())
+        if self.recipe.distill.mode == "off_policy":  # SFT on the teacher's samples
+            logps = completion_logps(self.model, mb, autocast_dtype=self.autocast_dtype)
+            return MicroLoss(-(logps * mask).sum() / max(n, 1e-12), n)
+        return self._jsd_loss(mb, n)
+
+    def _jsd_loss(self, mb: SequenceBatch, n: float) -> MicroLoss:
+        """GKD: the generalised JSD to the teacher over the full vocabulary, token-mean."""
+        assert self.teacher is not None
+        temperature, mask = self.recipe.sampling.temperature, mb.completion_mask
+        with torch.no_grad():
+            t_logits = completion_logits(self.teacher, mb, self.autocast_dtype)
+        s_logits = completion_logits(self.model, mb, self.autocast_dtype)
+        jsd = generalized_jsd(
+            s_logits, t_logits, mask, beta=self.recipe.distill.jsd_beta, temperature=temperature
+        )
+        with torch.no_grad():
+            ids = mb.completion_ids
+            t_lp = token_logprobs(t_logits, ids, temperature=temperature)
+            s_lp = token_logprobs(s_logits.detach(), ids, temperature=temperature)
+        per = max(n, 1e-12)
         metrics = {
-            "loss": jsd_sum,
-            "distill/jsd": jsd_sum,
-            "distill/on_policy": float(on_policy),
-            "distill/teacher_logp": teacher_sum / n_tok,
-            "distill/student_logp": student_sum / n_tok,
-            "grad_norm": opt["grad_norm"],
-            "lr": opt["lr"],
+            "distill/teacher_logp": float((t_lp * mask).sum()) / per,
+            "distill/student_logp": float((s_lp * mask).sum()) / per,
         }
-        if on_policy:  # tokens sampled from the student: a single-sample reverse-KL estimate
-            metrics["distill/reverse_kl"] = (student_sum - teacher_sum) / n_tok
-        metrics.update(self._common_metrics(data, batch, t0, t_data))
-        return metrics, self._samples(data)
+        return MicroLoss(jsd, n, metrics)
+
+    # -- metrics -----------------------------------------------------------------------------------
+    def step_metrics(self, batch: Any, result: StepResult) -> dict[str, float]:
+        if isinstance(batch, RLBatch):
+            return {**super().step_metrics(batch, result), **self._distill_metrics}
+        data, seq = batch.data, batch.seq
+        metrics = {
+            **result.metrics(),
+            "completion/mean_length": float(seq.completion_mask.sum(-1).mean()),
+        }
+        if self.recipe.distill.mode == "off_policy":
+            n_tok = max(float(seq.completion_mask.sum()), 1.0)
+            metrics["distill/nll"] = metrics["loss"]
+            metrics["distill/teacher_logp"] = (
+                float(sum(float(x.sum()) for x in data.sampler_logps)) / n_tok
+            )
+        else:
+            metrics["distill/jsd"] = metrics["loss"]
+            metrics["distill/on_policy"] = float(batch.on_policy)
+            if batch.on_policy:  # tokens sampled from the student: a one-sample reverse KL
+                metrics["distill/reverse_kl"] = (
+                    metrics["distill/student_logp"] - metrics["distill/teacher_logp"]
+                )
+        if isinstance(data, RolloutBatch):
+            rewards = data.rewards
+            metrics["reward/mean"] = float(rewards.mean())
+            metrics["reward/std"] = float(rewards.std()) if len(rewards) > 1 else 0.0
+            for name, values in data.components.items():
+                metrics[f"reward/{name}"] = float(values.mean())
+        return metrics
+
+    def step_samples(self, batch: Any) -> list[dict[str, Any]]:
+        if isinstance(batch, RLBatch):
+            return super().step_samples(batch)
+        data = batch.data
+        if isinstance(data, RolloutBatch):
+            return data.samples()
+        return [
+            {"prompt": r["prompt"], "completion": data.texts[i], "answer": r.get("answer")}
+            for i, r in enumerate(data.rows)
+        ]
 
     def progress_info(self, metrics: dict[str, Any]) -> str:
         names = {"distill/jsd": "jsd", "distill/reverse_kl": "rkl", "distill/nll": "nll"}

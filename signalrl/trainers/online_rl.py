@@ -1,98 +1,91 @@
 """Online RL: sample a group per prompt, score it, turn rewards into advantages, and take
 clipped policy-gradient steps. Every algorithm (GRPO, Dr. GRPO, DAPO, GSPO, RLOO,
-REINFORCE++, PPO) is a configuration of pure pieces from `signalrl.losses`; the presets live
+REINFORCE++, PPO) is a configuration of registered pure pieces (`signalrl.registry`:
+`rl.advantage` names an advantage estimator, `rl.loss_type` a policy loss); the presets live
 in `signalrl.config.ALGORITHM_PRESETS` and every piece stays overridable in the recipe.
 
-One training step:
-1. `B` prompts x `G` completions from the sampler (each prompt encoded once per group); with
-   dynamic sampling (DAPO) groups whose rewards are all equal are dropped and more prompts are
-   sampled, up to `max_sampling_rounds`;
-2. rewards from the recipe's reward terms (default: the task verifier), plus DAPO's soft
-   overlong penalty when `overlong_cache` is set;
-3. advantages: group-normalised (GRPO family), leave-one-out (RLOO), global-normalised
-   token returns (REINFORCE++) or GAE from a critic (PPO); a KL to the frozen reference goes in
-   the loss (`kl_placement: loss`) or in the per-token reward (`reward`), or nowhere (`off`);
-4. `mu` updates over the batch with the clipped surrogate (old log-probs stored once; with
-   `mu == 1` the ratio is 1 and the loss is the plain policy gradient), and for PPO the
-   clipped value loss on the critic.
+One training step (the skeleton is `TrainerBase.train_step`):
+1. `next_batch`: `B` prompts x `G` completions from `signalrl.rollout.collect` (each prompt
+   encoded once per group), scored by the recipe's reward terms (default: the task verifier)
+   plus DAPO's soft overlong penalty when `overlong_cache` is set; with dynamic sampling
+   (DAPO) groups whose rewards are all equal are dropped and more prompts are sampled, up to
+   `max_sampling_rounds`. Then the reference (and, with `mu > 1`, old) log-probs, and the
+   advantages: a KL to the frozen reference goes in the loss (`kl_placement: loss`), in the
+   per-token reward (`reward`), or nowhere (`off`);
+2. `micro_loss`: the policy loss on a micro-batch (old log-probs stored once; with `mu == 1`
+   the ratio is 1 and the loss is the plain policy gradient), plus the KL term, and for PPO
+   the clipped value loss on the critic;
+3. `mu` updates over the batch, the critic's optimiser after each.
 
-Every step logs two cumulative budget counters (`account`): `student/forward_tokens` (see
-`count_forward_tokens`) and `time/train_s`, the seconds spent in training steps (sampling,
-scoring, forward, backward, update; evaluation, checkpoints and model loading excluded).
+Every step logs the budget counters `student/forward_tokens` (see
+`signalrl.rollout.collect.count_forward_tokens`) and `time/train_s` (`TrainerBase.account`).
 """
 
 from __future__ import annotations
 
-import copy
-import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from signalrl.config import Recipe
-from signalrl.data.collate import SequenceBatch, build_batch
-from signalrl.logging.memory import peak_memory_mb
-from signalrl.losses.advantages import (
-    gae,
-    group_advantages,
-    reinforce_pp_advantages,
-    rloo_advantages,
-    token_level_rewards,
-    whiten,
-)
+from signalrl.config import OnlineRLRecipe
+from signalrl.data.collate import SequenceBatch
+from signalrl.losses.advantages import AdvantageInput
 from signalrl.losses.kl import kl_estimate
 from signalrl.losses.policy import aggregate, explained_variance, policy_loss, value_loss
-from signalrl.models import count_parameters
 from signalrl.models.logprobs import shared_prefix_logps
 from signalrl.models.value_head import ValueModel
+from signalrl.registry import ADVANTAGES
 from signalrl.rewards.length import overlong_penalty
 from signalrl.rewards.model import RewardModelScorer
 from signalrl.rewards.registry import RewardComposer
-from signalrl.rollout.sampler import generate
-from signalrl.trainers.base import DataCursor, TrainerBase
+from signalrl.rollout.batch import RolloutBatch
+from signalrl.rollout.collect import collect as collect_rollouts
+from signalrl.rollout.collect import count_forward_tokens
+from signalrl.trainers.base import DataCursor, MicroLoss, StepResult, TrainerBase
+
+__all__ = ["OnlineRLTrainer", "RLBatch", "count_forward_tokens"]
+
+# policy-loss metrics averaged over the rows that were trained (not over the whole batch)
+_PER_TRAINED_ROW = ("clip_frac/", "ratio/", "dual_clip_frac")
 
 
-def count_forward_tokens(prompt_ids: list[list[int]], completion_tokens: int) -> int:
-    """Student forward tokens of one forward pass (or one generation): the non-padding tokens
-    of the distinct prompts it encodes plus `completion_tokens`.
+@dataclass
+class RLBatch:
+    """A scored rollout made ready for the update: collated sequences, the loss mask, the
+    sampler's, reference and old log-probs, advantages (`(N,)` or `(N, T)`) and their extras
+    (values/returns for GAE, the in-reward KL), and the rows that are trained."""
 
-    `student/forward_tokens` is the sum of this over every pass of the student (the policy
-    being trained) in a step, with or without gradient: in generation each distinct prompt
-    once (its KV cache is shared by the group) plus every sampled token (the last one of a
-    completion is counted although it is never fed back, so sampling and scoring count the
-    same sequence); in a training forward (and a `mu > 1` old-log-prob pass) the prompts it
-    encodes (once per distinct prompt with prefix sharing, once per row otherwise) plus the
-    completion tokens. Teacher, reference, critic, reward-model and evaluation passes are not
-    counted. Padding is not counted."""
-    return sum(len(p) for p in prompt_ids) + int(completion_tokens)
+    roll: RolloutBatch
+    seq: SequenceBatch
+    loss_mask: torch.Tensor
+    truncated: torch.Tensor
+    behaviour: torch.Tensor
+    ref_logps: torch.Tensor | None
+    old_logps: torch.Tensor | None
+    adv: torch.Tensor
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    chunks: list[torch.Tensor] = field(default_factory=list)
+    units: list[float] = field(default_factory=list)
+    total: float = 1.0
+    trained_share: float = 1.0
 
 
 class OnlineRLTrainer(TrainerBase):
-    def __init__(self, recipe: Recipe, **kw: Any) -> None:
+    recipe: OnlineRLRecipe
+
+    def __init__(self, recipe: OnlineRLRecipe, **kw: Any) -> None:
         super().__init__(recipe, **kw)
         rl = recipe.rl
         self.rows = self.train_rows()
         self.rewards = RewardComposer(
             recipe.rewards, self.task, recipe.reward_on_error, device=self.device
         )
-        self.ref_model = None
         if rl.uses_reference:
-            self.ref_model = copy.deepcopy(self.model).eval()
-            for p in self.ref_model.parameters():
-                p.requires_grad_(False)
+            self.ref_model = self.frozen_reference()
         self.critic: ValueModel | None = None
-        if rl.advantage == "gae":
-            self.critic = (
-                ValueModel.from_pretrained(rl.critic_path, self.device)
-                if rl.critic_path
-                else ValueModel.from_policy(self.model)
-            )
-            self.critic_optimizer = torch.optim.AdamW(
-                self.critic.parameters(),
-                lr=rl.critic_lr or recipe.train.lr,
-                betas=recipe.train.betas,
-                eps=recipe.train.adam_eps,
-            )
+        if ADVANTAGES.meta(rl.advantage, "needs_values", False):
+            self._build_critic()
         s = recipe.sampling
         self.sampling = self.sampling_params(rl.group_size)
         self.overlong_cache = (
@@ -105,40 +98,40 @@ class OnlineRLTrainer(TrainerBase):
             )
         self.generator = torch.Generator(device=self.device).manual_seed(recipe.seed)
         self.data = DataCursor(len(self.rows), recipe.seed)
-        self.forward_tokens = 0  # cumulative, see `count_forward_tokens`
-        self.train_seconds = 0.0  # cumulative seconds in train_step
-        self.build_optimizer()
-        self.maybe_resume()
-        self.models_held = self._models_held()
+        self.setup_extra()
+        self.finish_setup()
 
-    def _models_held(self) -> dict[str, float]:
-        held: list[torch.nn.Module] = [self.model]
-        names = ["policy"]
-        if self.ref_model is not None:
-            held.append(self.ref_model)
-            names.append("reference")
+    def setup_extra(self) -> None:
+        """Subclasses load what they hold beyond the policy, reference and critic (before
+        the optimiser is built and the run resumes)."""
+
+    def _build_critic(self) -> None:
+        rl, t = self.recipe.rl, self.recipe.train
+        self.critic = (
+            ValueModel.from_pretrained(rl.critic_path, self.device)
+            if rl.critic_path
+            else ValueModel.from_policy(self.model)
+        )
+        self.critic_optimizer = torch.optim.AdamW(
+            self.critic.parameters(), lr=rl.critic_lr or t.lr, betas=t.betas, eps=t.adam_eps
+        )
+
+    def held_models(self) -> list[tuple[str, torch.nn.Module]]:
+        held = super().held_models()
         if self.critic is not None:
-            held.append(self.critic)
-            names.append("critic")
+            held.append(("critic", self.critic))
         for term in self.rewards.terms:
             scorer = getattr(term, "scorer", None)
             if isinstance(scorer, RewardModelScorer):
-                held.append(scorer.model)
-                names.append("reward_model")
-        self.console.print(f"models held: {', '.join(names)}")
-        return {
-            "models/held": float(len(held)),
-            "models/params_held": float(sum(count_parameters(m) for m in held)),
-        }
+                held.append(("reward_model", scorer.model))
+        return held
+
+    def progress_name(self) -> str:
+        return self.recipe.rl.algorithm
 
     # -- state ----------------------------------------------------------------------------
     def extra_state(self) -> dict[str, Any]:
-        state = {
-            **super().extra_state(),
-            "generator": self.generator.get_state(),
-            "forward_tokens": self.forward_tokens,
-            "train_seconds": self.train_seconds,
-        }
+        state = {**super().extra_state(), "generator": self.generator.get_state()}
         if self.critic is not None:
             state["critic"] = self.critic.state_dict()
             state["critic_optimizer"] = self.critic_optimizer.state_dict()
@@ -148,70 +141,46 @@ class OnlineRLTrainer(TrainerBase):
         super().load_extra_state(state)
         if "generator" in state:
             self.generator.set_state(state["generator"])
-        self.forward_tokens = int(state.get("forward_tokens", 0))
-        self.train_seconds = float(state.get("train_seconds", 0.0))
         if self.critic is not None and "critic" in state:
             self.critic.load_state_dict(state["critic"])
             self.critic_optimizer.load_state_dict(state["critic_optimizer"])
 
     # -- rollouts -----------------------------------------------------------------------------
-    def _sample_round(self, n_prompts: int) -> dict[str, Any]:
+    def _overlong(self, lengths: list[int]) -> list[float]:
+        cache, factor = self.overlong_cache, self.recipe.rl.overlong_factor
+        assert cache
+        return [factor * overlong_penalty(n, self.sampling.max_new_tokens, cache) for n in lengths]
+
+    def _sample_round(self, n_prompts: int) -> RolloutBatch:
         rows = [self.rows[i] for i in self.data.take(n_prompts)]
-        g = self.sampling.n
-        r = generate(
+        roll, tokens = collect_rollouts(
             self.model,
             self.tokenizer,
-            [x["prompt"] for x in rows],
+            rows,
             self.sampling,
+            self.rewards,
             generator=self.generator,
             autocast_dtype=self.autocast_dtype,
+            shaping=self._overlong if self.overlong_cache else None,
         )
-        lengths = [int(x) for x in r.lengths.tolist()]
-        self.forward_tokens += count_forward_tokens(r.prompt_ids[::g], sum(lengths))
-        row_of = [rows[i // g] for i in range(len(r))]
-        scored = self.rewards([x["prompt"] for x in row_of], r.texts, row_of, lengths)
-        total = torch.tensor(scored.total, dtype=torch.float32, device=self.device)
-        overlong = torch.zeros_like(total)
-        cache = self.overlong_cache
-        if cache:
-            factor = self.recipe.rl.overlong_factor
-            overlong = torch.tensor(
-                [
-                    factor * overlong_penalty(n, self.sampling.max_new_tokens, cache)
-                    for n in lengths
-                ],
-                device=self.device,
-            )
-        return {
-            "rows": row_of,
-            "prompt_ids": r.prompt_ids,
-            "completions": [r.completion_ids[i, : lengths[i]].tolist() for i in range(len(r))],
-            "sampler_logps": [r.logps[i, : lengths[i]] for i in range(len(r))],
-            "entropy": [r.entropy[i, : lengths[i]] for i in range(len(r))],
-            "texts": r.texts,
-            "truncated": r.truncated.tolist(),
-            "rewards": total + overlong,
-            "components": {k: torch.tensor(v) for k, v in scored.components.items()},
-            "overlong": overlong,
-            "errors": scored.errors,
-        }
+        self.budget.forward_tokens += tokens
+        return roll
 
-    def collect(self) -> tuple[dict[str, Any], dict[str, float]]:
+    def collect(self) -> tuple[RolloutBatch | None, dict[str, float]]:
         """B groups of G samples; with dynamic sampling only groups with reward variance."""
         rl, b, g = self.recipe.rl, self.recipe.train.batch_size, self.sampling.n
         if not rl.dynamic_sampling:
             return self._sample_round(b), {"batch/groups": float(b)}
-        kept: list[dict[str, Any]] = []
+        kept: list[RolloutBatch] = []
         n_groups = n_seen = rounds = 0
         while n_groups < b and rounds < rl.max_sampling_rounds:
             rounds += 1
             part = self._sample_round(b - n_groups if rounds > 1 else b)
-            std = part["rewards"].view(-1, g).std(-1) if g > 1 else torch.zeros(1)
+            std = part.group_rewards().std(-1) if g > 1 else torch.zeros(1)
             keep_groups = (std > 0).nonzero().flatten().tolist()
             n_seen += len(std)
             if keep_groups:
-                idx = [gi * g + j for gi in keep_groups for j in range(g)]
-                kept.append(_select(part, idx))
+                kept.append(part.select([gi * g + j for gi in keep_groups for j in range(g)]))
                 n_groups += len(keep_groups)
         stats = {
             "batch/groups": float(n_groups),
@@ -219,24 +188,10 @@ class OnlineRLTrainer(TrainerBase):
             "dynamic_sampling/kept_frac": n_groups / max(n_seen, 1),
         }
         if not kept:  # every group had equal rewards: nothing to learn from this step
-            return {}, stats
-        return _concat(kept), stats
+            return None, stats
+        return RolloutBatch.concat(kept), stats
 
-    # -- one step ---------------------------------------------------------------------------
-    def _micro_slices(self, n: int) -> list[slice]:
-        micro = self.recipe.train.micro_batch_size or n
-        return [slice(i, min(n, i + micro)) for i in range(0, n, micro)]
-
-    def _weights(self, mask: torch.Tensor, slices: list[torch.Tensor]) -> list[float]:
-        """Share of each micro-batch (row indices) in the full-batch aggregate, so that
-        accumulation over micro-batches gives the full batch's gradient."""
-        if self.recipe.rl.loss_agg == "token-mean":
-            total = float(mask.sum()) or 1.0
-            return [float(mask[s].sum()) / total for s in slices]
-        nonempty = (mask.sum(-1) > 0).float()
-        total = float(nonempty.sum()) or 1.0
-        return [float(nonempty[s].sum()) / total for s in slices]
-
+    # -- log-probs ------------------------------------------------------------------------------
     def _grouped_logps(
         self,
         model: torch.nn.Module,
@@ -250,13 +205,12 @@ class OnlineRLTrainer(TrainerBase):
         groups, row_prompt = torch.unique(rows // g, return_inverse=True)
         cmask = batch.completion_mask[rows]
         width = max(int(cmask.sum(-1).max().item()), 1)
+        prompts = [prompt_ids[int(k) * g] for k in groups]
         if model is self.model:
-            self.forward_tokens += count_forward_tokens(
-                [prompt_ids[int(k) * g] for k in groups], int(cmask.sum())
-            )
+            self.budget.forward_tokens += count_forward_tokens(prompts, int(cmask.sum()))
         return shared_prefix_logps(
             model,
-            [prompt_ids[int(k) * g] for k in groups],
+            prompts,
             row_prompt.to(self.device),
             batch.completion_ids[rows, :width],
             cmask[:, :width],
@@ -289,6 +243,7 @@ class OnlineRLTrainer(TrainerBase):
             out[s, : v.shape[1]] = v
         return out
 
+    # -- advantages ------------------------------------------------------------------------------
     def advantages(
         self,
         rewards: torch.Tensor,
@@ -298,8 +253,9 @@ class OnlineRLTrainer(TrainerBase):
         slices: list[slice],
         prompt_ids: list[list[int]],
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(N,) or (N, T) advantages; extras holds values/returns for PPO and the KL.
-        `prompt_ids` are the rows' prompts, for subclasses that score with another model."""
+        """(N,) or (N, T) advantages from the recipe's estimator; extras holds values/returns
+        (critic estimators) and the in-reward KL. `prompt_ids` are the rows' prompts, for
+        subclasses that score with another model."""
         rl = self.recipe.rl
         mask = batch.completion_mask
         extras: dict[str, torch.Tensor] = {}
@@ -307,223 +263,178 @@ class OnlineRLTrainer(TrainerBase):
         if ref_logps is not None and rl.kl_placement == "reward":
             kl = kl_estimate(behaviour, ref_logps, kind=rl.kl_estimator) * mask
             extras["kl"] = kl
-        if rl.advantage == "group":
-            return group_advantages(rewards, rl.group_size, scale=rl.adv_scale), extras
-        if rl.advantage == "rloo":
-            r = rewards - rl.beta * kl.sum(-1) if kl is not None else rewards
-            return rloo_advantages(r, rl.group_size), extras
-        token_rewards = token_level_rewards(
-            rewards, mask, kl=kl, kl_coef=rl.beta if kl is not None else 0.0
+        values = self._values_no_grad(batch, slices) if self.critic is not None else None
+        out = ADVANTAGES.get(rl.advantage)(
+            AdvantageInput(
+                rewards=rewards,
+                mask=mask,
+                group_size=rl.group_size,
+                kl=kl,
+                kl_coef=rl.kl_coef,
+                values=values,
+                adv_scale=rl.adv_scale,
+                gamma=rl.gamma,
+                lam=rl.lam,
+                whiten=rl.whiten_advantages,
+            )
         )
-        if rl.advantage == "reinforce_pp":
-            return reinforce_pp_advantages(token_rewards, mask, gamma=rl.gamma), extras
-        values = self._values_no_grad(batch, slices)
-        adv, returns = gae(token_rewards, values, mask, gamma=rl.gamma, lam=rl.lam)
-        if rl.whiten_advantages:
-            adv = whiten(adv, mask) * mask
-        extras.update(values=values, returns=returns)
-        return adv, extras
+        if values is not None and out.returns is not None:
+            extras.update(values=values, returns=out.returns)
+        return out.advantages, extras
 
-    def train_step(self) -> tuple[dict[str, float], list[dict[str, Any]]]:
-        rl = self.recipe.rl
-        t0 = time.time()
+    # -- the step ---------------------------------------------------------------------------
+    def next_batch(self) -> tuple[RLBatch | None, dict[str, float]]:
         roll, stats = self.collect()
-        t_rollout = time.time() - t0
-        if not roll:
-            self.scheduler.step()
-            return self.account(
-                {
-                    **stats,
-                    "reward/mean": float("nan"),
-                    "time/step_s": time.time() - t0,
-                    "skipped": 1.0,
-                    **self.models_held,
-                }
-            ), []
-        rewards = roll["rewards"]
-        batch = build_batch(
-            roll["prompt_ids"], roll["completions"], self.tokenizer.pad_token_id, device=self.device
-        )
-        truncated = torch.tensor(roll["truncated"], device=self.device)
-        loss_mask = batch.completion_mask
+        if roll is None:
+            return None, {**stats, "reward/mean": float("nan")}
+        return self.prepare(roll), stats
+
+    def prepare(self, roll: RolloutBatch) -> RLBatch:
+        """Collate, score with the reference (and the old policy for `mu > 1`), compute the
+        advantages and choose the rows to train and their micro-batches."""
+        rl = self.recipe.rl
+        seq = roll.to_sequence_batch(self.tokenizer.pad_token_id, self.device)
+        truncated = torch.tensor(roll.truncated, device=self.device)
+        loss_mask = seq.completion_mask
         if rl.mask_truncated:
             loss_mask = loss_mask * (~truncated).float()[:, None]
-        behaviour = torch.zeros(batch.completion_ids.shape, device=self.device)
-        for i, lp in enumerate(roll["sampler_logps"]):
-            behaviour[i, : lp.shape[0]] = lp
-        slices = self._micro_slices(len(batch))
-        ref_logps = (
-            self._logps_no_grad(self.ref_model, batch, roll["prompt_ids"], slices)
-            if self.ref_model is not None
-            else None
-        )
+        behaviour = roll.padded_sampler_logps(seq.completion_ids.shape[1], self.device)
+        slices = self.micro_slices(len(seq))
+        ref = self.ref_model
+        ref_logps = self._logps_no_grad(ref, seq, roll.prompt_ids, slices) if ref else None
         old_logps = (
-            self._logps_no_grad(self.model, batch, roll["prompt_ids"], slices)
-            if rl.mu > 1
-            else None
+            self._logps_no_grad(self.model, seq, roll.prompt_ids, slices) if rl.mu > 1 else None
         )
         adv, extras = self.advantages(
-            rewards, batch, behaviour, ref_logps, slices, roll["prompt_ids"]
+            roll.rewards, seq, behaviour, ref_logps, slices, roll.prompt_ids
         )
-        # Rows whose advantage is exactly 0 (e.g. groups with equal rewards) contribute exactly
-        # zero gradient when no per-token term (KL in the loss, a critic) applies to them: they
-        # are not run through the model. Weights keep the full batch's normalisation, so the
-        # gradient is the same as with every row.
-        skip_zero = (
-            adv.dim() == 1
-            and self.critic is None
-            and not (ref_logps is not None and rl.kl_placement == "loss")
-        )
-        kept = (adv != 0).nonzero().flatten() if skip_zero else torch.arange(len(batch))
-        micro = self.recipe.train.micro_batch_size or max(len(kept), 1)
-        chunks = [kept[i : i + micro] for i in range(0, len(kept), micro)]
-        weights = self._weights(loss_mask, chunks)
-        trained_share = sum(weights) or 1.0
+        b = RLBatch(roll, seq, loss_mask, truncated, behaviour, ref_logps, old_logps, adv, extras)
+        self._plan_chunks(b)
+        return b
 
-        self.model.train()
-        sums: dict[str, float] = {}
-        kl_sum = 0.0
-        max_len = self.sampling.max_new_tokens
-        for epoch in range(rl.mu):
-            for s, w in zip(chunks, weights, strict=True):
-                logps = self._grouped_logps(self.model, batch, roll["prompt_ids"], s)
-                width = logps.shape[1]
-                mask = loss_mask[s, :width]
-                old = old_logps[s, :width] if old_logps is not None else logps.detach()
-                a = adv[s] if adv.dim() == 1 else adv[s, :width]
-                loss, pm = policy_loss(
-                    logps,
-                    old,
-                    a,
-                    mask,
-                    clip_low=rl.clip_low,
-                    clip_high=rl.clip_high,
-                    agg=rl.loss_agg,
-                    max_len=max_len,
-                    ratio_level=rl.ratio_level,
-                    dual_clip=rl.dual_clip,
-                    loss_type=rl.loss_type,
-                )
-                if ref_logps is not None and rl.kl_placement == "loss":
-                    kl = kl_estimate(logps, ref_logps[s, :width], kind=rl.kl_estimator)
-                    kl_term = aggregate(kl, mask, rl.loss_agg, max_len=max_len)
-                    loss = loss + rl.beta * kl_term
-                    if epoch == 0:
-                        kl_sum += w * float(kl_term.detach())
-                (loss * w).backward()
-                for k, v in pm.items():  # averaged over the rows that were trained
-                    sums[k] = sums.get(k, 0.0) + w / trained_share * float(v) / rl.mu
-                sums["loss"] = sums.get("loss", 0.0) + w * float(loss.detach()) / rl.mu
-                if self.critic is not None:
-                    values = self.critic(batch.select(s), self.autocast_dtype)
-                    vl, vm = value_loss(
-                        values,
-                        extras["values"][s, :width],
-                        extras["returns"][s, :width],
-                        mask,
-                        clip=rl.value_clip,
-                    )
-                    (rl.vf_coef * vl * w).backward()
-                    sums["value_loss"] = (
-                        sums.get("value_loss", 0.0) + w * float(vl.detach()) / rl.mu
-                    )
-                    for k, v in vm.items():
-                        sums[k] = sums.get(k, 0.0) + w * float(v) / rl.mu
-            opt = self.optimizer_step(step_scheduler=epoch == rl.mu - 1)
-            if self.critic is not None:
-                if self.recipe.train.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(
-                        self.critic.parameters(), self.recipe.train.grad_clip
-                    )
-                self.critic_optimizer.step()
-                self.critic_optimizer.zero_grad(set_to_none=True)
-        t_total = time.time() - t0
-        n_tok = float(batch.completion_mask.sum())
-        g = rl.group_size
-        groups = rewards.view(-1, g)
-        lengths = batch.completion_mask.sum(-1)
+    def _plan_chunks(self, b: RLBatch) -> None:
+        """Rows whose advantage is exactly 0 (e.g. groups with equal rewards) contribute
+        exactly zero gradient when no per-token term (KL in the loss, a critic) applies to
+        them: they are not run through the model. The units (tokens for token-mean, non-empty
+        sequences otherwise) keep the full batch's normalisation, so the gradient is the same
+        as with every row."""
+        rl = self.recipe.rl
+        skip_zero = (
+            b.adv.dim() == 1
+            and self.critic is None
+            and not (b.ref_logps is not None and rl.kl_placement == "loss")
+        )
+        n = len(b.seq)
+        kept = (b.adv != 0).nonzero().flatten() if skip_zero else torch.arange(n)
+        micro = self.recipe.train.micro_batch_size or max(len(kept), 1)
+        b.chunks = [kept[i : i + micro] for i in range(0, len(kept), micro)]
+        if rl.loss_agg == "token-mean":
+            per_row = b.loss_mask.sum(-1)
+        else:
+            per_row = (b.loss_mask.sum(-1) > 0).float()
+        b.total = float(per_row.sum()) or 1.0
+        b.units = [float(per_row[s].sum()) for s in b.chunks]
+        b.trained_share = sum(u / b.total for u in b.units) or 1.0
+
+    def micro_batches(self, batch: RLBatch) -> tuple[list[int], float]:
+        return list(range(len(batch.chunks))), batch.total
+
+    def updates_per_batch(self) -> int:
+        return self.recipe.rl.mu
+
+    def micro_loss(self, b: RLBatch, chunk: int, epoch: int) -> MicroLoss:
+        rl = self.recipe.rl
+        s = b.chunks[chunk]
+        logps = self._grouped_logps(self.model, b.seq, b.roll.prompt_ids, s)
+        width = logps.shape[1]
+        mask = b.loss_mask[s, :width]
+        old = b.old_logps[s, :width] if b.old_logps is not None else logps.detach()
+        loss, pm = policy_loss(
+            logps,
+            old,
+            b.adv[s] if b.adv.dim() == 1 else b.adv[s, :width],
+            mask,
+            clip_low=rl.clip_low,
+            clip_high=rl.clip_high,
+            agg=rl.loss_agg,
+            max_len=self.sampling.max_new_tokens,
+            ratio_level=rl.ratio_level,
+            dual_clip=rl.dual_clip,
+            loss_type=rl.loss_type,
+        )
+        metrics = {k: v / b.trained_share for k, v in pm.items()}
+        if b.ref_logps is not None and rl.kl_placement == "loss":
+            kl = kl_estimate(logps, b.ref_logps[s, :width], kind=rl.kl_estimator)
+            kl_term = aggregate(kl, mask, rl.loss_agg, max_len=self.sampling.max_new_tokens)
+            loss = loss + rl.kl_coef * kl_term
+            if epoch == 0:
+                metrics["kl"] = float(kl_term.detach())
+        extra = None
+        if self.critic is not None:
+            values = self.critic(b.seq.select(s), self.autocast_dtype)
+            vl, vm = value_loss(
+                values,
+                b.extras["values"][s, :width],
+                b.extras["returns"][s, :width],
+                mask,
+                clip=rl.value_clip,
+            )
+            extra = rl.vf_coef * vl
+            metrics.update(vm, value_loss=float(vl.detach()))
+        return MicroLoss(loss, b.units[chunk], metrics, extra_loss=extra)
+
+    def after_update(self) -> None:
+        if self.critic is None:
+            return
+        if self.recipe.train.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.critic.parameters(), self.recipe.train.grad_clip)
+        self.critic_optimizer.step()
+        self.critic_optimizer.zero_grad(set_to_none=True)
+
+    def step_metrics(self, b: RLBatch, result: StepResult) -> dict[str, float]:
+        rewards, roll, g = b.roll.rewards, b.roll, self.recipe.rl.group_size
+        n_tok = float(b.seq.completion_mask.sum())
         metrics: dict[str, float] = {
             "reward/mean": float(rewards.mean()),
             "reward/std": float(rewards.std()) if len(rewards) > 1 else 0.0,
-            "frac_zero_std_groups": float((groups.std(-1) == 0).float().mean()) if g > 1 else 0.0,
-            "entropy": float(sum(float(e.sum()) for e in roll["entropy"])) / max(n_tok, 1.0),
-            "batch/trained_rows": float(len(kept)),
-            "completion/mean_length": float(lengths.mean()),
-            "completion/truncated_frac": float(truncated.float().mean()),
-            "loss": sums.pop("loss", 0.0),
-            "clip_frac/low": sums.pop("clip_frac/low", 0.0),
-            "clip_frac/high": sums.pop("clip_frac/high", 0.0),
-            "grad_norm": opt["grad_norm"],
-            "lr": opt["lr"],
-            "time/rollout_s": t_rollout,
-            "time/step_s": t_total,
-            "tokens/completion_per_s": n_tok / max(t_total, 1e-9),
-            "memory/peak_mb": peak_memory_mb(self.device),
-            **stats,
-            **self.models_held,
+            "frac_zero_std_groups": (
+                float((rewards.view(-1, g).std(-1) == 0).float().mean()) if g > 1 else 0.0
+            ),
+            "entropy": float(sum(float(e.sum()) for e in roll.entropy)) / max(n_tok, 1.0),
+            "batch/trained_rows": float(sum(len(c) for c in b.chunks)),
+            "completion/mean_length": float(b.seq.completion_mask.sum(-1).mean()),
+            "completion/truncated_frac": float(b.truncated.float().mean()),
+            "clip_frac/low": 0.0,
+            "clip_frac/high": 0.0,
+            "completion/tokens": n_tok,
+            **result.metrics(),
         }
-        for name, values in roll["components"].items():
+        for name, values in roll.components.items():
             metrics[f"reward/{name}"] = float(values.mean())
-        if self.overlong_cache:
-            metrics["reward/overlong"] = float(roll["overlong"].mean())
-        if roll["errors"]:
-            metrics["reward/errors"] = float(roll["errors"])
-        if rl.kl_placement == "loss" and self.ref_model is not None:
-            metrics["kl"] = kl_sum
-        elif "kl" in extras:
-            metrics["kl"] = float(extras["kl"].sum() / max(n_tok, 1.0))
-        if "values" in extras:
+        if self.overlong_cache and roll.shaping is not None:
+            metrics["reward/overlong"] = float(roll.shaping.mean())
+        if roll.errors:
+            metrics["reward/errors"] = float(roll.errors)
+        if "kl" in b.extras:
+            metrics["kl"] = float(b.extras["kl"].sum() / max(n_tok, 1.0))
+        elif b.ref_logps is not None and self.recipe.rl.kl_placement == "loss":
+            metrics.setdefault("kl", 0.0)
+        if "values" in b.extras:
             metrics["explained_variance"] = explained_variance(
-                extras["values"], extras["returns"], batch.completion_mask
+                b.extras["values"], b.extras["returns"], b.seq.completion_mask
             )
-        metrics.update(sums)
-        self.account(metrics)
-        samples = [
-            {
-                "prompt": roll["rows"][i]["prompt"],
-                "completion": roll["texts"][i],
-                "answer": roll["rows"][i].get("answer"),
-                "reward": float(rewards[i]),
-                "advantage": float(adv[i] if adv.dim() == 1 else adv[i].sum()),
-            }
-            for i in range(len(roll["texts"]))
-        ]
-        return metrics, samples
-
-    def account(self, metrics: dict[str, float]) -> dict[str, float]:
-        """Add this step's `time/step_s` to the budget and log the cumulative counters."""
-        self.train_seconds += metrics.get("time/step_s", 0.0)
-        metrics["student/forward_tokens"] = float(self.forward_tokens)
-        metrics["time/train_s"] = self.train_seconds
         return metrics
+
+    def step_samples(self, b: RLBatch) -> list[dict[str, Any]]:
+        adv = b.adv if b.adv.dim() == 1 else b.adv.sum(-1)
+        return b.roll.samples(advantage=adv.tolist())
+
+    def train_step(self) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        metrics, samples = super().train_step()
+        if "completion/tokens" in metrics:
+            tokens = metrics["completion/tokens"]
+            metrics["tokens/completion_per_s"] = tokens / max(metrics["time/step_s"], 1e-9)
+        return metrics, samples
 
     def progress_info(self, metrics: dict[str, Any]) -> str:
         return f"reward {metrics['reward/mean']:.3f}"
-
-
-def _select(part: dict[str, Any], idx: list[int]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in part.items():
-        if isinstance(v, torch.Tensor):
-            out[k] = v[idx]
-        elif isinstance(v, list):
-            out[k] = [v[i] for i in idx]
-        elif isinstance(v, dict):
-            out[k] = {n: t[idx] for n, t in v.items()}
-        else:
-            out[k] = v
-    return out
-
-
-def _concat(parts: list[dict[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in parts[0].items():
-        if isinstance(v, torch.Tensor):
-            out[k] = torch.cat([p[k] for p in parts])
-        elif isinstance(v, list):
-            out[k] = [x for p in parts for x in p[k]]
-        elif isinstance(v, dict):
-            out[k] = {n: torch.cat([p[k][n] for p in parts]) for n in v}
-        else:
-            out[k] = sum(p[k] for p in parts)
-    return out

@@ -10,13 +10,16 @@ gives the step's mean loss exactly (the batch-sorting `aot` losses excepted: the
 a micro-batch).
 
 Log-probs are completion-only: a sequence log-prob is the sum over completion tokens (EOS
-included); SimPO and ORPO use the average (sum / completion length) and IPO / sigmoid_norm get
-the lengths. RPO is `dpo + rpo_alpha * NLL(chosen) per token`; ORPO is
-`NLL(chosen) per token + orpo term` (both per pair, then averaged).
+included). The loss is the `preference.loss_type` entry of the preference-loss registry
+(`signalrl.registry.PREFERENCE_LOSSES`, defined in `signalrl.losses.preference`, or a user
+`module:function`), called with a `PreferenceInput` holding the sequence log-probs, the
+completion lengths and the knobs; SimPO and ORPO use the average (sum / length), RPO is
+`dpo + rpo_alpha * NLL(chosen) per token`, ORPO `NLL(chosen) per token + orpo term`.
 
 Reference (`preference.reference`):
 
-* `copy`: a frozen copy of the starting policy (on resume: reloaded from `model.name_or_path`);
+* `copy`: a frozen copy of the starting policy (`TrainerBase.frozen_reference`: on resume,
+  reloaded from `model.name_or_path`);
 * `lora`: the policy is wrapped with a peft LoRA adapter on the attention and MLP projections,
   only the adapter trains, and the reference is the same model under `disable_adapter()` (no
   second copy). Checkpoints hold the base model plus `adapter/`; `final/` is a merged plain HF
@@ -53,7 +56,7 @@ that step's pairs (a step with no pair only advances the schedule). Logged: `onl
 `online/sample_accuracy`, `online/prompts_without_pair`, `online/samples_seen`.
 
 Budget counters (for `signalrl compare`), cumulative: `student/forward_tokens` (the policy's
-sampling tokens, counted as in `signalrl.trainers.online_rl.count_forward_tokens`, plus the
+sampling tokens, counted as in `signalrl.rollout.collect.count_forward_tokens`, plus the
 non-padding tokens of its training forwards; reference passes are not counted; offline DPO's
 pairs were sampled before the run and are not counted) and `time/train_s`.
 """
@@ -62,31 +65,24 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import time
+import io
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from signalrl.config import REFERENCE_FREE_LOSSES, Recipe
+from signalrl.config import PreferenceRecipe
 from signalrl.data.collate import SequenceBatch, build_batch
 from signalrl.data.make_preferences import pick_pair_indices
 from signalrl.data.preference import PreferenceData, load_preference_data, split_data
-from signalrl.logging.memory import peak_memory_mb, reset_peak_memory
-from signalrl.losses.kl import kl_estimate
-from signalrl.losses.preference import (
-    dpo_loss,
-    kto_loss,
-    orpo_loss,
-    preference_metrics,
-    rpo_loss,
-    simpo_loss,
-)
-from signalrl.models import count_parameters, load_model, save_model
+from signalrl.losses.preference import PreferenceInput, preference_loss, preference_metrics
+from signalrl.models import save_model
 from signalrl.models.logprobs import completion_logps
-from signalrl.rollout.sampler import SamplingParams, generate
-from signalrl.trainers.base import STATE_FILE, DataCursor, TrainerBase
-from signalrl.trainers.online_rl import count_forward_tokens
+from signalrl.rewards.registry import RewardComposer, RewardSpec
+from signalrl.rollout.collect import collect as collect_rollouts
+from signalrl.trainers.base import STATE_FILE, DataCursor, MicroLoss, StepResult
+from signalrl.trainers.preference_eval import PreferenceEvalMixin
 
 REF_FILE = "ref_logps.pt"
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -102,14 +98,39 @@ def _fingerprint(data: PreferenceData | None) -> str:
     return h.hexdigest()
 
 
-class PreferenceTrainer(TrainerBase):
-    def __init__(self, recipe: Recipe, **kw: Any) -> None:
+@dataclass
+class PreferenceBatch:
+    """One step's rows `idx` of `data` (the KTO reference point `kl` computed up front)."""
+
+    data: PreferenceData
+    idx: list[int]
+    kl: torch.Tensor | None = None
+    samples: list[dict[str, Any]] = field(default_factory=list)
+
+
+class PreferenceTrainer(PreferenceEvalMixin):
+    recipe: PreferenceRecipe
+
+    def __init__(self, recipe: PreferenceRecipe, **kw: Any) -> None:
         super().__init__(recipe, **kw)
-        pc, d = recipe.preference, recipe.data
-        self.kto = pc.loss_type == "kto"
-        kind = "kto" if self.kto else "paired"
+        pc = recipe.preference
+        self.kto = pc.unpaired
         self.online = pc.online
         self.test_data: PreferenceData | None = None
+        self._load_data()
+        self.uses_ref = pc.uses_reference
+        self.ref_cache: dict[str, Any] | None = None
+        if pc.reference == "lora":
+            self._wrap_lora()
+        if self.uses_ref and pc.reference == "copy":
+            self.ref_model = self.frozen_reference()
+        if self.uses_ref and pc.reference == "precomputed":
+            self._precompute_reference()
+        self.finish_setup()
+
+    def _load_data(self) -> None:
+        pc, d = self.recipe.preference, self.recipe.data
+        kind = "kto" if self.kto else "paired"
         if self.online:
             # pairs are sampled every step (see `_online_pairs`); held-out pairs only from a file
             self.rows = self.train_rows()
@@ -118,62 +139,23 @@ class PreferenceTrainer(TrainerBase):
                 self.test_data = load_preference_data(
                     d.test_path, self.tokenizer, kind=kind, fmt=d.format
                 )
-            self.data = DataCursor(len(self.rows), recipe.seed)
-            self.generator = torch.Generator(device=self.device).manual_seed(recipe.seed)
+            self.data = DataCursor(len(self.rows), self.recipe.seed)
+            self.generator = torch.Generator(device=self.device).manual_seed(self.recipe.seed)
             self.online_sampling = self.sampling_params(pc.online_samples)
             self.samples_seen = 0
+            return
+        assert d.path is not None
+        data = load_preference_data(d.path, self.tokenizer, kind=kind, fmt=d.format)
+        if d.test_path:
+            self.train_data = data
+            self.test_data = load_preference_data(
+                d.test_path, self.tokenizer, kind=kind, fmt=d.format
+            )
         else:
-            assert d.path is not None
-            data = load_preference_data(d.path, self.tokenizer, kind=kind, fmt=d.format)
-            if d.test_path:
-                self.train_data = data
-                self.test_data = load_preference_data(
-                    d.test_path, self.tokenizer, kind=kind, fmt=d.format
-                )
-            else:
-                self.train_data, self.test_data = split_data(data, d.test_fraction, recipe.seed)
-            self.data = DataCursor(len(self.train_data), recipe.seed)
-        self.uses_ref = pc.loss_type not in REFERENCE_FREE_LOSSES and pc.reference != "none"
-        self.ref_model: torch.nn.Module | None = None
-        self.ref_cache: dict[str, Any] | None = None
-        if pc.reference == "lora":
-            self._wrap_lora()
-        if self.uses_ref and pc.reference == "copy":
-            self.ref_model = self._initial_reference()
-        if self.uses_ref and pc.reference == "precomputed":
-            self._precompute_reference()
-        self.forward_tokens = 0  # cumulative student tokens (see `count_forward_tokens`)
-        self.train_seconds = 0.0  # cumulative seconds in train_step
-        self.build_optimizer()
-        self.maybe_resume()  # restores the counters too (`load_extra_state`)
-        self.held = self._models_held()
-        self.held["memory/setup_peak_mb"] = peak_memory_mb(self.device)
-        reset_peak_memory(self.device)  # `memory/peak_mb` is the training phase's peak
-
-    def _models_held(self) -> dict[str, float]:
-        """Models resident during training: the policy, plus a reference copy (`copy`) or the
-        LoRA adapter's parameters (`lora`, counted in `models/params_held` but not as a
-        model); `precomputed` has freed its reference by now."""
-        held = [self.model] + ([self.ref_model] if self.ref_model is not None else [])
-        return {
-            "models/held": float(len(held)),
-            "models/params_held": float(sum(count_parameters(m) for m in held)),
-            "models/params_trainable": float(count_parameters(self.model, trainable_only=True)),
-        }
+            self.train_data, self.test_data = split_data(data, d.test_fraction, self.recipe.seed)
+        self.data = DataCursor(len(self.train_data), self.recipe.seed)
 
     # -- reference ----------------------------------------------------------------------
-    def _initial_reference(self) -> torch.nn.Module:
-        if self.resume_from is None:
-            ref = copy.deepcopy(self.model)
-        else:  # the policy was loaded from a checkpoint: rebuild the starting model
-            m = self.recipe.model
-            ref, _ = load_model(m.name_or_path, dtype=m.dtype, seed=m.seed)
-            ref = ref.to(self.device)
-        ref.eval()
-        for p in ref.parameters():
-            p.requires_grad_(False)
-        return ref
-
     def _wrap_lora(self) -> None:
         from peft import LoraConfig, PeftModel, get_peft_model
 
@@ -208,10 +190,9 @@ class PreferenceTrainer(TrainerBase):
                 self.model.train(was_training)
                 return out
             assert self.ref_model is not None
-            out = completion_logps(self.ref_model, batch, autocast_dtype=self.autocast_dtype)
-            return out
+            return completion_logps(self.ref_model, batch, autocast_dtype=self.autocast_dtype)
 
-    def _seq_logps_nograd(self, model_fn, data: PreferenceData, which: str) -> torch.Tensor:
+    def _seq_logps_nograd(self, model_fn, data: PreferenceData, which: str) -> torch.Tensor:  # noqa: ANN001
         """Sequence log-probs (sum) of every row's `which` completion, in chunks."""
         n = len(data)
         size = self.recipe.train.micro_batch_size or self.recipe.train.batch_size
@@ -230,22 +211,18 @@ class PreferenceTrainer(TrainerBase):
             if cached.get("fingerprint") == key:
                 self.ref_cache = cached
                 return
-        ref = self._initial_reference()
-        self.ref_model = ref
+        self.ref_model = self.frozen_reference()
         cache: dict[str, Any] = {"fingerprint": key}
         for split, data in (("train", self.train_data), ("test", self.test_data)):
             if data is None:
                 continue
             parts = {"chosen": self._seq_logps_nograd(self._ref_logps, data, "chosen")}
-            if self.kto:
-                parts["kl"] = self._seq_logps_nograd(self._ref_logps, data, "kl")
-            else:
-                parts["rejected"] = self._seq_logps_nograd(self._ref_logps, data, "rejected")
+            other = "kl" if self.kto else "rejected"
+            parts[other] = self._seq_logps_nograd(self._ref_logps, data, other)
             cache[split] = parts
         torch.save(cache, path)
         self.ref_cache = cache
         self.ref_model = None  # freed: training reads the cache
-        del ref
 
     # -- batches ------------------------------------------------------------------------
     def _rows_batch(self, data: PreferenceData, idx: list[int], which: str) -> SequenceBatch:
@@ -270,47 +247,11 @@ class PreferenceTrainer(TrainerBase):
         assert self.ref_cache is not None
         return self.ref_cache[split][name][idx].to(self.device)
 
-    # -- losses ---------------------------------------------------------------------------
-    def _pair_losses(
-        self, pol: torch.Tensor, ref: torch.Tensor | None, mask: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per-pair losses from per-token policy log-probs `pol` (2B, T) and reference
-        sequence log-probs `ref` (2B,) (chosen rows first). Returns (losses, chosen rewards,
-        rejected rewards, chosen logps, rejected logps)."""
-        pc = self.recipe.preference
-        b = pol.shape[0] // 2
-        seq = pol.sum(-1)
-        lengths = mask.sum(-1).clamp(min=1.0)
-        avg = seq / lengths
-        c, r, lc, lr = seq[:b], seq[b:], lengths[:b], lengths[b:]
-        if pc.loss_type == "simpo":
-            losses, cr, rr = simpo_loss(
-                avg[:b],
-                avg[b:],
-                beta=pc.beta,
-                gamma=pc.simpo_gamma,
-                label_smoothing=pc.label_smoothing,
-            )
-            return losses, cr, rr, c.detach(), r.detach()
-        if pc.loss_type == "orpo":
-            odds, _ = orpo_loss(avg[:b], avg[b:], beta=pc.beta)
-            losses = -avg[:b] + odds
-            cr, rr = (pc.beta * avg[:b]).detach(), (pc.beta * avg[b:]).detach()
-            return losses, cr, rr, c.detach(), r.detach()
-        assert ref is not None
-        kw: dict[str, Any] = {
-            "beta": pc.beta,
-            "label_smoothing": pc.label_smoothing,
-            "chosen_lengths": lc,
-            "rejected_lengths": lr,
-        }
-        if pc.loss_type == "rpo":
-            losses, cr, rr = rpo_loss(
-                c, r, ref[:b], ref[b:], -avg[:b], alpha=pc.rpo_alpha, loss_type="sigmoid", **kw
-            )
-        else:
-            losses, cr, rr = dpo_loss(c, r, ref[:b], ref[b:], loss_type=pc.loss_type, **kw)
-        return losses, cr, rr, c.detach(), r.detach()
+    def _seq_ref(self, split: str, name: str, idx: list[int], batch: SequenceBatch) -> torch.Tensor:
+        """Reference sequence log-probs of rows `idx` (`name`: chosen | kl), cached or live."""
+        if self.ref_cache is not None:
+            return self._cached(split, name, idx)
+        return self._ref_logps(batch).sum(-1)
 
     def _pair_ref(self, split: str, data: PreferenceData, idx: list[int]) -> torch.Tensor | None:
         """Reference sequence log-probs (2B,) of pairs `idx` (chosen then rejected)."""
@@ -322,34 +263,46 @@ class PreferenceTrainer(TrainerBase):
             )
         return self._ref_logps(self._rows_batch(data, idx, "pair")).sum(-1)
 
-    def _train_step_paired(self, idx: list[int]) -> dict[str, float]:
-        t = self.recipe.train
-        n = len(idx)
-        micro = t.micro_batch_size or n
-        total = 0.0
-        parts: list[tuple[torch.Tensor, ...]] = []
-        self.model.train()
-        for s in range(0, n, micro):
-            mb = idx[s : s + micro]
-            batch = self._rows_batch(self.train_data, mb, "pair")
-            ref = self._pair_ref("train", self.train_data, mb)
-            pol = completion_logps(self.model, batch, autocast_dtype=self.autocast_dtype)
-            self.forward_tokens += int(batch.attention_mask.sum())
-            losses, cr, rr, lc, lr = self._pair_losses(pol, ref, batch.completion_mask)
-            loss = losses.sum() / n
-            loss.backward()
-            total += float(loss.detach())
-            parts.append((cr, rr, lc, lr))
-        out = self.optimizer_step()
-        out.update(self.held)
-        out["memory/peak_mb"] = peak_memory_mb(self.device)
-        cat = [torch.cat([p[i] for p in parts]) for i in range(4)]
-        out.update(preference_metrics(*cat))
-        out.update({"loss": total, "epoch": float(self.data.epoch)})
-        return out
+    # -- losses ---------------------------------------------------------------------------
+    def loss_input(
+        self, seq: torch.Tensor, ref: torch.Tensor | None, lengths: torch.Tensor
+    ) -> PreferenceInput:
+        """The registry's input from policy and reference sequence log-probs and completion
+        lengths (paired: chosen rows first, then rejected rows)."""
+        pc = self.recipe.preference
+        b = seq.shape[0] // 2
+        return PreferenceInput(
+            policy_chosen_logps=seq[:b],
+            policy_rejected_logps=seq[b:],
+            ref_chosen_logps=None if ref is None else ref[:b],
+            ref_rejected_logps=None if ref is None else ref[b:],
+            chosen_lengths=lengths[:b],
+            rejected_lengths=lengths[b:],
+            beta=pc.beta,
+            label_smoothing=pc.label_smoothing,
+            f_divergence_type=pc.f_divergence_type,
+            f_alpha_divergence_coef=pc.f_alpha_divergence_coef,
+            simpo_gamma=pc.simpo_gamma,
+            rpo_alpha=pc.rpo_alpha,
+        )
 
-    def _kl_ref(self, split: str, data: PreferenceData, idx: list[int]) -> torch.Tensor:
-        """Detached KTO reference point: mean (policy - ref) over mismatched pairs."""
+    def _pair_losses(
+        self, pol: torch.Tensor, ref: torch.Tensor | None, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-pair losses from per-token policy log-probs `pol` (2B, T) and reference
+        sequence log-probs `ref` (2B,) (chosen rows first). Returns (losses, chosen rewards,
+        rejected rewards, chosen logps, rejected logps)."""
+        b = pol.shape[0] // 2
+        seq = pol.sum(-1)
+        x = self.loss_input(seq, ref, mask.sum(-1).clamp(min=1.0))
+        losses, cr, rr = preference_loss(x, self.recipe.preference.loss_type)
+        return losses, cr, rr, seq[:b].detach(), seq[b:].detach()
+
+    def _kl_ref(
+        self, split: str, data: PreferenceData, idx: list[int], count: bool = False
+    ) -> torch.Tensor:
+        """Detached KTO reference point: mean (policy - ref) over mismatched pairs; `count`:
+        a training step's pass (its student tokens are counted)."""
         micro = self.recipe.train.micro_batch_size or len(idx)
         diffs = []
         with torch.no_grad():
@@ -357,13 +310,9 @@ class PreferenceTrainer(TrainerBase):
                 mb = idx[s : s + micro]
                 batch = self._rows_batch(data, mb, "kl")
                 pol = completion_logps(self.model, batch, autocast_dtype=self.autocast_dtype)
-                if self.model.training:  # a training step's pass, not an evaluation
-                    self.forward_tokens += int(batch.attention_mask.sum())
-                if self.ref_cache is not None:
-                    ref = self._cached(split, "kl", mb)
-                else:
-                    ref = self._ref_logps(batch).sum(-1)
-                diffs.append(pol.sum(-1) - ref)
+                if count:
+                    self.budget.forward_tokens += int(batch.attention_mask.sum())
+                diffs.append(pol.sum(-1) - self._seq_ref(split, "kl", mb, batch))
         return torch.cat(diffs).mean().clamp(min=0.0)
 
     def _kto_losses(
@@ -372,76 +321,66 @@ class PreferenceTrainer(TrainerBase):
         pc = self.recipe.preference
         batch = self._rows_batch(data, mb, "chosen")
         pol = completion_logps(self.model, batch, autocast_dtype=self.autocast_dtype)
-        if self.ref_cache is not None:
-            ref = self._cached(split, "chosen", mb)
-        else:
-            ref = self._ref_logps(batch).sum(-1)
+        ref = self._seq_ref(split, "chosen", mb, batch)
         assert data.labels is not None
         desirable = torch.tensor([data.labels[i] for i in mb], device=self.device)
         seq = pol.sum(-1)
-        losses, rewards = kto_loss(
-            seq,
-            ref,
-            desirable,
-            kl,
+        x = PreferenceInput(
+            policy_chosen_logps=seq,
+            ref_chosen_logps=ref,
             beta=pc.beta,
-            desirable_weight=pc.kto_desirable_weight,
-            undesirable_weight=pc.kto_undesirable_weight,
+            desirable=desirable,
+            kl_ref=kl,
+            kto_desirable_weight=pc.kto_desirable_weight,
+            kto_undesirable_weight=pc.kto_undesirable_weight,
         )
+        losses, rewards, _ = preference_loss(x, pc.loss_type)
         return losses, rewards, seq.detach(), desirable
 
-    @staticmethod
-    def _kto_metrics(
-        rewards: torch.Tensor, logps: torch.Tensor, desirable: torch.Tensor
-    ) -> dict[str, float]:
-        out: dict[str, float] = {}
-        for name, sel in (("chosen", desirable), ("rejected", ~desirable)):
-            if sel.any():
-                out[f"rewards/{name}"] = rewards[sel].mean().item()
-                out[f"logps/{name}"] = logps[sel].mean().item()
-        if "rewards/chosen" in out and "rewards/rejected" in out:
-            out["rewards/margins"] = out["rewards/chosen"] - out["rewards/rejected"]
-        return out
-
-    def _train_step_kto(self, idx: list[int]) -> dict[str, float]:
-        t = self.recipe.train
-        n = len(idx)
-        micro = t.micro_batch_size or n
-        self.model.train()
-        kl = self._kl_ref("train", self.train_data, idx)
-        total = 0.0
-        parts = []
-        for s in range(0, n, micro):
-            mb = idx[s : s + micro]
-            losses, rewards, logps, desirable = self._kto_losses("train", self.train_data, mb, kl)
-            self.forward_tokens += sum(
-                len(self.train_data.prompt_ids[i]) + len(self.train_data.completion_ids[i])
-                for i in mb
-            )  # the KL-estimate pass (mismatched pairs, no grad) is counted in _kl_ref
-            loss = losses.sum() / n
-            loss.backward()
-            total += float(loss.detach())
-            parts.append((rewards, logps, desirable))
-        out = self.optimizer_step()
-        out.update(self.held)
-        out["memory/peak_mb"] = peak_memory_mb(self.device)
-        cat = [torch.cat([p[i] for p in parts]) for i in range(3)]
-        out.update(self._kto_metrics(*cat))
-        out.update({"loss": total, "kl": float(kl), "epoch": float(self.data.epoch)})
-        return out
-
-    def train_step(self) -> tuple[dict[str, float], list[dict[str, Any]]]:
-        t0 = time.perf_counter()
+    # -- the step ---------------------------------------------------------------------------
+    def next_batch(self) -> tuple[PreferenceBatch | None, dict[str, float]]:
         if self.online:
-            out, samples = self._train_step_online()
+            stats, samples = self._online_pairs()
+            if not len(self.train_data):  # all samples right or all wrong: no pair
+                return None, stats
+            idx = list(range(len(self.train_data)))
+            return PreferenceBatch(self.train_data, idx, samples=samples), stats
+        idx = self.data.take(self.recipe.train.batch_size)
+        kl = self._kl_ref("train", self.train_data, idx, count=True) if self.kto else None
+        return PreferenceBatch(self.train_data, idx, kl), {}
+
+    def micro_batches(self, batch: PreferenceBatch) -> tuple[list[list[int]], float]:
+        return [batch.idx[s] for s in self.micro_slices(len(batch.idx))], float(len(batch.idx))
+
+    def micro_loss(self, batch: PreferenceBatch, chunk: list[int], epoch: int) -> MicroLoss:
+        data = batch.data
+        if batch.kl is not None:
+            losses, rewards, logps, desirable = self._kto_losses("train", data, chunk, batch.kl)
+            # the KL-estimate pass (mismatched pairs, no grad) is counted in _kl_ref
+            self.budget.forward_tokens += sum(
+                len(data.prompt_ids[i]) + len(data.completion_ids[i]) for i in chunk
+            )
+            return MicroLoss(losses.sum() / len(chunk), len(chunk), aux=(rewards, logps, desirable))
+        seq = self._rows_batch(data, chunk, "pair")
+        ref = self._pair_ref("train", data, chunk)
+        pol = completion_logps(self.model, seq, autocast_dtype=self.autocast_dtype)
+        self.budget.forward_tokens += int(seq.attention_mask.sum())
+        losses, cr, rr, lc, lr = self._pair_losses(pol, ref, seq.completion_mask)
+        return MicroLoss(losses.sum() / len(chunk), len(chunk), aux=(cr, rr, lc, lr))
+
+    def step_metrics(self, batch: PreferenceBatch, result: StepResult) -> dict[str, float]:
+        out = result.metrics()
+        parts = result.aux
+        if batch.kl is not None:
+            cat = [torch.cat([p[i] for p in parts]) for i in range(3)]
+            out.update(self._kto_metrics(*cat), kl=float(batch.kl))
         else:
-            idx = self.data.take(self.recipe.train.batch_size)
-            step = self._train_step_kto if self.kto else self._train_step_paired
-            out, samples = step(idx), []
-        self.train_seconds += time.perf_counter() - t0
-        out["student/forward_tokens"] = float(self.forward_tokens)
-        out["time/train_s"] = self.train_seconds
-        return out, samples
+            out.update(preference_metrics(*[torch.cat([p[i] for p in parts]) for i in range(4)]))
+        out["epoch"] = float(self.data.epoch)
+        return out
+
+    def step_samples(self, batch: PreferenceBatch) -> list[dict[str, Any]]:
+        return batch.samples
 
     # -- online (iterative) DPO -------------------------------------------------------------
     @torch.no_grad()
@@ -452,64 +391,52 @@ class PreferenceTrainer(TrainerBase):
         pc = self.recipe.preference
         g = pc.online_samples
         rows = [self.rows[i] for i in self.data.take(self.recipe.train.batch_size)]
+        verifier = RewardComposer([RewardSpec(type="task")], self.task)
         self.model.eval()
-        roll = generate(
+        roll, tokens = collect_rollouts(
             self.model,
             self.tokenizer,
-            [r["prompt"] for r in rows],
+            rows,
             self.online_sampling,
+            verifier,
             generator=self.generator,
             autocast_dtype=self.autocast_dtype,
         )
         self.model.train()
         self.samples_seen += len(roll)
-        lengths = roll.lengths.tolist()
-        self.forward_tokens += count_forward_tokens(roll.prompt_ids[::g], int(sum(lengths)))
-        p_ids: list[list[int]] = []
-        c_ids: list[list[int]] = []
-        r_ids: list[list[int]] = []
-        prompts: list[str] = []
-        samples: list[dict[str, Any]] = []
-        correct = no_pair = 0
-        for i, row in enumerate(rows):
-            texts = roll.texts[i * g : (i + 1) * g]
-            scores = [float(self.task.verify(row, t)) for t in texts]
-            correct += sum(1 for x in scores if x > 0)
-            found = pick_pair_indices(texts, scores, pc.online_pairs_per_prompt)
+        self.budget.forward_tokens += tokens
+        scores = roll.rewards.tolist()
+        pairs: list[tuple[int, int]] = []
+        no_pair = 0
+        for i in range(len(rows)):
+            found = pick_pair_indices(
+                roll.texts[i * g : (i + 1) * g],
+                scores[i * g : (i + 1) * g],
+                pc.online_pairs_per_prompt,
+            )
             no_pair += not found
-            for a, b in found:
-                ia, ib = i * g + a, i * g + b
-                p_ids.append(roll.prompt_ids[ia])
-                c_ids.append(roll.completion_ids[ia, : int(lengths[ia])].tolist())
-                r_ids.append(roll.completion_ids[ib, : int(lengths[ib])].tolist())
-                prompts.append(row["prompt"])
-            samples.append({"prompt": row["prompt"], "completion": texts[0], "reward": scores[0]})
-        self.train_data = PreferenceData(p_ids, c_ids, r_ids, None, prompts)
+            pairs += [(i * g + a, i * g + b) for a, b in found]
+        self.train_data = PreferenceData(
+            [roll.prompt_ids[a] for a, _ in pairs],
+            [roll.completion_ids[a] for a, _ in pairs],
+            [roll.completion_ids[b] for _, b in pairs],
+            None,
+            [roll.rows[a]["prompt"] for a, _ in pairs],
+        )
         stats = {
-            "online/sample_accuracy": correct / max(len(roll), 1),
-            "online/pairs": float(len(p_ids)),
+            "online/sample_accuracy": sum(1 for x in scores if x > 0) / max(len(roll), 1),
+            "online/pairs": float(len(pairs)),
             "online/prompts_without_pair": float(no_pair),
             "online/samples_seen": float(self.samples_seen),
         }
+        samples = [
+            {"prompt": row["prompt"], "completion": roll.texts[i * g], "reward": scores[i * g]}
+            for i, row in enumerate(rows)
+        ]
         return stats, samples
-
-    def _train_step_online(self) -> tuple[dict[str, float], list[dict[str, Any]]]:
-        stats, samples = self._online_pairs()
-        n = len(self.train_data)
-        if n == 0:  # every prompt's samples were all right or all wrong: no pair to learn from
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scheduler.step()
-            return {**stats, "lr": self.scheduler.get_last_lr()[0]}, samples
-        out = self._train_step_paired(list(range(n)))
-        out.pop("epoch", None)
-        out.update(stats)
-        out["epoch"] = float(self.data.epoch)
-        return out, samples
 
     def extra_state(self) -> dict[str, Any]:
         state = super().extra_state()
-        state["forward_tokens"] = self.forward_tokens
-        state["train_seconds"] = self.train_seconds
         if self.online:
             state["generator"] = self.generator.get_state()
             state["samples_seen"] = self.samples_seen
@@ -517,97 +444,9 @@ class PreferenceTrainer(TrainerBase):
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         super().load_extra_state(state)
-        self.forward_tokens = int(state.get("forward_tokens", 0))
-        self.train_seconds = float(state.get("train_seconds", 0.0))
         if self.online and "generator" in state:
             self.generator.set_state(state["generator"])
             self.samples_seen = int(state.get("samples_seen", 0))
-
-    # -- evaluation -----------------------------------------------------------------------
-    @torch.no_grad()
-    def preference_eval(self, split: str = "test") -> dict[str, float]:
-        """Preference metrics over every row of `split` ("test": the held-out rows, prefix
-        `eval/`; "train": all training rows, prefix `train_eval/`, no sampled KL)."""
-        data = self.test_data if split == "test" else self.train_data
-        if data is None:
-            return {}
-        was_training = self.model.training
-        self.model.eval()
-        n = len(data)
-        size = self.recipe.train.micro_batch_size or self.recipe.train.batch_size
-        chunks = [list(range(s, min(n, s + size))) for s in range(0, n, size)]
-        out: dict[str, float] = {}
-        if self.kto:
-            kl = self._kl_ref(split, data, list(range(n)))
-            parts = [self._kto_losses(split, data, mb, kl) for mb in chunks]
-            losses = torch.cat([p[0] for p in parts])
-            metrics = self._kto_metrics(*[torch.cat([p[i] for p in parts]) for i in (1, 2, 3)])
-            metrics["loss"] = losses.mean().item()
-            metrics["kl"] = float(kl)
-        else:
-            parts, ratio_sum, ratio_tokens = [], 0.0, 0.0
-            for mb in chunks:
-                batch = self._rows_batch(data, mb, "pair")
-                pol = completion_logps(self.model, batch, autocast_dtype=self.autocast_dtype)
-                ref = self._pair_ref(split, data, mb)
-                parts.append(self._pair_losses(pol, ref, batch.completion_mask))
-                if ref is not None:
-                    b = len(mb)
-                    ratio_sum += float(pol[:b].sum() - ref[:b].sum())
-                    ratio_tokens += float(batch.completion_mask[:b].sum())
-            losses = torch.cat([p[0] for p in parts])
-            metrics = preference_metrics(*[torch.cat([p[i] for p in parts]) for i in (1, 2, 3, 4)])
-            metrics["loss"] = losses.mean().item()
-            if ratio_tokens:
-                metrics["logratio_chosen"] = ratio_sum / ratio_tokens
-            if split == "test" and self.uses_ref and self.ref_cache is None:
-                metrics["kl_ref"] = self._sampled_kl(data)
-        prefix = "eval/" if split == "test" else "train_eval/"
-        out = {f"{prefix}{k}": v for k, v in metrics.items()}
-        self.model.train(was_training)
-        return out
-
-    def _sampled_kl(self, data: PreferenceData) -> float:
-        """k3 estimate of per-token KL(policy || ref) on completions sampled from the policy
-        (temperature 1) for the held-out prompts."""
-        from signalrl.rollout.sampler import generate
-
-        params = SamplingParams(max_new_tokens=self.recipe.sampling.max_new_tokens)
-        gen = torch.Generator(device=self.device).manual_seed(self.recipe.seed)
-        roll = generate(
-            self.model,
-            self.tokenizer,
-            data.prompt_ids,
-            params,
-            generator=gen,
-            autocast_dtype=self.autocast_dtype,
-        )
-        batch = build_batch(
-            roll.prompt_ids,
-            roll.completion_ids,
-            self.tokenizer.pad_token_id,
-            completion_mask=roll.completion_mask,
-            device=self.device,
-        )
-        pol = completion_logps(self.model, batch, autocast_dtype=self.autocast_dtype)
-        ref = self._ref_logps(batch)
-        mask = batch.completion_mask
-        k3 = kl_estimate(pol, ref, "k3") * mask
-        return float(k3.sum() / mask.sum().clamp(min=1.0))
-
-    def maybe_evaluate(self, metrics: dict[str, Any]) -> None:
-        every = self.recipe.eval.every
-        if every and self.step % every == 0 and self.step < self.recipe.train.steps:
-            metrics.update(self.preference_eval())
-        super().maybe_evaluate(metrics)
-
-    def finish(self, metrics: dict[str, Any]) -> dict[str, Any]:
-        metrics.update(self.preference_eval())
-        if not self.online:
-            metrics.update(self.preference_eval("train"))
-        summary = super().finish(metrics)
-        summary.update({k: v for k, v in metrics.items() if k.startswith(("eval/", "train_eval/"))})
-        return summary
 
     # -- saving ---------------------------------------------------------------------------
     def _is_lora(self) -> bool:
@@ -616,8 +455,6 @@ class PreferenceTrainer(TrainerBase):
     def save_checkpoint(self) -> Path:
         if not self._is_lora():
             return super().save_checkpoint()
-        import io
-
         buf = io.BytesIO()
         torch.save(self.trainer_state(), buf)
         base = copy.deepcopy(self.model).unload()  # the frozen base weights, plain HF

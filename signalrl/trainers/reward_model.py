@@ -44,7 +44,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from signalrl.config import Recipe
+from signalrl.config import RewardModelRecipe
 from signalrl.data.preference import (
     PreferenceDataError,
     heldout_indices,
@@ -54,7 +54,7 @@ from signalrl.data.preference import (
 from signalrl.losses.reward import bradley_terry_loss, reward_pair_metrics
 from signalrl.models import check_tokenizer, is_preset, load_model, resolve_dtype, save_model
 from signalrl.models.logprobs import autocast_context
-from signalrl.trainers.base import DataCursor, TrainerBase
+from signalrl.trainers.base import DataCursor, MicroLoss, StepResult, TrainerBase
 
 
 def load_reward_model(
@@ -163,7 +163,9 @@ def split_pairs(
 
 
 class RewardModelTrainer(TrainerBase):
-    def __init__(self, recipe: Recipe, **kw: Any) -> None:
+    recipe: RewardModelRecipe
+
+    def __init__(self, recipe: RewardModelRecipe, **kw: Any) -> None:
         super().__init__(recipe, **kw)
         # TrainerBase loaded a causal LM; a reward model is a sequence classifier. Free the LM
         # first, then load the classifier from the same source (the checkpoint on resume).
@@ -185,8 +187,7 @@ class RewardModelTrainer(TrainerBase):
         else:
             self.train_data, self.test_data = split_pairs(pairs, d.test_fraction, recipe.seed)
         self.data = DataCursor(len(self.train_data), recipe.seed)
-        self.build_optimizer()
-        self.maybe_resume()
+        self.finish_setup()
 
     # -- forward --------------------------------------------------------------------------
     def rewards(self, pairs: RewardPairs, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -218,27 +219,24 @@ class RewardModelTrainer(TrainerBase):
         )
         return losses, rc, rr
 
-    # -- the loop -------------------------------------------------------------------------
-    def train_step(self) -> tuple[dict[str, float], list[dict[str, Any]]]:
-        t = self.recipe.train
-        idx = self.data.take(t.batch_size)
-        n = len(idx)
-        micro = t.micro_batch_size or n
-        total = 0.0
-        chosen, rejected = [], []
-        self.model.train()
-        for s in range(0, n, micro):
-            mb = idx[s : s + micro]
-            losses, rc, rr = self._losses(self.train_data, mb)
-            loss = losses.sum() / n
-            loss.backward()
-            total += float(loss.detach())
-            chosen.append(rc.detach())
-            rejected.append(rr.detach())
-        out = self.optimizer_step()
-        out.update(reward_pair_metrics(torch.cat(chosen), torch.cat(rejected)))
-        out.update({"loss": total, "epoch": float(self.data.epoch)})
-        return out, []
+    # -- the step ---------------------------------------------------------------------------
+    def next_batch(self) -> tuple[list[int], dict[str, float]]:
+        return self.data.take(self.recipe.train.batch_size), {"epoch": float(self.data.epoch)}
+
+    def micro_batches(self, batch: list[int]) -> tuple[list[list[int]], float]:
+        return [batch[s] for s in self.micro_slices(len(batch))], float(len(batch))
+
+    def micro_loss(self, batch: list[int], chunk: list[int], epoch: int) -> MicroLoss:
+        losses, rc, rr = self._losses(self.train_data, chunk)
+        self.budget.forward_tokens += sum(
+            len(self.train_data.chosen_ids[i]) + len(self.train_data.rejected_ids[i]) for i in chunk
+        )
+        return MicroLoss(losses.sum() / len(chunk), len(chunk), aux=(rc.detach(), rr.detach()))
+
+    def step_metrics(self, batch: list[int], result: StepResult) -> dict[str, float]:
+        rc = torch.cat([a[0] for a in result.aux])
+        rr = torch.cat([a[1] for a in result.aux])
+        return {**result.metrics(), **reward_pair_metrics(rc, rr)}
 
     @torch.no_grad()
     def pair_eval(self, pairs: RewardPairs | None = None) -> dict[str, float]:

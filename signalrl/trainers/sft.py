@@ -18,15 +18,17 @@ from typing import Any
 
 import torch
 
-from signalrl.config import Recipe
-from signalrl.data.collate import build_batch, tokenize_sft
+from signalrl.config import SFTRecipe
+from signalrl.data.collate import SequenceBatch, build_batch, tokenize_sft
 from signalrl.data.sft import SFTExamples, load_sft_data, split_examples
 from signalrl.models.logprobs import completion_logps
-from signalrl.trainers.base import DataCursor, TrainerBase
+from signalrl.trainers.base import DataCursor, MicroLoss, StepResult, TrainerBase
 
 
 class SFTTrainer(TrainerBase):
-    def __init__(self, recipe: Recipe, **kw: Any) -> None:
+    recipe: SFTRecipe
+
+    def __init__(self, recipe: SFTRecipe, **kw: Any) -> None:
         super().__init__(recipe, **kw)
         self.test_data: SFTExamples | None = None
         if recipe.data.path:
@@ -43,8 +45,7 @@ class SFTTrainer(TrainerBase):
             masks = [[1.0] * len(c) for c in c_ids]
             self.train_data = SFTExamples(p_ids, c_ids, masks, "prompt_completion", source)
         self.data = DataCursor(len(self.train_data), recipe.seed)
-        self.build_optimizer()
-        self.maybe_resume()
+        self.finish_setup()
 
     def _load_file(self) -> tuple[SFTExamples, SFTExamples | None]:
         d = self.recipe.data
@@ -73,36 +74,38 @@ class SFTTrainer(TrainerBase):
         )
         return train, test
 
-    def _loss(self, data: SFTExamples, idx: list[int], *, backward: bool) -> tuple[float, float]:
-        """Mean NLL over the trained tokens of rows `idx` (gradients accumulated when
-        `backward`); returns (loss, trained tokens)."""
-        t = self.recipe.train
-        batch = build_batch(
+    def _batch(self, data: SFTExamples, idx: list[int]) -> SequenceBatch:
+        return build_batch(
             [data.prompt_ids[i] for i in idx],
             [data.completion_ids[i] for i in idx],
             self.tokenizer.pad_token_id,
             device=self.device,
             masks=[data.completion_masks[i] for i in idx],
         )
-        n_tokens = batch.completion_mask.sum()
-        micro = t.micro_batch_size or len(batch)
-        total = 0.0
-        for start in range(0, len(batch), micro):
-            mb = batch.select(slice(start, start + micro))
-            logps = completion_logps(self.model, mb, autocast_dtype=self.autocast_dtype)
-            loss = -(logps * mb.completion_mask).sum() / n_tokens
-            if backward:
-                loss.backward()
-            total += float(loss.detach())
-        return total, float(n_tokens)
 
-    def train_step(self) -> tuple[dict[str, float], list[dict[str, Any]]]:
-        idx = self.data.take(self.recipe.train.batch_size)
-        self.model.train()
-        total, n_tokens = self._loss(self.train_data, idx, backward=True)
-        out = self.optimizer_step()
-        out.update({"loss": total, "tokens": n_tokens, "epoch": float(self.data.epoch)})
-        return out, []
+    @staticmethod
+    def _nll(logps: torch.Tensor, mb: SequenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean NLL over the trained tokens of `mb`, and their (weighted) count."""
+        n = mb.completion_mask.sum()
+        return -(logps * mb.completion_mask).sum() / n.clamp(min=1e-12), n
+
+    # -- the step ---------------------------------------------------------------------------
+    def next_batch(self) -> tuple[SequenceBatch, dict[str, float]]:
+        batch = self._batch(self.train_data, self.data.take(self.recipe.train.batch_size))
+        return batch, {"epoch": float(self.data.epoch)}
+
+    def micro_batches(self, batch: SequenceBatch) -> tuple[list[slice], float]:
+        return self.micro_slices(len(batch)), float(batch.completion_mask.sum())
+
+    def micro_loss(self, batch: SequenceBatch, chunk: slice, epoch: int) -> MicroLoss:
+        mb = batch.select(chunk)
+        self.budget.forward_tokens += int(mb.attention_mask.sum())
+        logps = completion_logps(self.model, mb, autocast_dtype=self.autocast_dtype)
+        loss, n = self._nll(logps, mb)
+        return MicroLoss(loss, float(n))
+
+    def step_metrics(self, batch: SequenceBatch, result: StepResult) -> dict[str, float]:
+        return {**result.metrics(), "tokens": float(batch.completion_mask.sum())}
 
     @torch.no_grad()
     def held_out_loss(self) -> float | None:
@@ -113,10 +116,16 @@ class SFTTrainer(TrainerBase):
         size = self.recipe.eval.batch_size
         nll = tokens = 0.0
         for start in range(0, len(self.test_data), size):
-            idx = list(range(start, min(start + size, len(self.test_data))))
-            loss, n = self._loss(self.test_data, idx, backward=False)
-            nll += loss * n
-            tokens += n
+            batch = self._batch(
+                self.test_data, list(range(start, min(start + size, len(self.test_data))))
+            )
+            for s in self.micro_slices(len(batch)):
+                mb = batch.select(s)
+                loss, n = self._nll(
+                    completion_logps(self.model, mb, autocast_dtype=self.autocast_dtype), mb
+                )
+                nll += float(loss) * float(n)
+                tokens += float(n)
         return nll / max(tokens, 1.0)
 
     def maybe_evaluate(self, metrics: dict[str, Any]) -> None:
