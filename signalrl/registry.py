@@ -157,9 +157,7 @@ def _name(node: ast.expr) -> str:
     return ""
 
 
-ADVANTAGES = Registry(
-    "advantage estimator", "register_advantage", ("signalrl.losses.advantages",)
-)
+ADVANTAGES = Registry("advantage estimator", "register_advantage", ("signalrl.losses.advantages",))
 POLICY_LOSSES = Registry("policy loss", "register_policy_loss", ("signalrl.losses.policy",))
 PREFERENCE_LOSSES = Registry(
     "preference loss",

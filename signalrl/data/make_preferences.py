@@ -25,7 +25,9 @@ from typing import Any
 import torch
 
 from signalrl.models import load_model
-from signalrl.rollout.sampler import SamplingParams, generate
+from signalrl.rewards.registry import RewardComposer, RewardSpec
+from signalrl.rollout.collect import collect
+from signalrl.rollout.sampler import SamplingParams
 from signalrl.tasks import Task, make_task
 
 
@@ -84,6 +86,21 @@ def write_jsonl_atomic(rows: list[dict[str, Any]], out: str | os.PathLike[str]) 
     return path
 
 
+def _distinct_prompts(t: Task, n_prompts: int | None) -> list[dict[str, Any]]:
+    """The task's train rows with distinct prompts, in order, at most `n_prompts`."""
+    rows: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for r in t.train():
+        if r["prompt"] not in seen:
+            seen.add(r["prompt"])
+            rows.append(r)
+            if n_prompts is not None and len(rows) >= n_prompts:
+                break
+    if not rows:
+        raise ValueError(f"make-preferences: task {t.name!r} has no train prompts")
+    return rows
+
+
 def make_preferences(
     model: str,
     out: str | os.PathLike[str],
@@ -111,16 +128,7 @@ def make_preferences(
     if pairs_per_prompt < 1:
         raise ValueError("make-preferences: pairs_per_prompt must be >= 1")
     t = task or make_task(task_name, **(task_kwargs or {}))
-    rows: list[dict[str, Any]] = []
-    seen: set[str] = set()
-    for r in t.train():
-        if r["prompt"] not in seen:
-            seen.add(r["prompt"])
-            rows.append(r)
-            if n_prompts is not None and len(rows) >= n_prompts:
-                break
-    if not rows:
-        raise ValueError(f"make-preferences: task {t.name!r} has no train prompts")
+    rows = _distinct_prompts(t, n_prompts)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     lm, tok = load_model(model, device=device)
@@ -130,12 +138,14 @@ def make_preferences(
     pairs: list[dict[str, Any]] = []
     no_wrong = no_correct = 0
     n_correct = n_total = 0
+    verifier = RewardComposer([RewardSpec(type="task")], t)
     for s in range(0, len(rows), batch_size):
         chunk = rows[s : s + batch_size]
-        roll = generate(lm, tok, [r["prompt"] for r in chunk], params, generator=gen)
+        roll, _ = collect(lm, tok, chunk, params, verifier, generator=gen)
+        all_scores = roll.rewards.tolist()
         for i, row in enumerate(chunk):
             texts = roll.texts[i * samples : (i + 1) * samples]
-            scores = [float(t.verify(row, x)) for x in texts]
+            scores = all_scores[i * samples : (i + 1) * samples]
             n_correct += sum(1 for x in scores if x > 0)
             n_total += len(scores)
             found = pick_pairs(texts, scores, pairs_per_prompt)

@@ -25,6 +25,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from signalrl.losses._checks import check_same_2d as _check_same_2d
 from signalrl.registry import ADVANTAGES, register_advantage
 
 __all__ = [
@@ -56,21 +57,6 @@ def _check_groups(rewards: Tensor, group_size: int) -> None:
         raise ValueError(
             f"group_size={group_size} does not divide the number of rewards N={rewards.numel()}"
         )
-
-
-def _check_token_tensors(**tensors: Tensor) -> tuple[int, int]:
-    shape = None
-    for name, t in tensors.items():
-        if t.dim() != 2:
-            raise ValueError(f"{name} must be 2-D (B, T), got shape {tuple(t.shape)}")
-        if shape is None:
-            shape = tuple(t.shape)
-        elif tuple(t.shape) != shape:
-            names = ", ".join(tensors)
-            shapes = ", ".join(str(tuple(v.shape)) for v in tensors.values())
-            raise ValueError(f"{names} must have the same shape, got {shapes}")
-    assert shape is not None
-    return shape  # type: ignore[return-value]
 
 
 def _check_gamma(name: str, value: float) -> None:
@@ -162,11 +148,11 @@ def token_level_rewards(
     trailing padding are fine); a row with an empty mask gets all zeros. Returns detached
     ``(B, T)``.
     """
-    B, T = _check_token_tensors(mask=mask)
+    B, T = _check_same_2d(mask=mask)
     if seq_rewards.shape != (B,):
         raise ValueError(f"seq_rewards must have shape ({B},), got {tuple(seq_rewards.shape)}")
     if kl is not None:
-        _check_token_tensors(mask=mask, kl=kl)
+        _check_same_2d(mask=mask, kl=kl)
     out = torch.zeros(B, T, dtype=torch.float32, device=mask.device)
     last, has_any = _last_token_index(mask)
     rows = torch.arange(B, device=mask.device)
@@ -185,7 +171,7 @@ def whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) 
     output. This is the advantage whitening of PPO implementations (e.g. Ouyang et al. 2022;
     TRL's ``masked_whiten``). Keeps gradients.
     """
-    _check_token_tensors(x=x, mask=mask)
+    _check_same_2d(x=x, mask=mask)
     keep = mask > 0
     xm = torch.where(keep, x, 0.0)
     n = keep.sum().to(xm.dtype)
@@ -211,7 +197,7 @@ def reinforce_pp_advantages(
     last completion token minus a per-token KL penalty). Masked positions get 0.
     Returns detached ``(B, T)``.
     """
-    _check_token_tensors(token_rewards=token_rewards, mask=mask)
+    _check_same_2d(token_rewards=token_rewards, mask=mask)
     _check_gamma("gamma", gamma)
     m = mask.detach() > 0
     r = torch.where(m, _float(token_rewards.detach()), 0.0)
@@ -242,7 +228,7 @@ def gae(
     Returns raw (not whitened) ``(advantages, returns)``, both detached ``(B, T)``; whiten the
     advantages with :func:`whiten` if desired.
     """
-    _check_token_tensors(token_rewards=token_rewards, values=values, mask=mask)
+    _check_same_2d(token_rewards=token_rewards, values=values, mask=mask)
     _check_gamma("gamma", gamma)
     _check_gamma("lam", lam)
     m = mask.detach() > 0

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from signalrl.losses._checks import check_same_2d as _check_same_2d
 from signalrl.registry import POLICY_LOSSES, register_policy_loss
 
 __all__ = [
@@ -58,20 +59,6 @@ AggMode = Literal[
 
 
 # --------------------------------------------------------------------------- validation
-
-
-def _check_same_2d(**tensors: Tensor) -> tuple[int, int]:
-    shape: tuple[int, ...] | None = None
-    for name, t in tensors.items():
-        if t.dim() != 2:
-            raise ValueError(f"{name} must be 2-D (B, T), got shape {tuple(t.shape)}")
-        if shape is None:
-            shape = tuple(t.shape)
-        elif tuple(t.shape) != shape:
-            desc = ", ".join(f"{k}={tuple(v.shape)}" for k, v in tensors.items())
-            raise ValueError(f"shape mismatch: {desc}")
-    assert shape is not None
-    return shape[0], shape[1]
 
 
 def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
