@@ -96,10 +96,6 @@ def registry_meta(registry: Registry, name: str, key: str, default: Any = None) 
     return getattr(registry.get(name), key, default)
 
 
-def _check_name(registry: Registry, name: str) -> str:
-    return registry.check(name)
-
-
 class RLConfig(Section):
     """Online RL. `algorithm` picks a preset (ALGORITHM_PRESETS), merged under the recipe's own
     keys before validation, so every key the recipe sets overrides the preset and every field
@@ -157,8 +153,8 @@ class RLConfig(Section):
 
     @model_validator(mode="after")
     def _check(self) -> RLConfig:
-        _check_name(ADVANTAGES, self.advantage)
-        _check_name(POLICY_LOSSES, self.loss_type)
+        ADVANTAGES.check(self.advantage)
+        POLICY_LOSSES.check(self.loss_type)
         if registry_meta(ADVANTAGES, self.advantage, "needs_groups") and self.group_size < 2:
             raise ValueError(f"advantage {self.advantage!r} needs group_size >= 2")
         if self.ratio_level == "sequence" and self.loss_agg != "seq-mean-token-mean":
@@ -223,7 +219,7 @@ class PreferenceConfig(Section):
     @model_validator(mode="after")
     def _check(self) -> PreferenceConfig:
         try:
-            _check_name(PREFERENCE_LOSSES, self.loss_type)
+            PREFERENCE_LOSSES.check(self.loss_type)
         except ValueError as e:
             raise ValueError(f"preference.loss_type: {e}") from None
         if self.f_divergence_type != "reverse_kl" and not registry_meta(

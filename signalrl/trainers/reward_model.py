@@ -219,6 +219,9 @@ class RewardModelTrainer(TrainerBase):
         )
         return losses, rc, rr
 
+    def held_models(self) -> list[tuple[str, torch.nn.Module]]:
+        return [("reward_model", self.model)]
+
     # -- the step ---------------------------------------------------------------------------
     def next_batch(self) -> tuple[list[int], dict[str, float]]:
         return self.data.take(self.recipe.train.batch_size), {"epoch": float(self.data.epoch)}
