@@ -44,7 +44,7 @@ from transformers.utils import logging as hf_logging
 from signalrl.config import RecipeBase, dump_recipe
 from signalrl.eval import EvalResult, evaluate
 from signalrl.logging.memory import peak_memory_mb, reset_peak_memory
-from signalrl.logging.run import RunDir
+from signalrl.logging.run import RunDir, RunLock, plan_run
 from signalrl.models import count_parameters, load_model, save_model
 from signalrl.rollout.sampler import SamplingParams
 from signalrl.tasks import Task, make_task
@@ -55,6 +55,7 @@ from signalrl.trainers.state import (
     DataCursor,
     latest_checkpoint,
     lr_lambda,
+    resume_differences,
     seed_everything,
 )
 
@@ -122,13 +123,21 @@ class TrainerBase:
         self.console = console or Console(stderr=True)
         if recipe.train.threads:
             torch.set_num_threads(recipe.train.threads)
-        RunDir.prepare(recipe.run_dir, resume=resume, overwrite=overwrite)
-        self.run = RunDir(recipe.run_dir, tensorboard=recipe.logging.tensorboard)
-        self.run.write_config(dump_recipe(recipe))
+        # nothing is written until everything is loaded and validated (`open_run`)
+        self.plan = plan_run(
+            recipe.run_dir,
+            resume=resume,
+            overwrite=overwrite,
+            checkpoint=latest_checkpoint(recipe.run_dir) if resume else None,
+        )
+        if self.plan.mode == "resume":
+            self.check_resume_recipe()
         seed_everything(recipe.seed)
         # a researcher may pass any object with train()/test()/verify(); else the recipe's task
         self.task: Task = task or make_task(recipe.task.name, **recipe.task.kwargs())
-        self.resume_from = latest_checkpoint(self.run.path) if resume else None
+        self.resume_from = self.plan.checkpoint
+        self.run: RunDir = None  # type: ignore[assignment]  # opened by finish_setup
+        self.lock = RunLock(recipe.run_dir)
         source = str(self.resume_from) if self.resume_from else recipe.model.name_or_path
         self.model, self.tokenizer = self.load_policy(source)
         self.device = next(self.model.parameters()).device
@@ -175,12 +184,29 @@ class TrainerBase:
             held.append(("reference", self.ref_model))
         return held
 
+    def check_resume_recipe(self) -> None:
+        """Refuse a resume whose recipe differs from the run's saved one in anything but
+        `RESUME_MAY_CHANGE` (a changed lr or algorithm would silently mix two runs)."""
+        saved = self.recipe.run_dir / "config.yaml"
+        if not saved.is_file():
+            return
+        diff = resume_differences(saved, self.recipe)
+        if diff:
+            raise ValueError(
+                f"--resume: the recipe differs from the run's ({saved}) in:\n  "
+                + "\n  ".join(diff)
+                + "\nonly train.steps and the logging, eval and checkpoint sections may change "
+                "on resume; use another name (or --overwrite) for a different run"
+            )
+
     def finish_setup(self) -> None:
-        """Build the optimiser, resume, measure what set-up holds, and reset the memory peak
-        so that `memory/peak_mb` is the training phase's (`memory/setup_peak_mb` is set-up's)."""
+        """Build the optimiser, resume, open the run directory, measure what set-up holds,
+        and reset the memory peak so that `memory/peak_mb` is the training phase's
+        (`memory/setup_peak_mb` is set-up's)."""
         if not hasattr(self, "optimizer"):
             self.build_optimizer()
         self.maybe_resume()
+        self.open_run()
         held = self.held_models()
         self.console.print(f"models held: {', '.join(name for name, _ in held)}")
         self.models_held = {
@@ -190,6 +216,23 @@ class TrainerBase:
             "memory/setup_peak_mb": peak_memory_mb(self.device),
         }
         reset_peak_memory(self.device)
+
+    def open_run(self) -> None:
+        """Everything is loaded and valid: lock the run directory, make it (moving a replaced
+        run aside, see `signalrl.logging.run`), write config.yaml, and on resume drop the
+        logged steps past the checkpoint."""
+        self.lock.acquire()
+        try:
+            resumed = self.step if self.resume_from is not None else None
+            self.run = RunDir.open(
+                self.plan, tensorboard=self.recipe.logging.tensorboard, resume_step=resumed
+            )
+            self.run.write_config(dump_recipe(self.recipe))
+            if resumed is not None:
+                self.run.truncate_metrics(resumed)
+        except BaseException:
+            self.lock.release()
+            raise
 
     # -- optimisation ---------------------------------------------------------------------
     def build_optimizer(self, params: list[torch.nn.Parameter] | None = None) -> None:
@@ -392,7 +435,6 @@ class TrainerBase:
         self.step = int(state["step"])
         self.elapsed_before = float(state.get("elapsed", 0.0))
         self.load_extra_state(state.get("extra", {}))
-        self.run.truncate_metrics(self.step)
         self.console.print(f"resumed from {self.resume_from} at step {self.step}")
 
     def save_final(self) -> Path:
@@ -495,7 +537,7 @@ class TrainerBase:
         with self.progress() as bar:
             task = bar.add_task(self.progress_name(), total=t.steps, completed=self.step, info="")
             while self.step < t.steps:
-                metrics, samples = self.train_step()
+                metrics, samples = self.first_step() if self.run.replaced else self.train_step()
                 self.step += 1
                 self.maybe_evaluate(metrics)
                 if samples and lg.samples_every and self.step % lg.samples_every == 0:
@@ -510,6 +552,23 @@ class TrainerBase:
                 self.maybe_checkpoint()
         return self.finish(metrics)
 
+    def first_step(self) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        """The first step of a run that replaces another (`--overwrite`): the old run is put
+        back if it fails, and deleted once it succeeded."""
+        try:
+            out = self.train_step()
+        except BaseException:
+            self.run.restore_replaced()
+            self.lock.release()
+            raise
+        self.run.drop_replaced()
+        return out
+
+    def close_run(self) -> None:
+        self.run.drop_replaced()
+        self.run.close()
+        self.lock.release()
+
     def finish(self, metrics: dict[str, Any]) -> dict[str, Any]:
         """Final evaluation, `final/` and the last metrics row."""
         result = self.evaluate()
@@ -517,7 +576,7 @@ class TrainerBase:
         metrics["time/elapsed_s"] = self.elapsed()
         self.run.log_metrics(self.step, metrics)
         self.save_final()
-        self.run.close()
+        self.close_run()
         return {
             "accuracy": result.accuracy,
             **{f"pass_at_{k}": v for k, v in result.pass_at_k.items()},

@@ -204,9 +204,12 @@ class PreferenceTrainer(PreferenceEvalMixin):
         return torch.cat(out) if out else torch.zeros(0)
 
     def _precompute_reference(self) -> None:
-        path = self.run.path / REF_FILE
+        """Reference log-probs of every row, computed once (or read back from the run's
+        `ref_logps.pt` on resume when the data's fingerprint matches); written to the run
+        directory once it is opened (`open_run`)."""
+        path = self.recipe.run_dir / REF_FILE
         key = {"train": _fingerprint(self.train_data), "test": _fingerprint(self.test_data)}
-        if path.is_file():
+        if self.plan.mode == "resume" and path.is_file():
             cached = torch.load(path, weights_only=False)
             if cached.get("fingerprint") == key:
                 self.ref_cache = cached
@@ -220,9 +223,17 @@ class PreferenceTrainer(PreferenceEvalMixin):
             other = "kl" if self.kto else "rejected"
             parts[other] = self._seq_logps_nograd(self._ref_logps, data, other)
             cache[split] = parts
-        torch.save(cache, path)
         self.ref_cache = cache
+        self._ref_cache_unsaved = True
         self.ref_model = None  # freed: training reads the cache
+
+    def open_run(self) -> None:
+        super().open_run()
+        if getattr(self, "_ref_cache_unsaved", False):
+            tmp = self.run.path / (REF_FILE + ".tmp")
+            torch.save(self.ref_cache, tmp)
+            tmp.replace(self.run.path / REF_FILE)
+            self._ref_cache_unsaved = False
 
     # -- batches ------------------------------------------------------------------------
     def _rows_batch(self, data: PreferenceData, idx: list[int], which: str) -> SequenceBatch:

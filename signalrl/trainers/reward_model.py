@@ -279,7 +279,7 @@ class RewardModelTrainer(TrainerBase):
         metrics["time/elapsed_s"] = self.elapsed()
         self.run.log_metrics(self.step, metrics)
         self.save_final()
-        self.run.close()
+        self.close_run()
         return {
             "accuracy": ev.get("eval/accuracy", float("nan")),
             "seconds": self.elapsed(),

@@ -110,3 +110,39 @@ class Budget:
     def load(self, state: dict[str, Any]) -> None:
         self.forward_tokens = int(state.get("forward_tokens", 0))
         self.train_seconds = float(state.get("train_seconds", 0.0))
+
+
+#: What a resumed run may change: how long it runs and how it logs, evaluates and saves.
+RESUME_MAY_CHANGE: tuple[str, ...] = ("train.steps", "logging.", "eval.", "checkpoint.")
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def resume_differences(saved: Path, recipe: RecipeBase) -> list[str]:
+    """The recipe keys (outside `RESUME_MAY_CHANGE`) in which `recipe` differs from the
+    run's saved `config.yaml`, as `key: saved -> new` lines."""
+    import yaml
+
+    from signalrl.config import RecipeError, recipe_from_dict
+
+    try:
+        old = recipe_from_dict(yaml.safe_load(saved.read_text()) or {}, str(saved))
+    except (RecipeError, yaml.YAMLError) as e:
+        return [f"the run's saved recipe does not validate: {e}"]
+    a = _flatten(old.model_dump(mode="json"))
+    b = _flatten(recipe.model_dump(mode="json"))
+    keys = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+    return [
+        f"{k}: {a.get(k)!r} -> {b.get(k)!r}"
+        for k in keys
+        if not any(k == p or (p.endswith(".") and k.startswith(p)) for p in RESUME_MAY_CHANGE)
+    ]
