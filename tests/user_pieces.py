@@ -29,3 +29,8 @@ mean_baseline.needs_groups = True  # type: ignore[attr-defined]
 def char_code_reward(prompts: list[str], completions: list[str], **columns: object) -> list[float]:
     """A reward that varies between samples of a random model: sum of character codes mod 3."""
     return [float(sum(map(ord, c)) % 3) for c in completions]
+
+
+def raising_reward(prompts: list[str], completions: list[str], **columns: object) -> list[float]:
+    """A reward function with a bug: it always fails."""
+    raise RuntimeError("user reward failed")

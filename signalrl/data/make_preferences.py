@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from signalrl.logging.run import user_mode
 from signalrl.models import load_model
 from signalrl.rewards.registry import RewardComposer, RewardSpec
 from signalrl.rollout.collect import collect
@@ -79,6 +80,7 @@ def write_jsonl_atomic(rows: list[dict[str, Any]], out: str | os.PathLike[str]) 
         with os.fdopen(fd, "w") as f:
             for r in rows:
                 f.write(json.dumps(r) + "\n")
+        user_mode(tmp, directory=False)  # mkstemp makes it 0600
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -8,11 +8,14 @@ checkpoint would. `save_model` writes a directory that plain `transformers` load
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import (
@@ -24,6 +27,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from signalrl.logging.run import user_mode
 from signalrl.models.tokenizer import build_char_tokenizer
 
 
@@ -43,6 +47,10 @@ PRESETS: dict[str, Preset] = {
     "base": Preset(512, 1536, 8, 8, 4),  # ~25M
 }
 
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be loaded; the message names the file."""
+
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -54,6 +62,40 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
     return DTYPES[dtype]
+
+
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+def resolve_device(device: str | torch.device) -> str:
+    """The torch device string for `model.device`: `auto` is `cuda` when a CUDA device is
+    available, else `cpu`; `cpu`, `cuda`, `cuda:N` and `mps` are checked against this machine.
+    A device the machine does not have, or a string that is not a device, is a ValueError
+    naming `model.device`."""
+    text = str(device).strip()
+    if not _DEVICE.match(text):
+        raise ValueError(
+            f"model.device {text!r} is not a device; use auto, cpu, cuda, cuda:N or mps"
+        )
+    if text == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if text.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"model.device {text!r} but this machine has no CUDA device; use cpu or auto"
+            )
+        index = int(text.split(":", 1)[1]) if ":" in text else 0
+        count = torch.cuda.device_count()
+        if index >= count:
+            raise ValueError(
+                f"model.device {text!r} but this machine has {count} CUDA device"
+                f"{'s' if count != 1 else ''} (cuda:0..cuda:{count - 1}); use one of them or auto"
+            )
+    if text == "mps" and not (
+        getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    ):
+        raise ValueError("model.device 'mps' but this machine has no MPS device; use cpu or auto")
+    return text
 
 
 def preset_config(name: str, tokenizer: PreTrainedTokenizerBase) -> Qwen2Config:
@@ -92,6 +134,7 @@ def load_model(
     hold a `config.json` loadable by `AutoModelForCausalLM` and a tokenizer.
     """
     torch_dtype = resolve_dtype(dtype)
+    device = resolve_device(device)
     if is_preset(name_or_path):
         tokenizer = build_char_tokenizer()
         config = preset_config(name_or_path, tokenizer)
@@ -114,17 +157,64 @@ def load_model(
         )
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path}: no config.json; not a Hugging Face checkpoint directory")
-    kwargs = {"dtype": torch_dtype}
+    kwargs: dict[str, Any] = {"dtype": torch_dtype}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs).to(device)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = from_pretrained_checked(AutoModelForCausalLM, path, **kwargs).to(device)
+    tokenizer = load_tokenizer_checked(path)
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token_id is None:
             raise ValueError(f"{path}: tokenizer has neither a pad nor an eos token")
         tokenizer.pad_token = tokenizer.eos_token
     check_tokenizer(model, tokenizer, str(path))
     return model, tokenizer
+
+
+def _corrupt_file(path: Path) -> tuple[Path, str] | None:
+    """The first file of checkpoint `path` that cannot be read, with the reason: config.json
+    that is not JSON, or a `*.safetensors` file whose header or size is wrong (truncated)."""
+    config = path / "config.json"
+    try:
+        json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        return config, f"not valid JSON ({e})"
+    from safetensors import safe_open
+
+    for f in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt"):  # checks the header and the size
+                pass
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+            return f, str(e)
+    return None
+
+
+def from_pretrained_checked(cls: Any, path: Path, **kwargs: Any) -> Any:
+    """`cls.from_pretrained(path, **kwargs)`; a failure is a CheckpointError naming the
+    corrupt file (a truncated `model.safetensors`, say) when one can be found."""
+    try:
+        return cls.from_pretrained(path, **kwargs)
+    except Exception as e:  # noqa: BLE001 - every loader failure is reported with the file
+        bad = _corrupt_file(path)
+        if bad is not None:
+            raise CheckpointError(
+                f"{bad[0]}: corrupt or truncated checkpoint file ({bad[1]}); save or copy "
+                "the checkpoint again"
+            ) from e
+        raise CheckpointError(
+            f"{path}: could not load the model: {type(e).__name__}: {e}"
+        ) from e
+
+
+def load_tokenizer_checked(path: Path) -> PreTrainedTokenizerBase:
+    """`AutoTokenizer.from_pretrained(path)`; a failure is a CheckpointError naming `path`."""
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # noqa: BLE001 - a broken tokenizer file, a missing vocabulary
+        raise CheckpointError(
+            f"{path}: could not load the tokenizer (tokenizer.json / tokenizer_config.json): "
+            f"{type(e).__name__}: {e}"
+        ) from e
 
 
 def check_tokenizer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, where: str) -> None:
@@ -154,6 +244,7 @@ def save_model(
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    user_mode(tmp)  # mkdtemp makes it 0700; the final directory follows the user's umask
     try:
         unwrapped = getattr(model, "module", model)
         unwrapped.save_pretrained(tmp, safe_serialization=True)
