@@ -37,7 +37,11 @@ CASES: dict[str, dict] = {
     "sft": {"trainer": "sft", "train": {"batch_size": 8, "lr": 2e-3}},
     "dpo-copy": {"trainer": "preference", **PREF, "preference": {"reference": "copy"}},
     "dpo-lora": {"trainer": "preference", **PREF, "preference": {"reference": "lora"}},
-    "dpo-precomputed": {"trainer": "preference", **PREF, "preference": {"reference": "precomputed"}},
+    "dpo-precomputed": {
+        "trainer": "preference",
+        **PREF,
+        "preference": {"reference": "precomputed"},
+    },
     "simpo": {
         "trainer": "preference",
         **PREF,
@@ -102,8 +106,9 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, case):
         for key in NUMBERS:
             if key in x:
                 assert y[key] == pytest.approx(x[key], rel=1e-4, abs=1e-6), (x["step"], key)
-    wa, wb = _final_weights(tmp_path / "whole", resumed.trainer), _final_weights(
-        tmp_path / "part", resumed.trainer
+    wa, wb = (
+        _final_weights(tmp_path / "whole", resumed.trainer),
+        _final_weights(tmp_path / "part", resumed.trainer),
     )
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-6)
@@ -169,7 +174,7 @@ def test_a_run_directory_is_locked_by_its_process(tmp_path):
         f"""
         import time, pathlib
         from signalrl.logging.run import RunLock
-        lock = RunLock(pathlib.Path({str(tmp_path / 'r')!r}))
+        lock = RunLock(pathlib.Path({str(tmp_path / "r")!r}))
         lock.acquire()
         pathlib.Path({str(ready)!r}).write_text("1")
         time.sleep(60)
