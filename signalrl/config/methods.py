@@ -132,6 +132,18 @@ class RLConfig(Section):
     value_clip: float | None = Field(0.2, gt=0)
     critic_lr: float | None = Field(None, gt=0, description="default: train.lr")
     critic_path: str | None = Field(None, description="critic init; default: the policy")
+    is_correction: Literal[
+        "none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask"
+    ] = Field("none", description="rollout/train mismatch correction (signalrl.losses.mismatch)")
+    is_cap: float = Field(2.0, gt=0, description="truncate modes: the weight cap")
+    is_low: float = Field(0.5, ge=0, le=1, description="mask modes: lowest kept ratio")
+    is_high: float = Field(2.0, ge=1, description="mask modes: highest kept ratio")
+    off_policy_mask_kl: float | None = Field(
+        None,
+        gt=0,
+        description="DeepSeek-V3.2 mask: drop negative-advantage sequences whose "
+        "per-token KL to the sampler exceeds this",
+    )
 
     @model_validator(mode="before")
     @classmethod

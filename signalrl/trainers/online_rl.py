@@ -32,6 +32,7 @@ from signalrl.config import OnlineRLRecipe
 from signalrl.data.collate import SequenceBatch
 from signalrl.losses.advantages import AdvantageInput
 from signalrl.losses.kl import kl_estimate
+from signalrl.losses.mismatch import is_weights, mismatch_metrics, off_policy_sequence_mask
 from signalrl.losses.policy import aggregate, explained_variance, policy_loss, value_loss
 from signalrl.models.logprobs import shared_prefix_logps
 from signalrl.models.value_head import ValueModel
@@ -45,9 +46,6 @@ from signalrl.rollout.collect import count_forward_tokens
 from signalrl.trainers.base import DataCursor, MicroLoss, StepResult, TrainerBase
 
 __all__ = ["OnlineRLTrainer", "RLBatch", "count_forward_tokens"]
-
-# policy-loss metrics averaged over the rows that were trained (not over the whole batch)
-_PER_TRAINED_ROW = ("clip_frac/", "ratio/", "dual_clip_frac")
 
 
 @dataclass
@@ -349,10 +347,15 @@ class OnlineRLTrainer(TrainerBase):
         width = logps.shape[1]
         mask = b.loss_mask[s, :width]
         old = b.old_logps[s, :width] if b.old_logps is not None else logps.detach()
+        sampler = b.behaviour[s, :width]
+        extra_metrics = mismatch_metrics(old, sampler, mask) if epoch == 0 else {}
+        adv = b.adv[s] if b.adv.dim() == 1 else b.adv[s, :width]
+        if rl.is_correction != "none" or rl.off_policy_mask_kl is not None:
+            adv = self._corrected(adv, old, sampler, mask, extra_metrics)
         loss, pm = policy_loss(
             logps,
             old,
-            b.adv[s] if b.adv.dim() == 1 else b.adv[s, :width],
+            adv,
             mask,
             clip_low=rl.clip_low,
             clip_high=rl.clip_high,
@@ -362,7 +365,7 @@ class OnlineRLTrainer(TrainerBase):
             dual_clip=rl.dual_clip,
             loss_type=rl.loss_type,
         )
-        metrics = {k: v / b.trained_share for k, v in pm.items()}
+        metrics = {k: v / b.trained_share for k, v in {**pm, **extra_metrics}.items()}
         if b.ref_logps is not None and rl.kl_placement == "loss":
             kl = kl_estimate(logps, b.ref_logps[s, :width], kind=rl.kl_estimator)
             kl_term = aggregate(kl, mask, rl.loss_agg, max_len=self.sampling.max_new_tokens)
@@ -382,6 +385,30 @@ class OnlineRLTrainer(TrainerBase):
             extra = rl.vf_coef * vl
             metrics.update(vm, value_loss=float(vl.detach()))
         return MicroLoss(loss, b.units[chunk], metrics, extra_loss=extra)
+
+    def _corrected(
+        self,
+        adv: torch.Tensor,
+        old: torch.Tensor,
+        sampler: torch.Tensor,
+        mask: torch.Tensor,
+        metrics: dict[str, float],
+    ) -> torch.Tensor:
+        """`(B, T)` advantages times the importance weights of `rl.is_correction` (and the
+        off-policy sequence mask): a detached non-negative weight on a token's advantage is
+        the same as on its loss for the registered losses, which are positively homogeneous
+        in the advantage (see `signalrl.losses.mismatch`)."""
+        rl = self.recipe.rl
+        weights, m = is_weights(
+            old, sampler, mask, rl.is_correction, cap=rl.is_cap, low=rl.is_low, high=rl.is_high
+        )
+        metrics.update(m)
+        if rl.off_policy_mask_kl is not None:
+            keep, frac = off_policy_sequence_mask(old, sampler, mask, adv, rl.off_policy_mask_kl)
+            weights = weights * keep
+            metrics["is/frac_off_policy_masked"] = frac
+        tok_adv = adv[:, None].expand_as(mask) if adv.dim() == 1 else adv
+        return tok_adv * weights
 
     def after_update(self) -> None:
         if self.critic is None:
