@@ -82,8 +82,8 @@ def test_correction_brings_the_off_policy_gradient_to_the_on_policy_one():
     from signalrl.models.logprobs import completion_logps
 
     model, tok = load_model("tiny", seed=0)
-    with torch.no_grad():  # sharper logits, so that the temperature matters
-        model.get_output_embeddings().weight.mul_(6.0)
+    with torch.no_grad():  # sharper logits (the final norm's scale), so the temperature matters
+        model.model.norm.weight.mul_(30.0)
     prompt = tok("12+3=", add_special_tokens=False)["input_ids"]
     vocab = model.config.vocab_size
     batch = build_batch([prompt] * vocab, [[y] for y in range(vocab)], tok.pad_token_id)
@@ -99,11 +99,12 @@ def test_correction_brings_the_off_policy_gradient_to_the_on_policy_one():
 
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([prompt])).logits[0, -1]
-        q = torch.softmax(logits / 1.1, -1)  # the sampler's distribution
+        log_q = torch.log_softmax(logits / 1.1, -1)  # the sampler's distribution
+        q = log_q.exp()
     lp = logps()
     on_policy = gradient((lp[:, 0].exp() * reward).sum())  # grad E_p[r]
     baseline = float((q * reward).sum())  # the group mean the sampler's samples give
-    sampler_lp = torch.log(q)[:, None]
+    sampler_lp = log_q[:, None]
     mask = torch.ones_like(lp)
 
     def estimate(mode: str, cap: float = 100.0) -> torch.Tensor:
@@ -114,7 +115,7 @@ def test_correction_brings_the_off_policy_gradient_to_the_on_policy_one():
     def error(g: torch.Tensor) -> float:
         return float((g - on_policy).norm() / on_policy.norm())
 
-    ratio = lp.detach().exp()[:, 0] / q
+    ratio = (lp.detach()[:, 0] - log_q).exp()
     cap = 1.0 + 0.5 * (float(ratio.max()) - 1.0)  # truncates the most under-sampled tokens
     uncorrected, exact = error(estimate("none")), error(estimate("sequence_truncate"))
     truncated = error(estimate("token_truncate", cap=cap))
