@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from signalrl.losses.mismatch import is_weights, mismatch_metrics, off_policy_sequence_mask
+
+sys.path.insert(0, str(Path(__file__).parent))
 
 # two sequences of 3 tokens, the second with 2 tokens; d = train - sampler
 TRAIN = torch.tensor([[-1.0, -2.0, -0.5], [-1.0, -1.0, 0.0]])
@@ -122,3 +126,39 @@ def test_correction_brings_the_off_policy_gradient_to_the_on_policy_one():
     assert exact < 1e-4, exact
     assert uncorrected > 0.05, uncorrected
     assert exact < truncated < uncorrected, (exact, truncated, uncorrected)
+
+
+@pytest.mark.parametrize("mode", ["token_truncate", "sequence_mask"])
+def test_online_rl_logs_the_mismatch_and_trains_with_a_correction(tmp_path, mode):
+    from signalrl.config import recipe_from_dict
+    from signalrl.logging import read_metrics
+    from signalrl.trainers import run_recipe
+
+    r = recipe_from_dict(
+        {
+            "name": "is",
+            "output_dir": str(tmp_path),
+            "trainer": "online_rl",
+            "model": {"name_or_path": "tiny", "attn_implementation": "eager"},
+            "task": {"name": "arithmetic", "digits": 1, "n_train": 32, "n_test": 4},
+            "train": {"steps": 3, "lr": 1e-3, "batch_size": 2},
+            "rl": {
+                "algorithm": "rloo",
+                "group_size": 4,
+                "is_correction": mode,
+                "off_policy_mask_kl": 0.5,
+            },
+            "rewards": [{"type": "function", "fn": "user_pieces:char_code_reward"}],
+            "sampling": {"max_new_tokens": 3},
+            "eval": {"n": 2},
+            "logging": {"progress": False, "samples_every": 0, "tensorboard": False},
+        },
+        "test",
+    )
+    run_recipe(r)
+    rows = read_metrics(tmp_path / "is")
+    for row in rows:
+        # sampler and trainer run the same weights and temperature here: no mismatch
+        assert row["sampling/logp_diff/max"] < 1e-3
+        assert row["sampling/is_ratio/mean"] == pytest.approx(1.0, abs=1e-3)
+        assert math.isfinite(row["loss"]) and "is/frac_off_policy_masked" in row
