@@ -20,13 +20,9 @@ A trainer supplies only what is its own:
 from __future__ import annotations
 
 import copy
-import io
-import random
-import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -45,12 +41,12 @@ from signalrl.config import RecipeBase, dump_recipe
 from signalrl.eval import EvalResult, evaluate
 from signalrl.logging.memory import peak_memory_mb, reset_peak_memory
 from signalrl.logging.run import RunDir, RunLock, plan_run
-from signalrl.models import count_parameters, load_model, save_model
+from signalrl.models import count_parameters, load_model
 from signalrl.rollout.sampler import SamplingParams
 from signalrl.tasks import Task, make_task
+from signalrl.trainers.checkpoints import CheckpointMixin
 from signalrl.trainers.state import (
     STATE_FILE,
-    STEP_DIR,
     Budget,
     DataCursor,
     latest_checkpoint,
@@ -104,7 +100,7 @@ class StepResult:
         return {**out, **self.opt}
 
 
-class TrainerBase:
+class TrainerBase(CheckpointMixin):
     """Run directory, models, optimiser, the step skeleton, checkpoints and evaluation."""
 
     recipe: Any  # the trainer's own recipe class (see `signalrl.config.RECIPES`)
@@ -378,72 +374,6 @@ class TrainerBase:
     @property
     def train_seconds(self) -> float:
         return self.budget.train_seconds
-
-    # -- checkpoints ----------------------------------------------------------------------
-    def trainer_state(self) -> dict[str, Any]:
-        return {
-            "step": self.step,
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "torch_rng": torch.get_rng_state(),
-            "python_rng": random.getstate(),
-            "elapsed": self.elapsed(),
-            "extra": self.extra_state(),
-        }
-
-    def extra_state(self) -> dict[str, Any]:
-        """What a checkpoint needs beyond model, optimiser and schedule (subclasses extend):
-        the budget counters and the data order of `self.data` (a DataCursor) if any."""
-        data = getattr(self, "data", None)
-        state = self.budget.state()
-        if isinstance(data, DataCursor):
-            state["data"] = data.state()
-        return state
-
-    def load_extra_state(self, state: dict[str, Any]) -> None:
-        self.budget.load(state)
-        data = getattr(self, "data", None)
-        if isinstance(data, DataCursor):
-            data.load(state.get("data", {}))
-
-    def save_checkpoint(self) -> Path:
-        buf = io.BytesIO()
-        torch.save(self.trainer_state(), buf)
-        path = save_model(
-            self.model,
-            self.tokenizer,
-            self.run.checkpoints / f"step-{self.step}",
-            extra_files={STATE_FILE: buf.getvalue()},
-        )
-        self._prune_checkpoints()
-        return path
-
-    def _prune_checkpoints(self) -> None:
-        ck = self.run.checkpoints
-        steps = sorted((int(m.group(1)), p) for p in ck.iterdir() if (m := STEP_DIR.match(p.name)))
-        for _, p in steps[: -self.recipe.checkpoint.keep]:
-            shutil.rmtree(p, ignore_errors=True)
-
-    def maybe_resume(self) -> None:
-        if self.resume_from is None:
-            return
-        state = torch.load(self.resume_from / STATE_FILE, weights_only=False)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
-        random.setstate(state["python_rng"])
-        self.step = int(state["step"])
-        self.elapsed_before = float(state.get("elapsed", 0.0))
-        self.load_extra_state(state.get("extra", {}))
-        self.console.print(f"resumed from {self.resume_from} at step {self.step}")
-
-    def save_final(self) -> Path:
-        return save_model(self.model, self.tokenizer, self.run.final)
-
-    def maybe_checkpoint(self) -> None:
-        every = self.recipe.checkpoint.every
-        if every and self.step % every == 0 and self.step < self.recipe.train.steps:
-            self.save_checkpoint()
 
     # -- progress, evaluation ---------------------------------------------------------------
     def elapsed(self) -> float:
