@@ -157,8 +157,16 @@ def _name(node: ast.expr) -> str:
     return ""
 
 
-ADVANTAGES = Registry("advantage estimator", "register_advantage", ("signalrl.losses.advantages",))
-POLICY_LOSSES = Registry("policy loss", "register_policy_loss", ("signalrl.losses.policy",))
+ADVANTAGES = Registry(
+    "advantage estimator",
+    "register_advantage",
+    ("signalrl.losses.advantages", "signalrl.losses.advantages_frontier"),
+)
+POLICY_LOSSES = Registry(
+    "policy loss",
+    "register_policy_loss",
+    ("signalrl.losses.policy", "signalrl.losses.policy_frontier"),
+)
 PREFERENCE_LOSSES = Registry(
     "preference loss",
     "register_preference_loss",

@@ -31,6 +31,7 @@ from signalrl.losses.policy import (
     ppo,
     ratio_metrics,
     token_logprobs,
+    top_entropy_mask,
     value_loss,
 )
 
@@ -592,7 +593,7 @@ def test_policy_loss_validation() -> None:
     m = torch.ones(2, 3)
     with pytest.raises(ValueError, match=r"\(2,\) or \(2, 3\)"):
         policy_loss(x, x, torch.ones(3), m)
-    with pytest.raises(ValueError, match="'grpo'; valid: cispo, ppo"):
+    with pytest.raises(ValueError, match="'grpo'; valid: cispo, clip_cov, dppo_kl"):
         policy_loss(x, x, torch.ones(2), m, loss_type="grpo")
     with pytest.raises(ValueError, match="shape mismatch"):
         policy_loss(x, torch.zeros(2, 4), torch.ones(2), m)
@@ -734,3 +735,51 @@ def test_entropy_from_logits() -> None:
     (g2,) = torch.autograd.grad(ref.sum(), x)
     close(g1, g2)
     assert entropy_from_logits(x.to(torch.bfloat16)).dtype == torch.float32
+
+
+# --------------------------------------------------------------------------- 80/20 entropy mask
+
+
+def test_top_entropy_mask_keeps_the_highest_entropy_fraction() -> None:
+    entropy = torch.tensor([[0.1, 2.0, 0.5, 3.0, 9.0], [1.0, 0.2, 4.0, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 0.0, 0.0]])
+    # 7 tokens count (the 9.0 is masked): ceil(0.3 * 7) = 3 -> entropies 4.0, 3.0, 2.0
+    close(top_entropy_mask(entropy, mask, 0.3), [[0, 1, 0, 1, 0], [0, 0, 1, 0, 0]])
+    # ceil(0.2 * 7) = 2 -> 4.0, 3.0
+    close(top_entropy_mask(entropy, mask), [[0, 0, 0, 1, 0], [0, 0, 1, 0, 0]])
+    close(top_entropy_mask(entropy, mask, 1.0), mask.tolist())
+    # 0.2 * 15 = 3.0000000000000004 in floating point: still 3 tokens, not 4
+    many = torch.arange(15.0).view(1, 15)
+    close(top_entropy_mask(many, torch.ones(1, 15)), [[0.0] * 12 + [1.0] * 3])
+
+
+def test_top_entropy_mask_ties_weights_and_empty_mask() -> None:
+    flat = torch.ones(2, 3)
+    close(top_entropy_mask(flat, torch.ones(2, 3)), torch.ones(2, 3).tolist())  # ties kept
+    weights = torch.tensor([[0.5, 2.0, 0.0]])
+    out = top_entropy_mask(torch.tensor([[1.0, 0.5, 7.0]]), weights, 0.5)
+    close(out, [[0.5, 0.0, 0.0]])  # keeps the mask's weight; the 7.0 does not count
+    close(top_entropy_mask(torch.ones(1, 2), torch.zeros(1, 2)), [[0.0, 0.0]])
+    with pytest.raises(ValueError, match="frac"):
+        top_entropy_mask(flat, flat, 0.0)
+    with pytest.raises(ValueError, match="shape mismatch"):
+        top_entropy_mask(flat, torch.ones(2, 4))
+
+
+def test_entropy_mask_composes_with_any_loss() -> None:
+    logps = torch.tensor([[-1.0, -2.0, -3.0]], requires_grad=True)
+    mask = torch.ones(1, 3) * top_entropy_mask(torch.tensor([[0.1, 5.0, 0.2]]), torch.ones(1, 3))
+    loss, _ = policy_loss(logps, logps.detach(), torch.tensor([2.0]), mask, agg="token-mean")
+    assert loss.item() == pytest.approx(-2.0)  # only the entropy-5 token: -A r = -2
+    loss.backward()
+    assert logps.grad is not None
+    close(logps.grad, [[0.0, -2.0, 0.0]])
+
+
+def test_policy_loss_input_new_knobs_default_and_agg_metadata() -> None:
+    x = _input([[1.0]], [[1.0]])  # built without the frontier knobs
+    assert (x.sapo_tau_pos, x.sapo_tau_neg, x.cov_frac) == (1.0, 1.05, 2e-4)
+    assert (x.clip_cov_lb, x.clip_cov_ub, x.kl_cov_coef, x.dppo_ratio_cap) == (1.0, 5.0, 1.0, 10.0)
+    z = torch.zeros(1, 2)
+    with pytest.raises(ValueError, match="loss_type='gmpo' requires agg='seq-mean-token-mean'"):
+        policy_loss(z, z, torch.ones(1), torch.ones(1, 2), agg="token-mean", loss_type="gmpo")

@@ -38,8 +38,31 @@ def test_source_view_equals_import_view(reg: Registry) -> None:
 
 
 def test_builtin_names() -> None:
-    assert sorted(ADVANTAGES.names()) == ["gae", "group", "reinforce_pp", "rloo"]
-    assert sorted(POLICY_LOSSES.names()) == ["cispo", "ppo"]
+    assert sorted(ADVANTAGES.names()) == [
+        "gae",
+        "gdpo",
+        "gpg",
+        "group",
+        "grpo_passk",
+        "maxrl",
+        "opo",
+        "reinforce_pp",
+        "reinforce_pp_baseline",
+        "remax",
+        "rloo",
+    ]
+    assert sorted(POLICY_LOSSES.names()) == [
+        "cispo",
+        "clip_cov",
+        "dppo_kl",
+        "dppo_tv",
+        "gmpo",
+        "gpg",
+        "gspo_token",
+        "kl_cov",
+        "ppo",
+        "sapo",
+    ]
     assert sorted(PREFERENCE_LOSSES.names()) == sorted(
         [*DPO_LOSS_TYPES, "simpo", "orpo", "rpo", "kto"]
     )
@@ -51,7 +74,14 @@ def test_builtin_names() -> None:
 def test_metadata_read_by_the_config() -> None:
     assert {n for n in ADVANTAGES.names() if ADVANTAGES.declared_meta(n, "needs_values")} == {"gae"}
     assert {n for n in ADVANTAGES.names() if ADVANTAGES.declared_meta(n, "needs_groups")} == {
-        "rloo"
+        "group",
+        "rloo",
+        "opo",
+        "gpg",
+        "reinforce_pp_baseline",
+        "grpo_passk",
+        "maxrl",
+        "gdpo",
     }
     assert {n for n in POLICY_LOSSES.names() if POLICY_LOSSES.declared_meta(n, "dual_clip")} == {
         "ppo"

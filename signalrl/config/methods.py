@@ -132,6 +132,18 @@ class RLConfig(Section):
     value_clip: float | None = Field(0.2, gt=0)
     critic_lr: float | None = Field(None, gt=0, description="default: train.lr")
     critic_path: str | None = Field(None, description="critic init; default: the policy")
+    sapo_tau_pos: float = Field(1.0, gt=0, description="sapo: gate temperature, A > 0")
+    sapo_tau_neg: float = Field(1.05, gt=0, description="sapo: gate temperature, A <= 0")
+    cov_frac: float = Field(
+        2e-4, gt=0, le=1, description="clip_cov / kl_cov: share of tokens selected"
+    )
+    clip_cov_lb: float = Field(1.0, description="clip_cov: covariance window, lower edge")
+    clip_cov_ub: float = Field(5.0, description="clip_cov: covariance window, upper edge")
+    kl_cov_coef: float = Field(1.0, ge=0, description="kl_cov: penalty coefficient")
+    dppo_ratio_cap: float = Field(10.0, gt=0, description="dppo_*: cap on the IS weight")
+    entropy_top_frac: float | None = Field(
+        None, gt=0, le=1, description="80/20 rule: train only the top share of tokens by entropy"
+    )
     is_correction: Literal[
         "none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask"
     ] = Field("none", description="rollout/train mismatch correction (signalrl.losses.mismatch)")
@@ -159,6 +171,9 @@ class RLConfig(Section):
         preset = dict(ALGORITHM_PRESETS[algorithm])
         if own.get("kl_coef") and "kl_placement" not in own and preset["kl_placement"] == "off":
             preset["kl_placement"] = "loss"  # a KL asked for explicitly goes in the loss
+        agg = POLICY_LOSSES.declared_meta(str(own.get("loss_type", "ppo")), "agg")
+        if agg is not None:
+            preset["loss_agg"] = agg  # a loss defined for one aggregation (gmpo, gspo_token)
         placement = own.get("kl_placement", preset["kl_placement"])
         preset["kl_estimator"] = "k1" if placement == "reward" else "k3"
         return {**preset, **own}
@@ -169,6 +184,11 @@ class RLConfig(Section):
         POLICY_LOSSES.check(self.loss_type)
         if registry_meta(ADVANTAGES, self.advantage, "needs_groups") and self.group_size < 2:
             raise ValueError(f"advantage {self.advantage!r} needs group_size >= 2")
+        agg = registry_meta(POLICY_LOSSES, self.loss_type, "agg")
+        if agg is not None and self.loss_agg != agg:
+            raise ValueError(f"loss_type {self.loss_type!r} needs loss_agg {agg!r}")
+        if registry_meta(ADVANTAGES, self.advantage, "needs_greedy_baseline") and self.mu > 1:
+            raise ValueError(f"advantage {self.advantage!r} (a greedy baseline) needs mu 1")
         if self.ratio_level == "sequence" and self.loss_agg != "seq-mean-token-mean":
             raise ValueError("ratio_level 'sequence' (GSPO) needs loss_agg seq-mean-token-mean")
         if self.kl_placement == "off" and self.kl_coef:

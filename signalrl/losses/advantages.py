@@ -13,7 +13,9 @@ detach.
 The estimators a recipe selects by name (``rl.advantage``) are registered in
 :data:`signalrl.registry.ADVANTAGES`, each a pure function with one signature,
 ``fn(x: AdvantageInput) -> AdvantageOutput``: ``group``, ``rloo``, ``reinforce_pp`` and
-``gae``. A user estimator with that signature is selected as ``module:function`` (set
+``gae`` here, and the estimators of :mod:`signalrl.losses.advantages_frontier` (``opo``,
+``gpg``, ``reinforce_pp_baseline``, ``grpo_passk``, ``maxrl``, ``gdpo``, ``remax``). A user
+estimator with that signature is selected as ``module:function`` (set
 ``fn.needs_values = True`` on it if it reads the critic's ``values``).
 """
 
@@ -267,6 +269,15 @@ class AdvantageInput:
         adv_scale: ``"group"``, ``"batch"`` or ``"none"`` (see :func:`group_advantages`).
         gamma: discount; lam: GAE's lambda.
         whiten: whiten the GAE advantages over the batch's unmasked tokens.
+        components: per reward term, its raw ``(N,)`` values (``RolloutBatch.components``),
+            for estimators that normalise each term separately (``gdpo``).
+        weights: per reward term, its weight in the total (the recipe's
+            ``rewards[i].weight``), keyed like ``components``; ``None`` means all 1.0.
+        baseline_rewards: ``(N // group_size,)`` reward of one extra greedy rollout per
+            prompt, for estimators registered with ``needs_greedy_baseline=True``
+            (``remax``); ``None`` otherwise.
+
+    Completion lengths are ``mask.sum(-1)`` (used by ``opo``).
     """
 
     rewards: Tensor
@@ -279,6 +290,9 @@ class AdvantageInput:
     gamma: float = 1.0
     lam: float = 0.95
     whiten: bool = False
+    components: dict[str, Tensor] | None = None
+    weights: dict[str, float] | None = None
+    baseline_rewards: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -299,7 +313,7 @@ def _shaped_rewards(x: AdvantageInput) -> Tensor:
     )
 
 
-@register_advantage("group")
+@register_advantage("group", needs_groups=True)
 def group(x: AdvantageInput) -> AdvantageOutput:
     """GRPO / Dr. GRPO group-relative advantages, ``(N,)``: :func:`group_advantages` with
     ``scale=x.adv_scale`` (Shao et al. 2024; Liu et al. 2025). Ignores ``kl``."""

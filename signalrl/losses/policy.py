@@ -7,12 +7,16 @@ completion tokens that count), advantages are ``(B,)`` or ``(B, T)``.
 
 The per-token losses a recipe selects by name (``rl.loss_type``) are registered in
 :data:`signalrl.registry.POLICY_LOSSES`: ``ppo`` and ``cispo``, each
-``fn(x: PolicyLossInput) -> tuple[Tensor, dict[str, float]]``. A new loss is one more
-decorated function here (or a user ``module:function``); :func:`policy_loss` does the rest.
+``fn(x: PolicyLossInput) -> tuple[Tensor, dict[str, float]]``, and the later ones in
+:mod:`signalrl.losses.policy_frontier` (gpg, sapo, gmpo, dppo_tv, dppo_kl, gspo_token,
+clip_cov, kl_cov). A new loss is one more decorated function (or a user
+``module:function``); :func:`policy_loss` does the rest. :func:`top_entropy_mask` is the
+80/20 rule's token mask, usable with any loss.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -37,6 +41,7 @@ __all__ = [
     "ppo",
     "ratio_metrics",
     "token_logprobs",
+    "top_entropy_mask",
     "value_loss",
 ]
 
@@ -142,6 +147,11 @@ class PolicyLossInput:
         clip_low, clip_high: the clip range ``[1 - clip_low, 1 + clip_high]``.
         dual_clip: the dual-clip constant ``c > 1`` or ``None`` (only passed to losses
             registered with ``dual_clip=True``).
+        sapo_tau_pos, sapo_tau_neg: SAPO's gate temperatures for ``A > 0`` / ``A <= 0``.
+        cov_frac: the fraction of tokens Clip-Cov / KL-Cov select by covariance.
+        clip_cov_lb, clip_cov_ub: Clip-Cov's covariance window ``(lb, ub)``.
+        kl_cov_coef: KL-Cov's coefficient of ``|logp - old_logp|``.
+        dppo_ratio_cap: DPPO's cap on the detached importance weight.
 
     The entry returns the ``(B, T)`` per-token loss (values at ``keep == False`` are ignored)
     and its own float metrics; :func:`policy_loss` aggregates it and adds the ratio metrics.
@@ -157,6 +167,13 @@ class PolicyLossInput:
     clip_low: float
     clip_high: float
     dual_clip: float | None = None
+    sapo_tau_pos: float = 1.0
+    sapo_tau_neg: float = 1.05
+    cov_frac: float = 2e-4
+    clip_cov_lb: float = 1.0
+    clip_cov_ub: float = 5.0
+    kl_cov_coef: float = 1.0
+    dppo_ratio_cap: float = 10.0
 
 
 def _masked_stats(x: Tensor, keep: Tensor) -> tuple[float, float, float]:
@@ -202,6 +219,9 @@ def _check_policy_args(
             "ratio_level='sequence' (GSPO) averages the per-sequence loss over sequences; "
             f"use agg='seq-mean-token-mean', got {agg!r}"
         )
+    needs_agg = POLICY_LOSSES.meta(loss_type, "agg")
+    if needs_agg is not None and agg != needs_agg:
+        raise ValueError(f"loss_type={loss_type!r} requires agg={needs_agg!r}, got {agg!r}")
     return fn
 
 
@@ -316,6 +336,13 @@ def policy_loss(
     ratio_level: Literal["token", "sequence"] = "token",
     dual_clip: float | None = None,
     loss_type: str = "ppo",
+    sapo_tau_pos: float = 1.0,
+    sapo_tau_neg: float = 1.05,
+    cov_frac: float = 2e-4,
+    clip_cov_lb: float = 1.0,
+    clip_cov_ub: float = 5.0,
+    kl_cov_coef: float = 1.0,
+    dppo_ratio_cap: float = 10.0,
 ) -> tuple[Tensor, dict[str, float]]:
     """Clipped policy-gradient loss: PPO / DAPO / GSPO / dual clip / CISPO / user losses.
 
@@ -330,7 +357,9 @@ def policy_loss(
     Optimization"): clipping is decided per sequence, and the per-sequence loss is the token
     mean averaged over sequences, so ``agg`` must be ``"seq-mean-token-mean"`` (anything
     else raises); GSPO uses much smaller clip ranges than PPO (the paper: 3e-4 / 4e-4).
-    ``dual_clip`` is accepted only by entries registered with ``dual_clip=True`` (PPO).
+    ``dual_clip`` is accepted only by entries registered with ``dual_clip=True`` (PPO); an
+    entry registered with ``agg=...`` (gmpo, gspo_token) requires that ``agg``. The last
+    keywords are the :class:`PolicyLossInput` knobs of the frontier losses (checked there).
 
     Metrics (python floats, over tokens with ``mask > 0``): the entry's (``clip_frac/low``,
     ``clip_frac/high``, ``dual_clip_frac``), then ``ratio/mean``, ``ratio/max``,
@@ -353,10 +382,40 @@ def policy_loss(
         clip_low=clip_low,
         clip_high=clip_high,
         dual_clip=dual_clip,
+        sapo_tau_pos=sapo_tau_pos,
+        sapo_tau_neg=sapo_tau_neg,
+        cov_frac=cov_frac,
+        clip_cov_lb=clip_cov_lb,
+        clip_cov_ub=clip_cov_ub,
+        kl_cov_coef=kl_cov_coef,
+        dppo_ratio_cap=dppo_ratio_cap,
     )
     per_token, metrics = fn(x)
     loss = aggregate(per_token, mask, agg, max_len=max_len)
     return loss, {**metrics, **ratio_metrics(ratio, keep)}
+
+
+def top_entropy_mask(entropy: Tensor, mask: Tensor, frac: float = 0.2) -> Tensor:
+    """The 80/20 rule (Wang et al. 2025, "Beyond the 80/20 Rule: High-Entropy Minority Tokens
+    Drive Effective RL for LLM Reasoning", arXiv 2506.01939): train only on the batch's
+    highest-entropy tokens.
+
+    ``k = ceil(frac * n)`` with ``n`` the tokens where ``mask > 0``; the result is ``mask``
+    where ``entropy >= `` the ``k``-th largest entropy among them (ties at the threshold are
+    all kept) and 0 elsewhere, in ``mask``'s dtype, detached. Multiply the loss mask by it
+    (any loss). ``entropy`` is the ``(B, T)`` per-token entropy of the sampling policy.
+    """
+    _check_same_2d(entropy=entropy, mask=mask)
+    if not 0.0 < frac <= 1.0:
+        raise ValueError(f"frac must be in (0, 1], got {frac}")
+    keep = mask > 0
+    n = int(keep.sum())
+    if n == 0:
+        return torch.zeros_like(mask)
+    k = max(1, math.ceil(frac * n - 1e-9))
+    threshold = torch.topk(entropy.detach()[keep].float(), k).values[-1]
+    chosen = keep & (entropy.detach().float() >= threshold)
+    return torch.where(chosen, mask.detach(), 0.0).to(mask.dtype)
 
 
 # --------------------------------------------------------------------------- value loss

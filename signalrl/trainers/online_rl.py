@@ -23,6 +23,7 @@ Every step logs the budget counters `student/forward_tokens` (see
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,7 +34,13 @@ from signalrl.data.collate import SequenceBatch
 from signalrl.losses.advantages import AdvantageInput
 from signalrl.losses.kl import kl_estimate
 from signalrl.losses.mismatch import is_weights, mismatch_metrics, off_policy_sequence_mask
-from signalrl.losses.policy import aggregate, explained_variance, policy_loss, value_loss
+from signalrl.losses.policy import (
+    aggregate,
+    explained_variance,
+    policy_loss,
+    top_entropy_mask,
+    value_loss,
+)
 from signalrl.models.logprobs import shared_prefix_logps
 from signalrl.models.value_head import ValueModel
 from signalrl.registry import ADVANTAGES
@@ -96,6 +103,8 @@ class OnlineRLTrainer(TrainerBase):
             )
         self.generator = torch.Generator(device=self.device).manual_seed(recipe.seed)
         self.data = DataCursor(len(self.rows), recipe.seed)
+        self._roll: RolloutBatch | None = None  # the batch being prepared (advantages)
+        self._baseline: torch.Tensor | None = None  # ReMax's greedy rewards, (P,)
         self.setup_extra()
         self.finish_setup()
 
@@ -262,6 +271,7 @@ class OnlineRLTrainer(TrainerBase):
             kl = kl_estimate(behaviour, ref_logps, kind=rl.kl_estimator) * mask
             extras["kl"] = kl
         values = self._values_no_grad(batch, slices) if self.critic is not None else None
+        roll = self._roll
         out = ADVANTAGES.get(rl.advantage)(
             AdvantageInput(
                 rewards=rewards,
@@ -274,6 +284,9 @@ class OnlineRLTrainer(TrainerBase):
                 gamma=rl.gamma,
                 lam=rl.lam,
                 whiten=rl.whiten_advantages,
+                components=roll.components if roll is not None else None,
+                weights={spec.label: spec.weight for spec in self.recipe.rewards},
+                baseline_rewards=self._baseline,
             )
         )
         if values is not None and out.returns is not None:
@@ -297,7 +310,19 @@ class OnlineRLTrainer(TrainerBase):
         if rl.mask_truncated:
             loss_mask = loss_mask * (~truncated).float()[:, None]
         behaviour = roll.padded_sampler_logps(seq.completion_ids.shape[1], self.device)
+        if rl.entropy_top_frac is not None:  # the 80/20 rule, over the whole batch
+            width = seq.completion_ids.shape[1]
+            entropy = torch.zeros((len(roll), width), device=self.device)
+            for i, e in enumerate(roll.entropy):
+                entropy[i, : e.shape[0]] = e
+            loss_mask = top_entropy_mask(entropy, loss_mask, rl.entropy_top_frac)
         slices = self.micro_slices(len(seq))
+        self._roll = roll
+        self._baseline = (
+            self.greedy_baseline(roll)
+            if ADVANTAGES.meta(rl.advantage, "needs_greedy_baseline", False)
+            else None
+        )
         ref = self.ref_model
         ref_logps = self._logps_no_grad(ref, seq, roll.prompt_ids, slices) if ref else None
         old_logps = (
@@ -309,6 +334,25 @@ class OnlineRLTrainer(TrainerBase):
         b = RLBatch(roll, seq, loss_mask, truncated, behaviour, ref_logps, old_logps, adv, extras)
         self._plan_chunks(b)
         return b
+
+    @torch.no_grad()
+    def greedy_baseline(self, roll: RolloutBatch) -> torch.Tensor:
+        """ReMax's baseline: the reward of one greedy completion per prompt, `(P,)`, from the
+        policy that sampled the batch (its generation is counted in the budget)."""
+        rows = roll.rows[:: roll.group_size]
+        params = dataclasses.replace(self.sampling, n=1, greedy=True)
+        greedy, tokens = collect_rollouts(
+            self.model,
+            self.tokenizer,
+            rows,
+            params,
+            self.rewards,
+            generator=self.generator,
+            autocast_dtype=self.autocast_dtype,
+            shaping=self._overlong if self.overlong_cache else None,
+        )
+        self.budget.forward_tokens += tokens
+        return greedy.rewards.to(self.device)
 
     def _plan_chunks(self, b: RLBatch) -> None:
         """Rows whose advantage is exactly 0 (e.g. groups with equal rewards) contribute
@@ -364,6 +408,13 @@ class OnlineRLTrainer(TrainerBase):
             ratio_level=rl.ratio_level,
             dual_clip=rl.dual_clip,
             loss_type=rl.loss_type,
+            sapo_tau_pos=rl.sapo_tau_pos,
+            sapo_tau_neg=rl.sapo_tau_neg,
+            cov_frac=rl.cov_frac,
+            clip_cov_lb=rl.clip_cov_lb,
+            clip_cov_ub=rl.clip_cov_ub,
+            kl_cov_coef=rl.kl_cov_coef,
+            dppo_ratio_cap=rl.dppo_ratio_cap,
         )
         metrics = {k: v / b.trained_share for k, v in {**pm, **extra_metrics}.items()}
         if b.ref_logps is not None and rl.kl_placement == "loss":
@@ -438,6 +489,8 @@ class OnlineRLTrainer(TrainerBase):
         }
         for name, values in roll.components.items():
             metrics[f"reward/{name}"] = float(values.mean())
+        if self._baseline is not None:
+            metrics["reward/greedy_baseline"] = float(self._baseline.mean())
         if self.overlong_cache and roll.shaping is not None:
             metrics["reward/overlong"] = float(roll.shaping.mean())
         if roll.errors:
