@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -38,8 +40,34 @@ def _task_overrides(overrides: list[str] | None, command: str) -> dict[str, obje
 
 
 def _fail(msg: str) -> None:
-    err.print(f"[red]error:[/red] {msg}", highlight=False)
+    # soft_wrap: a long path is never broken across lines (it stays copy-pasteable)
+    err.print(f"[red]error:[/red] {msg}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
+
+
+# a run directory that cannot be written: permissions, a read-only or full disk, a path
+# through a regular file
+WRITE_ERRNOS = {
+    errno.EACCES,
+    errno.EPERM,
+    errno.EROFS,
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.EFBIG,
+    errno.ENOTDIR,
+    errno.EISDIR,
+}
+
+
+def _write_error(e: OSError, run_dir: Path | None = None) -> str:
+    """The message for an OSError met while writing a run: names the run directory (and the
+    path that failed when it is another one); without `run_dir`, the path that failed."""
+    what = e.strerror or str(e)
+    hint = "check its permissions and free space, or set output_dir to a writable place"
+    if run_dir is None:
+        return f"cannot write {e.filename or 'the output directory'}: {what}; {hint}"
+    where = f" ({e.filename})" if e.filename and str(e.filename) != str(run_dir) else ""
+    return f"cannot write the run directory {run_dir}: {what}{where}; {hint}"
 
 
 @app.command()
@@ -60,9 +88,18 @@ def train(
         return
     try:
         r = load_recipe(recipe, set_ or [])
+    except (RecipeError, FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+        return
+    try:
         result = run_recipe(r, resume=resume, overwrite=overwrite)
     except (RecipeError, FileExistsError, FileNotFoundError, ValueError) as e:
         _fail(str(e))
+        return
+    except OSError as e:
+        if e.errno not in WRITE_ERRNOS:
+            raise
+        _fail(_write_error(e, r.run_dir))
         return
     print(json.dumps(result, indent=2))
 
@@ -89,6 +126,7 @@ def eval_(
     from signalrl.models import load_model
     from signalrl.tasks import make_task
 
+    _check_eval_options(k, samples, n, max_new_tokens, temperature)
     try:
         task_kw = _task_overrides(set_, "eval")
         t = make_task(task, **task_kw)
@@ -119,9 +157,45 @@ def eval_(
         return
     result = {"model": model, "task": task, **res.metrics(prefix=""), "n": res.n}
     text = json.dumps(result, indent=2)
+    print(text)  # first: a finished evaluation is never lost to a failed write
     if out:
-        out.write_text(text + "\n")
-    print(text)
+        try:
+            _write_atomic(out, text + "\n")
+        except OSError as e:
+            _fail(f"cannot write --out {out}: {e.strerror or e}; the result is printed above")
+
+
+def _check_eval_options(
+    k: int, samples: int | None, n: int | None, max_new_tokens: int, temperature: float
+) -> None:
+    """`signalrl eval`'s numbers, checked before any model is loaded."""
+    if k < 0:
+        _fail(f"--k must be >= 0 (0: greedy accuracy only; k: pass@k), got {k}")
+    if samples is not None and samples < 1:
+        _fail(f"--samples must be >= 1 (samples per problem for pass@k), got {samples}")
+    if samples is not None and samples < k:
+        _fail(f"--samples ({samples}) must be >= --k ({k})")
+    if samples is not None and k == 0:
+        _fail("--samples needs --k >= 1 (samples are drawn for pass@k)")
+    if n is not None and n < 1:
+        _fail(f"--n must be >= 1 (test problems; leave it out for all of them), got {n}")
+    if max_new_tokens < 1:
+        _fail(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    if temperature <= 0:
+        _fail(f"--temperature must be > 0, got {temperature}")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file beside it and a rename (the parent
+    directory is created): a reader never sees half a file, a failure leaves none."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 @app.command()
@@ -138,6 +212,10 @@ def quickstart(
         run_quickstart(out, str(recipe) if recipe else None, set_ or [])
     except (RecipeError, ValueError, FileNotFoundError) as e:
         _fail(str(e))
+    except OSError as e:
+        if e.errno not in WRITE_ERRNOS:
+            raise
+        _fail(_write_error(e))
 
 
 data_app = typer.Typer(
@@ -245,6 +323,11 @@ def sweep(
     except (RecipeError, FileExistsError, FileNotFoundError, ValueError) as e:
         _fail(str(e))
         return
+    except OSError as e:
+        if e.errno not in WRITE_ERRNOS:
+            raise
+        _fail(_write_error(e))
+        return
     print_table(rows, param, Console())
     err.print(f"results: {out}", highlight=False)
 
@@ -271,6 +354,11 @@ def compare(
         )
     except (RecipeError, FileExistsError, FileNotFoundError, ValueError) as e:
         _fail(str(e))
+        return
+    except OSError as e:
+        if e.errno not in WRITE_ERRNOS:
+            raise
+        _fail(_write_error(e))
         return
     print_table(rows, out.name, Console())
     err.print(f"results: {out}", highlight=False)

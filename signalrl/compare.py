@@ -51,6 +51,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from signalrl.config import Recipe, RecipeError, _format_errors, dump_recipe, load_recipe
+from signalrl.config.recipe import DuplicateKeyError, load_yaml
 from signalrl.logging.run import read_metrics
 from signalrl.sweep import _clean, _last, _num, train_all
 
@@ -111,8 +112,10 @@ def _read_yaml(path: str | Path) -> Any:
     if not p.is_file():
         raise RecipeError(f"{p}: file not found")
     try:
-        return yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
+        return load_yaml(p.read_text(encoding="utf-8"))
+    except DuplicateKeyError as e:
+        raise RecipeError(f"{p}: {e}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise RecipeError(f"{p}: not valid YAML: {e}") from None
 
 

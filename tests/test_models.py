@@ -86,3 +86,55 @@ def test_atomic_save_leaves_nothing_on_failure(tmp_path, monkeypatch):
 
 def test_presets_listed():
     assert set(PRESETS) == {"tiny", "small", "base"}
+
+
+def test_truncated_safetensors_names_the_file(tmp_path):
+    model, tok = load_model("tiny")
+    out = save_model(model, tok, tmp_path / "ck")
+    weights = out / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="corrupt or truncated") as e:
+        load_model(str(out))
+    assert str(weights) in str(e.value)
+
+
+def test_corrupt_config_json_names_the_file(tmp_path):
+    model, tok = load_model("tiny")
+    out = save_model(model, tok, tmp_path / "ck")
+    (out / "config.json").write_text('{"model_type": "qwen2",')
+    with pytest.raises(ValueError, match="config.json") as e:
+        load_model(str(out))
+    assert "not valid JSON" in str(e.value)
+
+
+def test_resolve_device_without_cuda(monkeypatch):
+    from signalrl.models import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == "cpu"
+    assert resolve_device("cpu") == "cpu"
+    for dev in ("cuda", "cuda:1"):
+        with pytest.raises(ValueError) as e:
+            resolve_device(dev)
+        assert str(e.value) == (
+            f"model.device '{dev}' but this machine has no CUDA device; use cpu or auto"
+        )
+    for bad in ("gpu", "cuda:x", "", "cpu:0"):
+        with pytest.raises(ValueError, match="is not a device"):
+            resolve_device(bad)
+    with pytest.raises(ValueError, match="no CUDA device"):
+        load_model("tiny", device="cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_resolve_device_with_cuda():
+    from signalrl.models import resolve_device
+
+    assert resolve_device("auto") == "cuda"
+    assert resolve_device("cuda:0") == "cuda:0"
+    n = torch.cuda.device_count()
+    with pytest.raises(ValueError, match=f"has {n} CUDA device"):
+        resolve_device(f"cuda:{n}")
+    model, _ = load_model("tiny", device="cuda")
+    assert next(model.parameters()).device.type == "cuda"

@@ -328,3 +328,58 @@ def test_f_divergence_type_is_a_recipe_key_that_changes_the_loss(tmp_path):
     assert losses["alpha_divergence"] != pytest.approx(losses["reverse_kl"], abs=1e-6)
     with pytest.raises(RecipeError, match="no f-divergence generalisation"):
         _pref(tmp_path, preference={"loss_type": "nca_pair", "f_divergence_type": "forward_kl"})
+
+
+def test_train_eval_scores_a_bounded_seeded_sample(tmp_path):
+    import math
+
+    r = _pref(
+        tmp_path,
+        eval={"train_pairs": 4},
+        preference={"reference": "precomputed"},
+        train={"steps": 1},
+    )
+    t = PreferenceTrainer(r)
+    rows = t.train_eval_rows()
+    assert len(rows) == 4 and rows == sorted(set(rows)) and rows == t.train_eval_rows()
+    assert max(rows) < len(t.train_data) and len(t.train_data) > 4
+    out = t.train()
+    last = read_metrics(tmp_path / "pref")[-1]
+    assert out["train_eval/pairs"] == last["train_eval/pairs"] == 4
+    # exactly those rows were scored (the precomputed reference is indexed by row)
+    again = t.preference_eval("train", rows)
+    assert again["train_eval/loss"] == pytest.approx(out["train_eval/loss"])
+    # every row when there are fewer, none with 0 (and it says so)
+    r = _pref(tmp_path / "all", eval={"train_pairs": 100}, train={"steps": 1})
+    assert run_recipe(r)["train_eval/pairs"] == 10
+    r = _pref(tmp_path / "kto", eval={"train_pairs": 0}, train={"steps": 1})
+    out = run_recipe(r)
+    assert out["train_eval/pairs"] == 0 and "train_eval/loss" not in out
+    r = _pref(
+        tmp_path / "kto3",
+        eval={"train_pairs": 3},
+        train={"steps": 1},
+        preference={"loss_type": "kto"},
+        data={"path": str(DATA / "kto_sample.jsonl")},
+    )
+    out = run_recipe(r)
+    assert out["train_eval/pairs"] == 3 and math.isfinite(out["train_eval/loss"])
+
+
+def test_long_rows_are_truncated_before_training_and_logged(tmp_path):
+    rows = [json.loads(x) for x in (DATA / "prefs_sample.jsonl").read_text().splitlines()]
+    rows[0] = {**rows[0], "chosen": rows[0]["chosen"] + "9" * 5000}  # a runaway completion
+    path = tmp_path / "long.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    r = _pref(tmp_path, data={"path": str(path), "max_length": 32}, train={"steps": 1})
+    with pytest.warns(UserWarning, match="truncated"):
+        t = PreferenceTrainer(r)
+    out, _ = t.train_step()
+    assert out["data/truncated_rows"] == 1.0
+    assert (
+        max(
+            len(p) + len(c)
+            for p, c in zip(t.train_data.prompt_ids, t.train_data.completion_ids, strict=True)
+        )
+        <= 32
+    )

@@ -264,3 +264,17 @@ def test_sft_prefs_reward_model_then_ppo_with_the_reward_model(tmp_path):
     judged = json.loads(res.stdout[res.stdout.index("{") :])
     assert 0.0 <= judged["best_of@4"] <= judged["pass@4"]
     assert 0.0 <= judged["sample_accuracy"] <= 1.0
+
+
+def test_long_rows_are_truncated_to_max_length_and_logged(tmp_path):
+    rows = [json.loads(x) for x in (DATA / "prefs_sample.jsonl").read_text().splitlines()]
+    rows[0] = {**rows[0], "chosen": rows[0]["chosen"] + "9" * 3000}
+    path = tmp_path / "long.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    r = _rm(tmp_path, data={"path": str(path), "max_length": 32}, train={"steps": 1})
+    with pytest.warns(UserWarning, match="1 of 12 rows are longer than data.max_length=32"):
+        t = RewardModelTrainer(r)
+    pairs = [t.train_data] + ([t.test_data] if t.test_data is not None else [])
+    assert max(len(s) for p in pairs for s in p.chosen_ids + p.rejected_ids) <= 32
+    t.train()
+    assert read_metrics(tmp_path / "rm")[-1]["data/truncated_rows"] == 1

@@ -206,3 +206,12 @@ def test_train_cli_reports_bad_data_rows(tmp_path):
     assert res.exit_code == 2
     out = " ".join(res.output.split())
     assert "line 2: field 'text' must be a string" in out and "c.jsonl" in out
+
+
+def test_non_utf8_sft_file_names_the_file_and_line(tok, tmp_path):
+    p = tmp_path / "latin1.jsonl"
+    p.write_bytes(b'{"text": "1+1=2"}\n{"text": "2+2=4"}\n{"text": "caf\xe9 3+3=6"}\n')
+    with pytest.raises(SFTDataError) as e:
+        load_sft_data(p, tok)
+    msg = str(e.value)
+    assert str(p) in msg and "line 3" in msg and "column 14" in msg and "0xe9" in msg, msg

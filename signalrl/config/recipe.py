@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import Field, TypeAdapter, ValidationError, model_validator
+from pydantic import Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 from signalrl.config.methods import DistillConfig, PreferenceConfig, RewardModelConfig, RLConfig
 from signalrl.config.sections import (
@@ -26,6 +27,57 @@ from signalrl.config.sections import (
 from signalrl.rewards.registry import RewardSpec
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    """A YAML mapping that repeats a key (plain YAML loaders silently keep the last one)."""
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` that refuses a key repeated in one mapping, at any level, naming the
+    dotted key and both lines (merge keys `<<` may still be overridden, as YAML intends)."""
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        self._paths: dict[int, str] = {}
+        self._walk(node, "")
+        return super().construct_document(node)
+
+    def _walk(self, node: yaml.Node, path: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                key = k.value if isinstance(k, yaml.ScalarNode) else "?"
+                self._paths[id(v)] = f"{path}.{key}" if path else str(key)
+                self._walk(v, self._paths[id(v)])
+        elif isinstance(node, yaml.SequenceNode):
+            for i, v in enumerate(node.value):
+                self._paths[id(v)] = f"{path}[{i}]"
+                self._walk(v, self._paths[id(v)])
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: the base class reports it
+                continue
+            line = key_node.start_mark.line + 1
+            if first is not None:
+                parent = getattr(self, "_paths", {}).get(id(node), "")
+                name = f"{parent}.{key}" if parent else str(key)
+                raise DuplicateKeyError(
+                    f"line {line}: duplicate key '{name}' (first at line {first}); YAML "
+                    "would silently keep only the last one: merge the two"
+                )
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML text with `UniqueKeyLoader` (a repeated key is a `DuplicateKeyError`)."""
+    return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 class RecipeBase(Section):
     """The sections every trainer reads."""
 
@@ -40,6 +92,27 @@ class RecipeBase(Section):
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     data: DataConfig = Field(default_factory=DataConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, v: str) -> str:
+        """The run directory is `output_dir/name`: `name` must be one plain path component
+        (with `--overwrite`, `name: .` would replace the whole output directory)."""
+        if not v.strip():
+            raise ValueError("name is empty; it names the run directory <output_dir>/<name>")
+        if v in (".", "..") or "/" in v or "\\" in v or os.path.isabs(v):
+            raise ValueError(
+                f"name {v!r} must be a single directory name (no '/', '\\', '.' or '..'); "
+                "put the parent directories in output_dir"
+            )
+        if v.startswith("."):
+            raise ValueError(
+                f"name {v!r} starts with '.': hidden names are signalrl's temporary "
+                "directories (.<name>.tmp-*, .<name>.old-*)"
+            )
+        if any(ord(c) < 32 for c in v):
+            raise ValueError(f"name {v!r} holds a control character")
+        return v
 
     @property
     def run_dir(self) -> Path:
@@ -149,11 +222,16 @@ def _format_errors(err: ValidationError, where: str) -> str:
         loc = list(e["loc"])
         if loc and loc[0] in RECIPES:  # the union's tag
             loc = loc[1:]
-        key = ".".join(str(p) for p in loc) or "(top level)"
+        key = ".".join(str(p) for p in loc)
+        msg = e["msg"]
+        if e["type"] == "value_error":  # our own validators: their message is the text
+            msg = msg.removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             lines.append(f"  unknown key '{key}'")
+        elif not key:  # a check across sections: its message names the keys (no input dump)
+            lines.append(f"  {msg}")
         else:
-            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
+            lines.append(f"  {key}: {msg} (got {e.get('input')!r})")
     return "\n".join(lines)
 
 
@@ -193,7 +271,11 @@ def parse_override(text: str) -> tuple[str, Any]:
     key = key.strip()
     if not key:
         raise RecipeError(f"--set {text!r}: empty key")
-    return key, yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value = load_yaml(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise RecipeError(f"--set {text!r}: the value is not valid YAML: {e}") from None
+    return key, value
 
 
 def recipe_from_dict(
@@ -228,10 +310,39 @@ def _check_task(recipe: RecipeBase, where: str) -> None:
                 f"{where}: unknown key 'task.{key}' for task {recipe.task.name!r}; valid: "
                 f"{', '.join(sorted(fields))}"
             )
+    for key, value in _typed_task_kwargs(cls, recipe.task.kwargs(), where).items():
+        setattr(recipe.task, key, value)
     try:
         make_task(recipe.task.name, **recipe.task.kwargs())
-    except ValueError as e:
+    except (ValueError, TypeError) as e:
         raise RecipeError(f"{where}: task: {e}") from None
+
+
+def _typed_task_kwargs(cls: type, kwargs: dict[str, Any], where: str) -> dict[str, Any]:
+    """Each `task.*` value checked against the task dataclass field's annotation (a number
+    given as a string, `digits: "3"`, is converted as pydantic does); a value of the wrong
+    type is a RecipeError naming `task.<key>` before the task is built."""
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:  # noqa: BLE001 - an unresolvable annotation: the task checks itself
+        return kwargs
+    out = dict(kwargs)
+    for key, value in kwargs.items():
+        if key not in hints:
+            continue
+        try:
+            out[key] = TypeAdapter(hints[key]).validate_python(value)
+        except ValidationError as e:
+            msg = e.errors()[0]["msg"]
+            raise RecipeError(
+                f"{where}: task.{key}: {msg} (got {value!r}; task {cls.__name__} expects "
+                f"{_type_name(hints[key])})"
+            ) from None
+    return out
+
+
+def _type_name(hint: Any) -> str:
+    return hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
 
 
 def load_recipe(path: str | os.PathLike[str], overrides: list[str] | None = None) -> Recipe:
@@ -239,9 +350,13 @@ def load_recipe(path: str | os.PathLike[str], overrides: list[str] | None = None
     if not p.is_file():
         raise RecipeError(f"{p}: recipe file not found")
     try:
-        data = yaml.safe_load(p.read_text())
+        data = load_yaml(p.read_text(encoding="utf-8"))
+    except DuplicateKeyError as e:
+        raise RecipeError(f"{p}: {e}") from None
     except yaml.YAMLError as e:
         raise RecipeError(f"{p}: not valid YAML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"{p}: not UTF-8 text ({e})") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):

@@ -17,7 +17,12 @@ class ModelConfig(Section):
     name_or_path: str = "tiny"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     seed: int = Field(0, description="initialisation seed for presets")
-    device: str = Field("auto", description="auto (cuda if available, else cpu), cpu, cuda:N")
+    device: str = Field(
+        "auto",
+        pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$",
+        description="auto (cuda if available, else cpu), cpu, cuda, cuda:N or mps; checked "
+        "against the machine when the model is loaded",
+    )
     attn_implementation: Literal["sdpa", "eager"] = Field(
         "sdpa", description="eager is faster than sdpa for very small models on CPU"
     )
@@ -65,6 +70,12 @@ class EvalConfig(Section):
     temperature: float = Field(1.0, gt=0)
     max_new_tokens: int | None = Field(None, ge=1)
     batch_size: int = Field(256, ge=1)
+    train_pairs: int = Field(
+        512,
+        ge=0,
+        description="preference: training pairs scored at the end (train_eval/; a seeded "
+        "sample when there are more; 0: none)",
+    )
 
 
 class LoggingConfig(Section):
@@ -96,7 +107,10 @@ class DataConfig(Section):
         "auto", description="SFT rows: text, prompt_completion or messages (auto: by columns)"
     )
     max_length: int | None = Field(
-        None, ge=2, description="SFT: longest row in tokens (default: the model's positions)"
+        None,
+        ge=2,
+        description="longest row in tokens (default: the model's positions); SFT refuses a "
+        "longer row, preference and reward-model rows are truncated (and counted)",
     )
     test_path: str | None = None
     test_fraction: float = Field(

@@ -6,21 +6,35 @@ With messages the prompt is rendered by ``tokenizer.apply_chat_template(...,
 add_generation_prompt=True)`` and a chosen / rejected / completion message list becomes the
 assistant continuation text (the chat-rendered conversation minus the rendered prompt).
 
-Every validation error names the file, the row (1-based: the line of a JSONL file without
-blank lines) and the field.
+JSONL is parsed line by line with :mod:`json` (no type inference across rows, so an error is
+reported at the row that has it) and must be UTF-8; Parquet is read with :mod:`pyarrow`.
+Every validation error names the file, the row (1-based; for JSONL also the line when blank
+lines make the two differ) and the field.
+
+Length (`max_length`, the recipe's `data.max_length`; the trainers default it to the model's
+`max_position_embeddings`): a row longer than `max_length` tokens (prompt + completion + EOS;
+for a pair, with the longer of chosen and rejected) is truncated as TRL's DPO trainer does,
+never refused: the prompt keeps its last tokens (cut from the left, TRL's `keep_end`) and the
+completions their first tokens (cut from the right, losing their EOS). The prompt is cut only
+as far as needed to leave the completions `max_length - max_length // 2` tokens (all of them
+when shorter); the completions are then cut to what the prompt leaves. The number of
+truncated rows is `PreferenceData.truncated` (and a warning names the file and the first such
+row); a pair whose chosen and rejected are identical once truncated is an error naming the
+row. KTO data whose labels are all true or all false is loaded with a warning naming the
+file and the counts (KTO needs both kinds).
 """
 
 from __future__ import annotations
 
 import json
 import random
+import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from transformers import PreTrainedTokenizerBase
-
-from signalrl.data.collate import tokenize_sft
 
 PAIRED_FIELDS = ("prompt", "chosen", "rejected")
 KTO_FIELDS = ("prompt", "completion", "label")
@@ -41,6 +55,7 @@ class PreferenceData:
     rejected_ids: list[list[int]] | None = None
     labels: list[bool] | None = None
     prompts: list[str] | None = None
+    truncated: int = 0  # rows of the loaded file cut to max_length (a subset keeps 0)
 
     def __len__(self) -> int:
         return len(self.prompt_ids)
@@ -70,49 +85,101 @@ def _detect_format(path: Path, fmt: str) -> str:
     )
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    rows = []
-    for n, line in enumerate(path.read_text().splitlines(), start=1):
+def utf8_lines(path: Path, error: type[ValueError] = ValueError) -> list[str]:
+    """The lines of a text file decoded as UTF-8 (a leading byte-order mark is dropped); a
+    byte that is not UTF-8 is an `error` naming the file, the line and the column."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        col = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise error(
+            f"{path}: line {line}: not UTF-8 text (byte 0x{data[e.start]:02x} at column {col}); "
+            "save the file as UTF-8"
+        ) from None
+    return text.splitlines()
+
+
+def _where(source: str, n: int, line: int | None = None) -> str:
+    return f"{source}: row {n}" if line in (None, n) else f"{source}: row {n} (line {line})"
+
+
+def _read_jsonl(path: Path) -> list[tuple[str, Any]]:
+    """(location, row) of a JSONL file (or of a `.json` file holding one JSON array)."""
+    lines = utf8_lines(path, PreferenceDataError)
+    text = "\n".join(lines)
+    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise PreferenceDataError(f"{path}: not valid JSON: {e}") from None
+        if not isinstance(data, list):
+            raise PreferenceDataError(f"{path}: a JSON file must hold an array of rows")
+        return [(_where(str(path), n), row) for n, row in enumerate(data, start=1)]
+    rows: list[tuple[str, Any]] = []
+    for line_no, line in enumerate(lines, start=1):
         if not line.strip():
             continue
+        where = _where(str(path), len(rows) + 1, line_no)
         try:
-            row = json.loads(line)
+            rows.append((where, json.loads(line)))
         except json.JSONDecodeError as e:
-            raise PreferenceDataError(f"{path}: line {n}: not valid JSON: {e}") from None
-        if not isinstance(row, dict):
-            raise PreferenceDataError(f"{path}: line {n}: a row must be a JSON object")
-        rows.append(row)
+            raise PreferenceDataError(f"{where}: not valid JSON: {e}") from None
     return rows
 
 
-def load_rows(path: str | Path, fmt: str = "auto") -> list[dict[str, Any]]:
-    """Rows of a JSONL / Parquet file or a `save_to_disk` dataset directory, as dicts."""
+def _read_parquet(path: Path) -> list[tuple[str, Any]]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # noqa: BLE001 - any arrow error means "not a parquet file"
+        raise PreferenceDataError(f"{path}: could not load as parquet: {e}") from None
+    return [(_where(str(path), n), r) for n, r in enumerate(table.to_pylist(), start=1)]
+
+
+def _read_hf(path: Path) -> list[tuple[str, Any]]:
     import datasets
 
+    datasets.disable_progress_bars()
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as e:  # noqa: BLE001 - report any loader failure with the path
+        raise PreferenceDataError(f"{path}: could not load as hf: {e}") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if "train" not in ds:
+            raise PreferenceDataError(
+                f"{path}: a DatasetDict needs a 'train' split; has {', '.join(ds)}"
+            )
+        ds = ds["train"]
+    return [(_where(str(path), n), dict(r)) for n, r in enumerate(ds, start=1)]
+
+
+def read_located_rows(path: str | Path, fmt: str = "auto") -> list[tuple[str, Any]]:
+    """`(location, row)` pairs of a JSONL / Parquet file or a `save_to_disk` directory; the
+    location is `"file: row N"` (JSONL: with `(line M)` when blank lines shift it)."""
     p = Path(path)
     if not p.exists():
         raise PreferenceDataError(f"{p}: preference data file not found")
     fmt = _detect_format(p, fmt)
-    datasets.disable_progress_bars()
     try:
         if fmt == "hf":
-            ds = datasets.load_from_disk(str(p))
-            if isinstance(ds, datasets.DatasetDict):
-                if "train" not in ds:
-                    raise PreferenceDataError(
-                        f"{p}: a DatasetDict needs a 'train' split; has {', '.join(ds)}"
-                    )
-                ds = ds["train"]
-        else:
-            builder = "json" if fmt == "jsonl" else "parquet"
-            ds = datasets.load_dataset(builder, data_files=str(p), split="train")
-    except PreferenceDataError:
-        raise
-    except Exception as e:  # arrow could not unify the types of a column, say
-        if fmt != "jsonl":
-            raise PreferenceDataError(f"{p}: could not load as {fmt}: {e}") from None
-        return _read_jsonl(p)  # plain JSON parsing: the row checks below then name the row
-    return [dict(r) for r in ds]
+            return _read_hf(p)
+        if fmt == "parquet":
+            return _read_parquet(p)
+        return _read_jsonl(p)
+    except OSError as e:
+        raise PreferenceDataError(f"{p}: cannot read: {e}") from None
+
+
+def load_rows(path: str | Path, fmt: str = "auto") -> list[dict[str, Any]]:
+    """Rows of a JSONL / Parquet file or a `save_to_disk` dataset directory, as dicts."""
+    rows = read_located_rows(path, fmt)
+    for where, row in rows:
+        if not isinstance(row, dict):
+            raise PreferenceDataError(f"{where}: a row must be a JSON object")
+    return [row for _, row in rows]
 
 
 def _check_messages(value: list[Any], where: str) -> None:
@@ -176,50 +243,104 @@ def _render(
 
 
 def parse_rows(
-    rows: list[dict[str, Any]],
+    rows: Sequence[Any],
     tokenizer: PreTrainedTokenizerBase,
     *,
     kind: str,
     source: str,
+    where: Sequence[str] | None = None,
 ) -> tuple[list[str], list[str], list[str] | None, list[bool] | None]:
-    """Validate rows and render them to text: (prompts, completions, rejected, labels)."""
+    """Validate rows and render them to text: (prompts, completions, rejected, labels).
+    `where` (one location per row, from `read_located_rows`) names the rows in errors;
+    without it they are `source: row N`."""
     fields = KTO_FIELDS if kind == "kto" else PAIRED_FIELDS
     if not rows:
         raise PreferenceDataError(f"{source}: no rows")
     prompts, completions, rejected, labels = [], [], [], []
     for n, row in enumerate(rows, start=1):
-        where = f"{source}: row {n}"
+        at = where[n - 1] if where is not None else _where(source, n)
+        if not isinstance(row, dict):
+            raise PreferenceDataError(
+                f"{at}: a row must be a JSON object, got {type(row).__name__}"
+            )
         missing = [f for f in fields if f not in row]
         if missing:
             raise PreferenceDataError(
-                f"{where}: missing field '{missing[0]}' (rows need {', '.join(fields)}; "
+                f"{at}: missing field '{missing[0]}' (rows need {', '.join(fields)}; "
                 f"has {', '.join(sorted(row)) or 'nothing'})"
             )
-        prompt = _field(row, "prompt", where)
+        prompt = _field(row, "prompt", at)
         if kind == "kto":
-            comp = _field(row, "completion", where)
+            comp = _field(row, "completion", at)
             label = row["label"]
             if not isinstance(label, bool):
                 raise PreferenceDataError(
-                    f"{where}: field 'label' must be true or false, got {label!r}"
+                    f"{at}: field 'label' must be true or false, got {label!r}"
                 )
-            p, c = _render(tokenizer, prompt, comp, where, "completion")
+            p, c = _render(tokenizer, prompt, comp, at, "completion")
             prompts.append(p)
             completions.append(c)
             labels.append(label)
         else:
-            chosen = _field(row, "chosen", where)
-            rej = _field(row, "rejected", where)
-            p, c = _render(tokenizer, prompt, chosen, where, "chosen")
-            _, r = _render(tokenizer, prompt, rej, where, "rejected")
+            chosen = _field(row, "chosen", at)
+            rej = _field(row, "rejected", at)
+            p, c = _render(tokenizer, prompt, chosen, at, "chosen")
+            _, r = _render(tokenizer, prompt, rej, at, "rejected")
             if c == r:
-                raise PreferenceDataError(f"{where}: field 'rejected' is identical to 'chosen'")
+                raise PreferenceDataError(f"{at}: field 'rejected' is identical to 'chosen'")
             prompts.append(p)
             completions.append(c)
             rejected.append(r)
     if kind == "kto":
+        _check_labels(labels, source)
         return prompts, completions, None, labels
     return prompts, completions, rejected, None
+
+
+def _check_labels(labels: list[bool], source: str) -> None:
+    """KTO learns from desirable AND undesirable rows: one kind only is a warning."""
+    good = sum(labels)
+    bad = len(labels) - good
+    if good and bad:
+        return
+    which = "true (desirable)" if good else "false (undesirable)"
+    missing = "undesirable" if good else "desirable"
+    warnings.warn(
+        f"{source}: every KTO label is {which}: {good} desirable and {bad} undesirable rows. "
+        f"KTO needs both kinds; with no {missing} rows that half of the loss never trains",
+        UserWarning,
+        stacklevel=3,
+    )
+
+
+def truncate_row(
+    prompt: list[int], completions: list[list[int]], max_length: int
+) -> tuple[list[int], list[list[int]], bool]:
+    """Fit `prompt + completion` into `max_length` tokens for every completion (TRL's DPO
+    rule, see the module docstring): the prompt keeps its last tokens, the completions their
+    first ones. Returns (prompt, completions, whether anything was cut)."""
+    longest = max(len(c) for c in completions)
+    if len(prompt) + longest <= max_length:
+        return prompt, completions, False
+    keep_completion = min(longest, max_length - max_length // 2)
+    keep_prompt = min(len(prompt), max_length - keep_completion)
+    budget = max_length - keep_prompt
+    return prompt[len(prompt) - keep_prompt :], [c[:budget] for c in completions], True
+
+
+def _ids(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
+    return [list(x) for x in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
+def warn_truncated(source: str, count: int, total: int, first: str, max_length: int) -> None:
+    if count:
+        warnings.warn(
+            f"{source}: {count} of {total} rows are longer than data.max_length={max_length} "
+            f"tokens and were truncated (the prompt from the left, the completions from the "
+            f"right), the first at {first}; raise data.max_length to keep them whole",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def load_preference_data(
@@ -228,17 +349,43 @@ def load_preference_data(
     *,
     kind: str = "paired",
     fmt: str = "auto",
+    max_length: int | None = None,
 ) -> PreferenceData:
-    """Load, validate and tokenise (completions end with EOS, prompts have none)."""
+    """Load, validate and tokenise (completions end with EOS, prompts have none); with
+    `max_length`, rows longer than that are truncated (see the module docstring) and counted
+    in `PreferenceData.truncated`."""
     source = str(path)
+    located = read_located_rows(path, fmt)
+    where = [w for w, _ in located]
     prompts, comps, rejected, labels = parse_rows(
-        load_rows(path, fmt), tokenizer, kind=kind, source=source
+        [r for _, r in located], tokenizer, kind=kind, source=source, where=where
     )
-    p_ids, c_ids = tokenize_sft(tokenizer, prompts, comps, source=source)
-    r_ids = None
-    if rejected is not None:
-        _, r_ids = tokenize_sft(tokenizer, prompts, rejected, source=source)
-    return PreferenceData(p_ids, c_ids, r_ids, labels, prompts)
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise PreferenceDataError(f"{source}: the tokenizer has no eos token to end rows with")
+    p_ids = _ids(tokenizer, prompts)
+    cols = [comps] if rejected is None else [comps, rejected]
+    c_cols = [[c + [eos] for c in _ids(tokenizer, col)] for col in cols]
+    truncated, first = 0, ""
+    for i, p in enumerate(p_ids):
+        if not p:
+            raise PreferenceDataError(f"{where[i]}: field 'prompt' tokenises to nothing")
+        if max_length is None:
+            continue
+        p_ids[i], cut, changed = truncate_row(p, [col[i] for col in c_cols], max_length)
+        if not changed:
+            continue
+        truncated, first = truncated + 1, first or where[i]
+        for col, c in zip(c_cols, cut, strict=True):
+            col[i] = c
+        if len(cut) == 2 and cut[0] == cut[1]:
+            raise PreferenceDataError(
+                f"{where[i]}: 'chosen' and 'rejected' are identical once truncated to "
+                f"data.max_length={max_length} tokens; raise data.max_length"
+            )
+    warn_truncated(source, truncated, len(p_ids), first, max_length or 0)
+    r_ids = c_cols[1] if rejected is not None else None
+    return PreferenceData(p_ids, c_cols[0], r_ids, labels, prompts, truncated)
 
 
 def heldout_indices(n: int, fraction: float, seed: int, keys: list[str] | None = None) -> list[int]:

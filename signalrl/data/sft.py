@@ -22,8 +22,9 @@ every text token is predicted; without one (Qwen-style tokenizers, the presets) 
 token is the context and the loss covers the rest, so a model sees at inference exactly the
 token layout it was trained on (prompts never start with a special token).
 
-Every validation error names the file, the row (the line for JSONL) and the field; a row longer
-than ``max_length`` tokens is an error, never silently cut.
+Every validation error names the file, the row (the line for JSONL) and the field; a file that
+is not UTF-8 names the line and column of the first bad byte; a row longer than
+``max_length`` tokens is an error, never silently cut.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ from pathlib import Path
 from typing import Any
 
 from transformers import PreTrainedTokenizerBase
+
+from signalrl.data.preference import utf8_lines
 
 KINDS = ("auto", "text", "prompt_completion", "messages")
 ROLES = ("system", "user", "assistant", "tool")
@@ -114,8 +117,13 @@ def read_data_file(
             )
     try:
         return read_rows(p, split)
+    except UnicodeDecodeError:
+        pass  # located below
     except ValueError as e:  # the reader's messages already name the file and line
-        raise SFTDataError(str(e)) from None
+        if "codec can't decode" not in str(e):
+            raise SFTDataError(str(e)) from None
+    utf8_lines(p, SFTDataError)  # raises, naming the line and column of the bad byte
+    raise SFTDataError(f"{p}: not UTF-8 text; save the file as UTF-8")  # pragma: no cover
 
 
 def detect_kind(row: Any, where: str) -> str:

@@ -47,6 +47,7 @@ PRESETS: dict[str, Preset] = {
     "base": Preset(512, 1536, 8, 8, 4),  # ~25M
 }
 
+
 class CheckpointError(ValueError):
     """A checkpoint directory that cannot be loaded; the message names the file."""
 
@@ -201,9 +202,7 @@ def from_pretrained_checked(cls: Any, path: Path, **kwargs: Any) -> Any:
                 f"{bad[0]}: corrupt or truncated checkpoint file ({bad[1]}); save or copy "
                 "the checkpoint again"
             ) from e
-        raise CheckpointError(
-            f"{path}: could not load the model: {type(e).__name__}: {e}"
-        ) from e
+        raise CheckpointError(f"{path}: could not load the model: {type(e).__name__}: {e}") from e
 
 
 def load_tokenizer_checked(path: Path) -> PreTrainedTokenizerBase:

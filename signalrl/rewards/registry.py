@@ -6,8 +6,9 @@ Terms: `task` (the task's own verifier), `math` (math-verify against `row["answe
 `length` (linear penalty above `target` tokens), `model` (a trained reward model) and
 `function` (`module:function`, called as `fn(prompts, completions, **row_columns)`).
 The total is `sum_i weight_i * r_i`; every term's mean is logged as `reward/<name>`.
-A term that raises or returns NaN/None/a list of the wrong length fails with the prompt and
-completion (`on_error: raise`), or scores 0 and is counted (`on_error: zero`).
+A term that raises or returns NaN/None/a bool/a list of the wrong length fails with the prompt
+and completion (`on_error: raise`), or scores 0 and is counted (`on_error: zero`). A numpy
+scalar or a 0-d tensor is a number (its `.item()`).
 """
 
 from __future__ import annotations
@@ -124,6 +125,21 @@ def build_term(spec: RewardSpec, task: Any = None, device: Any = None) -> BatchR
     raise RewardError(f"unknown reward type {spec.type!r}")  # pragma: no cover
 
 
+def as_number(v: Any) -> Any:
+    """A numpy scalar (`np.float32(1.0)`, `np.int64(1)`) or a 0-d tensor as the Python number
+    it holds (`.item()`); anything else unchanged. A numpy bool becomes a Python bool, which
+    the composer still refuses (a reward is a number, not a truth value)."""
+    if isinstance(v, (int, float, str, bytes)) or v is None:
+        return v
+    item, shape = getattr(v, "item", None), getattr(v, "shape", None)
+    if callable(item) and shape is not None and tuple(shape) == ():
+        try:
+            return item()
+        except (TypeError, ValueError, RuntimeError):
+            return v
+    return v
+
+
 class RewardComposer:
     """Weighted sum of reward terms with per-term logging and error policy."""
 
@@ -166,12 +182,13 @@ class RewardComposer:
                 errors += n
                 values = [0.0] * n
             clean: list[float] = []
-            for i, v in enumerate(values):
+            for i, raw in enumerate(values):
+                v = as_number(raw)
                 ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
                 if not ok:
                     if self.on_error == "raise":
                         raise RewardError(
-                            f"reward {spec.label!r} returned {v!r} (not a finite number)\n"
+                            f"reward {spec.label!r} returned {raw!r} (not a finite number)\n"
                             f"  prompt: {prompts[i]!r}\n  completion: {completions[i]!r}"
                         )
                     errors += 1

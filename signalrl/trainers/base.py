@@ -41,7 +41,7 @@ from signalrl.config import RecipeBase, dump_recipe
 from signalrl.eval import EvalResult, evaluate
 from signalrl.logging.memory import peak_memory_mb, reset_peak_memory
 from signalrl.logging.run import RunDir, RunLock, plan_run
-from signalrl.models import count_parameters, load_model
+from signalrl.models import count_parameters, load_model, resolve_device
 from signalrl.rollout.sampler import SamplingParams
 from signalrl.tasks import Task, make_task
 from signalrl.trainers.checkpoints import CheckpointMixin
@@ -148,9 +148,7 @@ class TrainerBase(CheckpointMixin):
     # -- models -------------------------------------------------------------------------------
     def load_policy(self, source: str) -> tuple[Any, Any]:
         m = self.recipe.model
-        device = m.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = resolve_device(m.device)
         return load_model(
             source,
             dtype=m.dtype,

@@ -127,33 +127,41 @@ class PreferenceTrainer(PreferenceEvalMixin):
         if self.uses_ref and pc.reference == "precomputed":
             self._precompute_reference()
         self.finish_setup()
+        self.models_held["data/truncated_rows"] = float(self.truncated_rows)
 
     def _load_data(self) -> None:
         pc, d = self.recipe.preference, self.recipe.data
         kind = "kto" if self.kto else "paired"
+        # rows longer than this are truncated as TRL does (signalrl.data.preference)
+        max_length = d.max_length or getattr(self.model.config, "max_position_embeddings", None)
+
+        def load(path: str) -> PreferenceData:
+            return load_preference_data(
+                path, self.tokenizer, kind=kind, fmt=d.format, max_length=max_length
+            )
+
+        if d.test_path:
+            self.test_data = load(d.test_path)
+        self.truncated_rows = self.test_data.truncated if self.test_data is not None else 0
         if self.online:
             # pairs are sampled every step (see `_online_pairs`); held-out pairs only from a file
             self.rows = self.train_rows()
             self.train_data = PreferenceData([], [], [], None, [])
-            if d.test_path:
-                self.test_data = load_preference_data(
-                    d.test_path, self.tokenizer, kind=kind, fmt=d.format
-                )
             self.data = DataCursor(len(self.rows), self.recipe.seed)
             self.generator = torch.Generator(device=self.device).manual_seed(self.recipe.seed)
             self.online_sampling = self.sampling_params(pc.online_samples)
             self.samples_seen = 0
-            return
-        assert d.path is not None
-        data = load_preference_data(d.path, self.tokenizer, kind=kind, fmt=d.format)
-        if d.test_path:
-            self.train_data = data
-            self.test_data = load_preference_data(
-                d.test_path, self.tokenizer, kind=kind, fmt=d.format
-            )
         else:
-            self.train_data, self.test_data = split_data(data, d.test_fraction, self.recipe.seed)
-        self.data = DataCursor(len(self.train_data), self.recipe.seed)
+            assert d.path is not None
+            data = load(d.path)
+            self.truncated_rows += data.truncated
+            if d.test_path:
+                self.train_data = data
+            else:
+                self.train_data, self.test_data = split_data(
+                    data, d.test_fraction, self.recipe.seed
+                )
+            self.data = DataCursor(len(self.train_data), self.recipe.seed)
 
     # -- reference ----------------------------------------------------------------------
     def _wrap_lora(self) -> None:

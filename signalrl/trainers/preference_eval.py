@@ -1,9 +1,15 @@
 """Held-out and training-set preference metrics of the preference trainer (see
 `signalrl/trainers/preference.py`): `eval/` on the held-out rows during and after training,
-`train_eval/` over every training row at the end, and the sampled KL to the reference."""
+`train_eval/` at the end over the training rows, and the sampled KL to the reference.
+
+`train_eval/` scores at most `eval.train_pairs` training rows (default 512; a sample seeded
+by the recipe's seed when there are more, all of them when there are fewer; 0: none), so the
+final pass stays short next to the training itself; `train_eval/pairs` logs how many were
+scored."""
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 import torch
@@ -41,21 +47,34 @@ class PreferenceEvalMixin(TrainerBase):
         return out
 
     # -- evaluation -----------------------------------------------------------------------
+    def train_eval_rows(self) -> list[int]:
+        """The training rows `train_eval/` scores: all of them up to `eval.train_pairs`, else a
+        sorted sample of that many seeded by the recipe's seed (0: none)."""
+        n, k = len(self.train_data), self.recipe.eval.train_pairs
+        if n <= k:
+            return list(range(n))
+        return sorted(random.Random(self.recipe.seed).sample(range(n), k))
+
     @torch.no_grad()
-    def preference_eval(self, split: str = "test") -> dict[str, float]:
-        """Preference metrics over every row of `split` ("test": the held-out rows, prefix
-        `eval/`; "train": all training rows, prefix `train_eval/`, no sampled KL)."""
+    def preference_eval(
+        self, split: str = "test", rows: list[int] | None = None
+    ) -> dict[str, float]:
+        """Preference metrics over rows `rows` (default: every row) of `split` ("test": the
+        held-out rows, prefix `eval/`; "train": training rows, prefix `train_eval/`, no
+        sampled KL)."""
         data = self.test_data if split == "test" else self.train_data
         if data is None:
             return {}
+        idx = list(range(len(data))) if rows is None else rows
+        if not idx:
+            return {}
         was_training = self.model.training
         self.model.eval()
-        n = len(data)
         size = self.recipe.train.micro_batch_size or self.recipe.train.batch_size
-        chunks = [list(range(s, min(n, s + size))) for s in range(0, n, size)]
+        chunks = [idx[s : s + size] for s in range(0, len(idx), size)]
         out: dict[str, float] = {}
         if self.kto:
-            kl = self._kl_ref(split, data, list(range(n)))
+            kl = self._kl_ref(split, data, idx)
             parts = [self._kto_losses(split, data, mb, kl) for mb in chunks]
             losses = torch.cat([p[0] for p in parts])
             metrics = self._kto_metrics(*[torch.cat([p[i] for p in parts]) for i in (1, 2, 3)])
@@ -119,7 +138,9 @@ class PreferenceEvalMixin(TrainerBase):
     def finish(self, metrics: dict[str, Any]) -> dict[str, Any]:
         metrics.update(self.preference_eval())
         if not self.online:
-            metrics.update(self.preference_eval("train"))
+            rows = self.train_eval_rows()
+            metrics.update(self.preference_eval("train", rows))
+            metrics["train_eval/pairs"] = float(len(rows))
         summary = super().finish(metrics)
         summary.update({k: v for k, v in metrics.items() if k.startswith(("eval/", "train_eval/"))})
         return summary

@@ -12,7 +12,10 @@ numeric `margin` column is used as a per-pair margin. `data.test_path`, or a
 `data.test_fraction` of the rows (the same rows `split_data` holds out for DPO with the same
 seed), is held out. Each row is scored as the text `prompt + completion` tokenised as a whole,
 without EOS: exactly what `signalrl.rewards.model.RewardModelScorer` scores at RL time (the
-sampler's completion texts carry no special tokens).
+sampler's completion texts carry no special tokens). A row longer than `data.max_length`
+tokens (default: the model's `max_position_embeddings`) is truncated as for DPO (the prompt
+from the left, the completions from the right) with a warning; the count is logged as
+`data/truncated_rows`.
 
 Loss (`signalrl.losses.reward.bradley_terry_loss`): `-log sigmoid(r_c - r_r - margin)` per pair
 (Ouyang et al. 2022), plus `reward_model.center_coef * (r_c + r_r)^2`. Chosen and rejected rows
@@ -39,7 +42,6 @@ from typing import Any
 import torch
 from transformers import (
     AutoModelForSequenceClassification,
-    AutoTokenizer,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
@@ -48,11 +50,22 @@ from signalrl.config import RewardModelRecipe
 from signalrl.data.preference import (
     PreferenceDataError,
     heldout_indices,
-    load_rows,
     parse_rows,
+    read_located_rows,
+    truncate_row,
+    warn_truncated,
 )
 from signalrl.losses.reward import bradley_terry_loss, reward_pair_metrics
-from signalrl.models import check_tokenizer, is_preset, load_model, resolve_dtype, save_model
+from signalrl.models import (
+    check_tokenizer,
+    from_pretrained_checked,
+    is_preset,
+    load_model,
+    load_tokenizer_checked,
+    resolve_device,
+    resolve_dtype,
+    save_model,
+)
 from signalrl.models.logprobs import autocast_context
 from signalrl.trainers.base import DataCursor, MicroLoss, StepResult, TrainerBase
 
@@ -68,6 +81,7 @@ def load_reward_model(
     checkpoint directory (a causal LM gets a new score head; a reward model keeps its own) or a
     preset name (built with `load_model`, saved to a temp dir, loaded from there)."""
     torch_dtype = resolve_dtype(dtype)
+    device = resolve_device(device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # the new score head is initialised from the model seed
         if is_preset(name_or_path):
@@ -84,10 +98,14 @@ def load_reward_model(
                 raise FileNotFoundError(
                     f"model {name_or_path!r}: not a preset nor a checkpoint directory"
                 )
-            model = AutoModelForSequenceClassification.from_pretrained(
-                path, num_labels=1, dtype=torch_dtype, attn_implementation="sdpa"
+            model = from_pretrained_checked(
+                AutoModelForSequenceClassification,
+                path,
+                num_labels=1,
+                dtype=torch_dtype,
+                attn_implementation="sdpa",
             )
-            tok = AutoTokenizer.from_pretrained(path)
+            tok = load_tokenizer_checked(path)
     if tok.pad_token_id is None:
         if tok.eos_token_id is None:
             raise ValueError(f"{name_or_path}: tokenizer has neither a pad nor an eos token")
@@ -105,6 +123,7 @@ class RewardPairs:
     rejected_ids: list[list[int]]
     margins: list[float] | None = None
     prompts: list[str] | None = None
+    truncated: int = 0  # rows of the loaded file cut to max_length (a subset keeps 0)
 
     def __len__(self) -> int:
         return len(self.chosen_ids)
@@ -119,33 +138,64 @@ class RewardPairs:
 
 
 def load_reward_pairs(
-    path: str | Path, tokenizer: PreTrainedTokenizerBase, fmt: str = "auto"
+    path: str | Path,
+    tokenizer: PreTrainedTokenizerBase,
+    fmt: str = "auto",
+    max_length: int | None = None,
 ) -> RewardPairs:
     """Load and validate {prompt, chosen, rejected} rows (see `signalrl.data.preference`) and
-    tokenise each `prompt + completion` text as a whole, as the reward scorer does."""
+    tokenise each `prompt + completion` text as a whole, as the reward scorer does. With
+    `max_length`, a row whose longer text is over `max_length` tokens is truncated by the
+    preference data's rule (`signalrl.data.preference.truncate_row`: the prompt from the
+    left, the completions from the right; prompt and completions are then tokenised apart)
+    and counted in `RewardPairs.truncated`; a pair identical once truncated is an error."""
     source = str(path)
-    rows = load_rows(path, fmt)
-    prompts, chosen, rejected, _ = parse_rows(rows, tokenizer, kind="paired", source=source)
+    located = read_located_rows(path, fmt)
+    where = [w for w, _ in located]
+    rows = [r for _, r in located]
+    prompts, chosen, rejected, _ = parse_rows(
+        rows, tokenizer, kind="paired", source=source, where=where
+    )
     assert rejected is not None
-    margins: list[float] | None = None
-    if any(r.get("margin") is not None for r in rows):
-        margins = []
-        for n, r in enumerate(rows, start=1):
-            m = r.get("margin")
-            ok = isinstance(m, (int, float)) and not isinstance(m, bool) and math.isfinite(m)
-            if not ok:
-                raise PreferenceDataError(
-                    f"{source}: row {n}: field 'margin' must be a finite number (or absent "
-                    f"from every row), got {m!r}"
-                )
-            margins.append(float(m))
+    margins = _margins(rows, where)
 
     def encode(texts: list[str]) -> list[list[int]]:
         return [list(x) for x in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
     c_ids = encode([p + c for p, c in zip(prompts, chosen, strict=True)])
     r_ids = encode([p + r for p, r in zip(prompts, rejected, strict=True)])
-    return RewardPairs(c_ids, r_ids, margins, prompts)
+    truncated, first = 0, ""
+    for i in range(len(c_ids)):
+        if max_length is None or max(len(c_ids[i]), len(r_ids[i])) <= max_length:
+            continue
+        (p_ids, comp, rej) = encode([prompts[i], chosen[i], rejected[i]])
+        p_ids, (comp, rej), _ = truncate_row(p_ids, [comp, rej], max_length)
+        c_ids[i], r_ids[i] = p_ids + comp, p_ids + rej
+        truncated, first = truncated + 1, first or where[i]
+        if c_ids[i] == r_ids[i]:
+            raise PreferenceDataError(
+                f"{where[i]}: 'chosen' and 'rejected' are identical once truncated to "
+                f"data.max_length={max_length} tokens; raise data.max_length"
+            )
+    warn_truncated(source, truncated, len(c_ids), first, max_length or 0)
+    return RewardPairs(c_ids, r_ids, margins, prompts, truncated)
+
+
+def _margins(rows: list[Any], where: list[str]) -> list[float] | None:
+    """The optional numeric `margin` column: in every row or in none."""
+    if not any(r.get("margin") is not None for r in rows):
+        return None
+    margins = []
+    for r, at in zip(rows, where, strict=True):
+        m = r.get("margin")
+        ok = isinstance(m, (int, float)) and not isinstance(m, bool) and math.isfinite(m)
+        if not ok:
+            raise PreferenceDataError(
+                f"{at}: field 'margin' must be a finite number (or absent from every row), "
+                f"got {m!r}"
+            )
+        margins.append(float(m))
+    return margins
 
 
 def split_pairs(
@@ -178,16 +228,21 @@ class RewardModelTrainer(TrainerBase):
         )
         d = recipe.data
         assert d.path is not None
-        pairs = load_reward_pairs(d.path, self.tokenizer, d.format)
+        max_length = d.max_length or getattr(self.model.config, "max_position_embeddings", None)
+        pairs = load_reward_pairs(d.path, self.tokenizer, d.format, max_length)
+        self.truncated_rows = pairs.truncated
         if d.test_path:
             self.train_data: RewardPairs = pairs
             self.test_data: RewardPairs | None = load_reward_pairs(
-                d.test_path, self.tokenizer, d.format
+                d.test_path, self.tokenizer, d.format, max_length
             )
+            self.truncated_rows += self.test_data.truncated
         else:
             self.train_data, self.test_data = split_pairs(pairs, d.test_fraction, recipe.seed)
         self.data = DataCursor(len(self.train_data), recipe.seed)
         self.finish_setup()
+        # logged with every step (beside models/held): rows cut to data.max_length
+        self.models_held["data/truncated_rows"] = float(self.truncated_rows)
 
     # -- forward --------------------------------------------------------------------------
     def rewards(self, pairs: RewardPairs, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
