@@ -364,6 +364,25 @@ def compare(
     err.print(f"results: {out}", highlight=False)
 
 
+@app.command()
+def report(
+    run_dirs: Annotated[
+        list[Path], typer.Argument(metavar="RUN_DIR...", help="run directories (runs/<name>)")
+    ],
+    out: Annotated[
+        Path | None,
+        typer.Option(help="the HTML file (default: RUN_DIR/report.html; required for several)"),
+    ] = None,
+) -> None:
+    """Write a self-contained HTML report of RUN_DIR (curves, findings, samples, config);
+    with several run directories, their curves overlaid plus each run's section."""
+    from signalrl.report.cli import report_command
+
+    rc = report_command(run_dirs, out, err)
+    if rc:
+        raise typer.Exit(rc)
+
+
 def main() -> None:  # pragma: no cover
     sys.exit(app())
 

@@ -492,6 +492,16 @@ class TrainerBase(CheckpointMixin):
         self.run.drop_replaced()
         return out
 
+    def write_report(self) -> None:
+        """`report.html` in the run directory (`signalrl.report`); a failure only warns: the
+        run itself is complete."""
+        from signalrl.report.html import write_report
+
+        try:
+            write_report([self.run.path], self.run.path / "report.html")
+        except Exception as e:  # noqa: BLE001 - the report must never fail a finished run
+            self.console.print(f"[yellow]warning:[/yellow] report.html not written: {e}")
+
     def close_run(self) -> None:
         self.run.drop_replaced()
         self.run.close()
@@ -504,6 +514,7 @@ class TrainerBase(CheckpointMixin):
         metrics["time/elapsed_s"] = self.elapsed()
         self.run.log_metrics(self.step, metrics)
         self.save_final()
+        self.write_report()
         self.close_run()
         return {
             "accuracy": result.accuracy,

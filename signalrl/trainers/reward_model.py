@@ -334,6 +334,7 @@ class RewardModelTrainer(TrainerBase):
         metrics["time/elapsed_s"] = self.elapsed()
         self.run.log_metrics(self.step, metrics)
         self.save_final()
+        self.write_report()
         self.close_run()
         return {
             "accuracy": ev.get("eval/accuracy", float("nan")),
