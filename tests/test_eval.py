@@ -154,3 +154,11 @@ def test_maj_at_k_changes_no_other_number(tiny):
     assert voted.accuracy == plain.accuracy and voted.pass_at_k == plain.pass_at_k
     assert voted.sample_accuracy == plain.sample_accuracy
     assert voted.completions == plain.completions
+
+
+def test_metrics_name_mean_at_k_beside_pass_and_maj():
+    from signalrl.eval import EvalResult
+
+    r = EvalResult(n=4, accuracy=0.5, pass_at_k={8: 0.75}, maj_at_k={8: 0.5}, sample_accuracy=0.4)
+    m = r.metrics(prefix="")
+    assert (m["mean@8"], m["pass@8"], m["maj@8"], m["accuracy"]) == (0.4, 0.75, 0.5, 0.5)

@@ -52,6 +52,8 @@ class EvalResult:
             out[f"{prefix}best_of@{k}"] = v
         if self.sample_accuracy is not None:
             out[f"{prefix}sample_accuracy"] = self.sample_accuracy
+            for k in self.pass_at_k:  # mean@k: the mean accuracy of the k samples
+                out[f"{prefix}mean@{k}"] = self.sample_accuracy
         return out
 
 
