@@ -70,9 +70,15 @@ EQUIVALENCE_CASES = [
     (r"The total cost is $\boxed{\$18.00}$ dollars.", "18", 1.0),
     ("Answer:\n 42", "42", 1.0),
     (r"\boxed{\text{Monday}}", r"\text{Monday}", 1.0),
-    # multiple boxed: the last wins
-    (r"First \boxed{3}, then correcting myself, \boxed{4}", "4", 1.0),
-    (r"First \boxed{3}, then correcting myself, \boxed{4}", "3", 0.0),
+    # several boxes: close ones are one answer (as math-verify reads them), far ones: the last
+    (r"First \boxed{3}, then correcting myself, \boxed{4}", "4", 0.0),
+    (r"First \boxed{3}, then correcting myself, \boxed{4}", r"\{3, 4\}", 1.0),
+    (r"\boxed{3} is what I had first. After checking it again: \boxed{4}", "4", 1.0),
+    (r"$\boxed{3}$ or maybe $\boxed{4}$", "4", 1.0),
+    (r"\(\boxed{1}\) and \(\boxed{-2}\)", r"\boxed{-2, 1}", 1.0),
+    # an <answer> block holds the answer
+    (r"<think>\boxed{41}</think> <answer>42</answer>", "42", 1.0),
+    ("<think>41?</think> <answer>The answer is 41</answer>", "42", 0.0),
     # GSM8K / MATH references
     ("so 263 cookies", "12 * 25 = 300\n300 - 37 = 263\n#### 263", 1.0),
     ("so 1245 sheep", "#### 1,245", 1.0),
@@ -120,7 +126,8 @@ def test_fallback_last_number_can_be_disabled() -> None:
     ("completion", "expected"),
     [
         (r"\boxed{\frac{1}{2}}", r"\frac{1}{2}"),
-        (r"a \boxed{1} b \boxed{\{1, 2\}} c", r"\{1, 2\}"),
+        (r"a \boxed{1} b \boxed{\{1, 2\}} c", r"1,\{1, 2\}"),
+        (r"\boxed{7}" + " and some more words" * 4 + r" \boxed{8}", "8"),
         (r"\boxed{\frac{a}{b}", None),  # unterminated, and nothing numeric before it
         (r"3 then \boxed{", "3"),
         ("The final answer is $x = 5$.", "x = 5"),
@@ -130,6 +137,14 @@ def test_fallback_last_number_can_be_disabled() -> None:
         ("costs 12.50 then 7", "7"),
         ("no digits", None),
         (r"\fbox{9}", "9"),
+        (r"$\frac{1}{3}$", r"\frac{1}{3}"),  # a completion that is only a formula
+        ("x^2 + 1", "x^2 + 1"),
+        ("odd", None),
+        ("<answer>\n \\frac{1}{2} \n</answer>", r"\frac{1}{2}"),
+        ("<answer>so $x = 5$ it is</answer> 7", "x = 5"),
+        (r"\boxed{1} The final answer is $10,455$. I hope it is correct.", "10,455"),
+        ("Final Answer: The volume of $ABCD$ is 120. I hope it is correct.", "120"),
+        (r"Answer \( (9+1) \)", "(9+1)"),
     ],
 )
 def test_extract_answer(completion: str, expected: str | None) -> None:
@@ -150,6 +165,8 @@ def test_find_last_boxed_nested_braces() -> None:
         ("#### 1,234", "1,234"),
         (r"So $\boxed{\frac{1}{2}}$.", r"\frac{1}{2}"),
         ("  42 ", "42"),
+        (r"\(\boxed{1}\) and \(\boxed{-2}\).", "1,-2"),
+        (r"\boxed{1} papers and \boxed{2} bins", "1,2"),
     ],
 )
 def test_extract_reference(reference: str, expected: str) -> None:
@@ -253,3 +270,136 @@ def test_worker_loads_this_module_by_path_without_the_rest_of_signalrl() -> None
         check=True,
     )
     assert out.stdout.splitlines() == ["ready", '{"match": true}', "[]"], out.stderr[-2000:]
+
+
+# --------------------------------------------------------------------------------------
+# Regressions (each failed before the fix)
+# --------------------------------------------------------------------------------------
+
+SEVERAL_BOXES = r"\(\boxed{1}\) and \(\boxed{-2}\)."
+
+
+def test_reference_with_several_boxes_needs_all_of_them() -> None:
+    """Several boxes in a reference are one answer (a set, as math-verify reads it)."""
+    assert math_reward(r"\boxed{-2}", SEVERAL_BOXES) == 0.0  # was 1.0: only the last box counted
+    assert math_reward(r"\boxed{-2, 1}", SEVERAL_BOXES) == 1.0  # was 0.0
+    assert extract_reference(SEVERAL_BOXES) == "1,-2"
+    assert math_reward(r"\boxed{1}", SEVERAL_BOXES) == 0.0
+    assert math_reward(r"\boxed{1, -2}", SEVERAL_BOXES) == 1.0  # a set: any order
+    assert math_reward(r"so $\boxed{1}$ and $\boxed{-2}$", SEVERAL_BOXES) == 1.0
+    assert math_reward(r"\boxed{-2, 1, 3}", SEVERAL_BOXES) == 0.0
+
+
+def test_comma_inside_a_number_is_a_thousands_separator_only_in_groups_of_three() -> None:
+    assert math_reward(r"\boxed{111}", "0,111") == 0.0  # was 1.0: "0,111" was read as 111
+    assert not answers_match("111", "0,111")
+    assert math_reward(r"\boxed{0.111}", "0,111") == 1.0  # math-verify: a leading 0, a decimal
+    assert math_reward(r"\boxed{1234}", "1,234") == 1.0
+    assert math_reward(r"\boxed{1234567}", "1,234,567") == 1.0
+    assert math_reward(r"\boxed{1234}", "12,34") == 0.0  # not groups of three: a list
+    assert math_reward(r"\boxed{12, 34}", "12,34") == 1.0
+
+
+def test_answer_block_is_the_answer() -> None:
+    """The content of the last <answer> block is the answer, not a box or number elsewhere."""
+    assert math_reward(r"<think>\boxed{41}</think> <answer>42</answer>", "42") == 1.0  # was 0.0
+    assert math_reward(r"<think>so 42</think> <answer>\frac{1}{2}</answer>", "0.5") == 1.0
+    assert math_reward("<answer>41</answer> but 42", "42") == 0.0
+    assert math_reward("<answer>x = 5</answer>", "5", fallback_last_number=False) == 1.0
+
+
+def test_minerva_final_answer_beats_intermediate_boxes() -> None:
+    completion = (
+        r"Interest: $0.04 \cdot 10,000 \cdot \frac{1}{2} = \boxed{200}$, then $\boxed{255}$. "
+        "Final Answer: The final answer is $10,455$. I hope it is correct."
+    )
+    assert math_reward(completion, "10455") == 1.0  # was 0.0: the last box (255) won
+
+
+# --------------------------------------------------------------------------------------
+# Agreement with math-verify on its own test cases (tests/data/math_verify_cases.jsonl)
+# --------------------------------------------------------------------------------------
+
+_PLAIN_DECIMAL_COMMA = (
+    "math-verify's plain-text reader takes a comma that is not a thousands separator as a "
+    "decimal comma, its LaTeX reader (inside $...$ or a box) as a list; we always read "
+    "answers as LaTeX: 1,22 is a list, 1,234 is 1234"
+)
+_LAST_NUMBER = (
+    "no box, no answer phrase, not only a formula: fallback_last_number reads the last "
+    "number, math-verify the last LaTeX span"
+)
+_BARE_LATEX = (
+    "math-verify reads LaTeX only inside $...$, \\(...\\), \\[...\\] or a box; a bare LaTeX "
+    "reference or <answer> block is LaTeX for us"
+)
+_PERCENT = "percent_as_fraction=False (the default): 50% is 50, for math-verify 0.5"
+_BOX_SPELLING = "\\boxed {4} (a space before the brace) and \\fbox{4} are boxes for us too"
+
+#: Case id -> why we differ from math-verify. Every other case must agree.
+MATH_VERIFY_DIFFERENCES = {
+    "test_all::test_number_extraction[5]": _PLAIN_DECIMAL_COMMA,
+    "test_all::test_number_extraction[6]": _PLAIN_DECIMAL_COMMA,
+    "test_all::test_number_extraction[7]": _PLAIN_DECIMAL_COMMA,
+    "tag:test_all::test_number_extraction[5]": _PLAIN_DECIMAL_COMMA,
+    "tag:test_all::test_number_extraction[6]": _PLAIN_DECIMAL_COMMA,
+    "tag:test_all::test_number_extraction[7]": _PLAIN_DECIMAL_COMMA,
+    "test_all::test_relations_math[0]": _LAST_NUMBER,
+    "test_all::test_relations_math[1]": _LAST_NUMBER,
+    "test_all::test_relations_math[2]": _LAST_NUMBER,
+    "test_all::test_relations_math[3]": _LAST_NUMBER,
+    "test_all::test_relations_math[4]": _LAST_NUMBER,
+    "test_all::test_relations_math[7]": _LAST_NUMBER,
+    "test_all::test_matrix_extraction[1]": _LAST_NUMBER,
+    "test_all::test_matrix_extraction[2]": _LAST_NUMBER,
+    "test_all::test_matrix_extraction[3]": _LAST_NUMBER,
+    "test_all::test_matrix_extraction[4]": _LAST_NUMBER,
+    "test_all::test_matrix_extraction[5]": _LAST_NUMBER,
+    "test_all::test_matrix_extraction[6]": _LAST_NUMBER,
+    "test_all::test_math_extraction_edge_cases[2]": _LAST_NUMBER,
+    "own::tag_set": _BARE_LATEX,
+    "own::tag_interval": _BARE_LATEX,
+    "own::bare_latex_reference": _BARE_LATEX,
+    "own::percent_is_not_a_fraction": _PERCENT,
+    "own::boxed_with_space": _BOX_SPELLING,
+    "own::fbox": _BOX_SPELLING,
+}
+
+MATH_VERIFY_CASES = _rows("math_verify_cases.jsonl")
+
+
+def test_math_verify_table_covers_its_suite_and_the_listed_differences() -> None:
+    ids = [row["id"] for row in MATH_VERIFY_CASES]
+    assert len(ids) == len(set(ids))
+    suite = [i for i in ids if not i.startswith(("tag:", "own::"))]
+    assert len(suite) == 269  # every (gold, pred) pair math-verify's tests parametrize
+    assert set(MATH_VERIFY_DIFFERENCES) <= set(ids)
+    boxed = [r for r in MATH_VERIFY_CASES if "\\boxed" in r["pred"] or "<answer>" in r["pred"]]
+    assert len(boxed) > 300
+
+
+@pytest.mark.parametrize("row", MATH_VERIFY_CASES, ids=lambda r: r["id"])
+def test_agrees_with_math_verify(row: dict) -> None:
+    ours = math_reward(row["pred"], row["gold"]) == 1.0
+    if row["id"] in MATH_VERIFY_DIFFERENCES:
+        assert ours != row["math_verify"], f"now agrees: drop it from the list ({row['id']})"
+    else:
+        assert ours == row["math_verify"], (row["gold"][:300], row["pred"][-300:])
+
+
+def test_math_verify_verdicts_are_current() -> None:
+    """The stored verdicts are what the installed math-verify says (default parse/verify)."""
+    from math_verify import parse, verify
+
+    verdicts: dict[tuple[str, str], bool] = {}
+    for row in MATH_VERIFY_CASES:
+        pair = (row["gold"], row.get("mv_pred", row["pred"]))
+        if pair not in verdicts:
+            verdicts[pair] = bool(verify(parse(pair[0]), parse(pair[1])))
+        assert verdicts[pair] == row["math_verify"], row["id"]
+
+
+def test_a_sentence_is_not_a_formula():
+    # "It is 4." has no box or answer phrase: the last number is the answer, not the text
+    assert extract_answer("It is 4.") == "4"
+    assert math_reward("It is 4.", "4") == 1.0

@@ -321,3 +321,23 @@ def test_recipe_validates():
         recipe_from_dict({"task": {**task, "path": str(MATH)}}, "x")
     with pytest.raises(RecipeError, match="unknown key 'task.question_field'"):
         recipe_from_dict({"task": {**task, "question_field": "q"}}, "x")
+
+
+def test_a_math_solution_with_several_boxes_has_them_all_as_its_answer(tmp_path):
+    import json
+
+    from signalrl.tasks.dataset import DatasetTask
+
+    p = tmp_path / "m.jsonl"
+    rows = [
+        {
+            "problem": f"Solve x^2 + x - 2 = 0 ({i})",
+            "solution": r"So \(\boxed{1}\) and \(\boxed{-2}\).",
+        }
+        for i in range(4)
+    ]
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    t = DatasetTask(path=str(p), format="math", test_fraction=0.5)
+    row = (t.train() + t.test())[0]
+    assert row["answer"] == "1,-2"
+    assert t.verify(row, r"\boxed{-2, 1}") == 1.0 and t.verify(row, r"\boxed{-2}") == 0.0

@@ -1,9 +1,12 @@
 """Math answer rewards: extract a final answer and check it with ``math-verify``.
 
-Extraction (:func:`extract_answer`) looks, in order, for the last ``\\boxed{...}`` (with
-balanced braces), the last ``Answer: ...`` / ``answer is ...`` phrase, the last GSM8K-style
-``#### N`` line and, optionally, the last number in the text. An unterminated ``\\boxed{``
-(a truncated generation) contributes nothing: the text from it onwards is ignored.
+Extraction (:func:`extract_answer`, :func:`extract_reference`, in
+:mod:`signalrl.rewards.math_extract`) reads the answer the way ``math_verify.parse`` does
+wherever the completion gives it in a box (several boxes together are one answer) or in
+an ``<answer>...</answer>`` block, and otherwise looks for an ``Answer: ...`` /
+``answer is ...`` phrase, a GSM8K-style ``#### N`` line, a completion that is only a
+formula and, optionally, the last number in the text. An unterminated ``\\boxed{`` (a
+truncated generation) contributes nothing: the text from it onwards is ignored.
 
 Comparison (:func:`answers_match`) normalises both sides (thousands separators, currency
 signs, surrounding ``$``, percentages, a trailing period) and hands them to
@@ -21,7 +24,8 @@ The worker process loads this file by path (see ``_Worker._BOOT``) and runs
 ``math_verify``, not the rest of ``signalrl``. The host side of the worker (start it, send a
 request, wait under a wall clock, kill its process group on timeout) is the helper-process
 code it shares with the code sandbox's runner pool, :mod:`signalrl.rewards.sandbox.process`,
-which is imported only when this module is imported as part of ``signalrl``.
+and the extraction (:mod:`signalrl.rewards.math_extract`, standard library only) is host
+side too: both are imported only when this module is imported as part of ``signalrl``.
 """
 
 from __future__ import annotations
@@ -30,7 +34,6 @@ import atexit
 import json
 import logging
 import os
-import re
 import signal
 import sys
 import threading
@@ -40,6 +43,14 @@ from functools import partial
 from typing import Any
 
 if __package__:  # imported as signalrl.rewards.math; not in the worker (loaded by path)
+    # _clean_phrase: signalrl.tasks.dataset cleans <answer> blocks with it.
+    from signalrl.rewards.math_extract import clean_phrase as _clean_phrase  # noqa: F401
+    from signalrl.rewards.math_extract import (
+        extract_answer,
+        extract_reference,
+        find_last_boxed,
+        normalize_answer,
+    )
     from signalrl.rewards.sandbox import process
 
 __all__ = [
@@ -52,176 +63,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_BOXED_RE = re.compile(r"\\(?:boxed|fbox)\s*\{")
-_ANSWER_RE = re.compile(r"\b(?:final\s+answer|answer)\s*(?:is\b\s*:?|:|=)\s*(.*)", re.IGNORECASE)
-_HASH_RE = re.compile(r"####[ \t]*(.*)")
-_NUM = r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|[-+]?\.\d+"
-_NUMBER_RE = re.compile(rf"(?<![\w.])(?:{_NUM})(?:\s*/\s*\d+)?(?:\s*\\?%)?")
-_PLAIN_NUMBER_RE = re.compile(rf"^(?:{_NUM})$")
-_NUMBER_WITH_WORDS_RE = re.compile(rf"^\\?\$?\s*((?:{_NUM})(?:\s*\\?%)?)\s*[A-Za-z][A-Za-z .]*$")
-_PERCENT_RE = re.compile(rf"^({_NUM})\s*\\?%$")
-_CURRENCY_RE = re.compile(r"^\\?\$\s*(?=[-+]?[\d.])")
-_EXPR_CHARS_RE = re.compile(r"^[\w\s+\-*/^().,=<>{}\[\]|!]+$")
-_WORD_RE = re.compile(r"[A-Za-z]{3,}")
-_MATH_WORDS = frozenset({"sqrt", "pi", "sin", "cos", "tan", "log", "exp", "abs", "inf", "oo"})
-_MATH_SPAN_RE = re.compile(r"\$\$?([^$]+?)\$\$?|\\\((.+?)\\\)|\\\[(.+?)\\\]", re.DOTALL)
-
 
 # --------------------------------------------------------------------------------------
-# Extraction
+# Comparison (runs in the worker process)
 # --------------------------------------------------------------------------------------
-
-
-def _is_escaped(text: str, index: int) -> bool:
-    """Whether the character at ``index`` is preceded by an odd number of backslashes."""
-    count = 0
-    while index - count - 1 >= 0 and text[index - count - 1] == "\\":
-        count += 1
-    return count % 2 == 1
-
-
-def _boxed_spans(text: str) -> tuple[list[tuple[int, int]], int | None]:
-    """Contents spans of complete ``\\boxed{...}`` and the start of a dangling one."""
-    spans: list[tuple[int, int]] = []
-    pos = 0
-    while True:
-        match = _BOXED_RE.search(text, pos)
-        if match is None:
-            return spans, None
-        depth, i = 1, match.end()
-        while i < len(text) and depth:
-            ch = text[i]
-            if ch in "{}" and not _is_escaped(text, i):
-                depth += 1 if ch == "{" else -1
-            i += 1
-        if depth:
-            return spans, match.start()  # unterminated: nothing from here on counts
-        spans.append((match.end(), i - 1))
-        pos = i
-
-
-def find_last_boxed(text: str) -> str | None:
-    """Contents of the last complete ``\\boxed{...}`` (or ``\\fbox{...}``), else ``None``.
-
-    Braces are matched with nesting; escaped braces (``\\{``) do not count. If a
-    ``\\boxed{`` is never closed, it and everything after it are ignored.
-    """
-    spans, _ = _boxed_spans(text)
-    if not spans:
-        return None
-    start, end = spans[-1]
-    return text[start:end].strip()
-
-
-def _looks_like_expression(phrase: str) -> bool:
-    """A plain-text formula such as ``x^2+2x+1`` or ``sqrt(2)/2`` (not a sentence)."""
-    if not _EXPR_CHARS_RE.match(phrase):
-        return False
-    words = _WORD_RE.findall(phrase)
-    return all(word.lower() in _MATH_WORDS for word in words)
-
-
-def _clean_phrase(phrase: str) -> str | None:
-    """Reduce an ``answer is ...`` phrase to the answer itself."""
-    phrase = phrase.strip().replace("**", "").replace("__", "").strip()
-    phrase = phrase.rstrip(" .;,!").strip()
-    if not phrase:
-        return None
-    spans = [next(g for g in m.groups() if g is not None) for m in _MATH_SPAN_RE.finditer(phrase)]
-    if spans:
-        return spans[-1].strip()
-    words = _NUMBER_WITH_WORDS_RE.match(phrase)
-    if words:
-        return words.group(1)
-    if "\\" in phrase or _PLAIN_NUMBER_RE.match(phrase) or _looks_like_expression(phrase):
-        return phrase
-    numbers = _NUMBER_RE.findall(phrase)
-    if numbers:
-        return numbers[-1].strip()
-    return phrase
-
-
-def extract_answer(completion: str, *, fallback_last_number: bool = True) -> str | None:
-    """The final answer stated in a completion, as a string, or ``None``.
-
-    Order: last ``\\boxed{}``; last ``Answer:`` / ``answer is``; last ``#### N``; the last
-    number in the text (if ``fallback_last_number``). Text from an unterminated
-    ``\\boxed{`` onwards is ignored.
-    """
-    if not isinstance(completion, str):
-        raise TypeError(f"completion must be a str, got {type(completion).__name__}")
-    text = completion.replace("\u2212", "-")
-    spans, dangling = _boxed_spans(text)
-    if spans:
-        start, end = spans[-1]
-        boxed = text[start:end].strip()
-        if boxed:
-            return boxed
-    if dangling is not None:
-        text = text[:dangling]
-    for regex in (_ANSWER_RE, _HASH_RE):
-        matches = list(regex.finditer(text))
-        for match in reversed(matches):
-            answer = _clean_phrase(match.group(1))
-            if answer:
-                return answer
-    if fallback_last_number:
-        numbers = _NUMBER_RE.findall(text)
-        if numbers:
-            return numbers[-1].strip()
-    return None
-
-
-def extract_reference(answer: str) -> str:
-    """The final answer of a reference solution.
-
-    GSM8K references (``"...reasoning...\\n#### 1,234"``) give the text after the last
-    ``####``; MATH references give the last ``\\boxed{}``; anything else is taken as the
-    answer itself.
-
-    Raises:
-        ValueError: when no answer can be found (empty string, empty ``####`` or box).
-    """
-    if not isinstance(answer, str):
-        raise TypeError(f"reference answer must be a str, got {type(answer).__name__}")
-    if "####" in answer:
-        result = answer.rsplit("####", 1)[1].strip()
-    else:
-        boxed = find_last_boxed(answer)
-        result = boxed if boxed is not None else answer.strip()
-    if not result:
-        raise ValueError(f"reference answer has no final answer: {answer[:200]!r}")
-    return result
-
-
-# --------------------------------------------------------------------------------------
-# Normalisation and comparison
-# --------------------------------------------------------------------------------------
-
-
-def _normalize(answer: str, percent_as_fraction: bool) -> str:
-    """Canonical LaTeX-ish form of an extracted answer, ready for ``math_verify.parse``."""
-    s = answer.replace("\u2212", "-").strip()
-    for _ in range(3):
-        before = s
-        s = s.strip().rstrip(".").strip()
-        for left, right in (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]")):
-            if s.startswith(left) and s.endswith(right) and len(s) > len(left) + len(right):
-                s = s[len(left) : len(s) - len(right)].strip()
-        s = _CURRENCY_RE.sub("", s)
-        if s.startswith("\\text{") and s.endswith("}") and s.count("{") == 1:
-            inner = s[len("\\text{") : -1].strip()
-            if _PERCENT_RE.match(inner) or _PLAIN_NUMBER_RE.match(inner):
-                s = inner
-        if s == before:
-            break
-    percent = _PERCENT_RE.match(s)
-    if percent:
-        number = percent.group(1).replace(",", "")
-        return f"\\frac{{{number}}}{{100}}" if percent_as_fraction else number
-    if _PLAIN_NUMBER_RE.match(s):
-        return s.replace(",", "")
-    return s
 
 
 def _parse(expr: str) -> list[Any]:
@@ -416,8 +261,8 @@ def answers_match(
     if not isinstance(pred, str) or not isinstance(reference, str):
         raise TypeError("pred and reference must be str")
     _check_timeout(timeout)
-    gold = _normalize(reference, percent_as_fraction)
-    target = _normalize(pred, percent_as_fraction)
+    gold = normalize_answer(reference, percent_as_fraction)
+    target = normalize_answer(pred, percent_as_fraction)
     if not gold or not target:
         return False
     if gold == target:

@@ -341,7 +341,7 @@ class DatasetTask:
                 raise DatasetTaskError(
                     f"{where}: field 'solution' has no complete, non-empty \\boxed{{...}}"
                 )
-            row["answer"] = boxed
+            row["answer"] = extract_reference(solution)  # several boxes are one answer
             reasoning = completion = solution.strip()
         elif self.format == "generic":
             row["answer"] = _text(raw, "answer", where, numbers=True).strip()
