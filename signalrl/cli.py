@@ -365,6 +365,25 @@ def compare(
 
 
 @app.command()
+def doctor(
+    paths: Annotated[
+        list[Path], typer.Argument(help="run directories, metrics.jsonl or trainer_state.json")
+    ],
+    json_out: Annotated[bool, typer.Option("--json", help="print the findings as JSON")] = False,
+    rules: Annotated[
+        str | None, typer.Option(help="a module of your own rules (its RULES, or every Rule)")
+    ] = None,
+) -> None:
+    """Name what is going wrong in a DPO, RL or distillation run: evidence and the knob to
+    turn. Exit code 0: healthy, 1: a finding, 2: a run could not be read."""
+    from rich.console import Console
+
+    from signalrl.diagnostics.cli import doctor_command
+
+    raise typer.Exit(doctor_command(paths, json_out, rules, Console()))
+
+
+@app.command()
 def report(
     run_dirs: Annotated[
         list[Path], typer.Argument(metavar="RUN_DIR...", help="run directories (runs/<name>)")

@@ -16,6 +16,7 @@ from signalrl.config.methods import DistillConfig, PreferenceConfig, RewardModel
 from signalrl.config.sections import (
     CheckpointConfig,
     DataConfig,
+    DoctorConfig,
     EvalConfig,
     LoggingConfig,
     ModelConfig,
@@ -92,6 +93,7 @@ class RecipeBase(Section):
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     data: DataConfig = Field(default_factory=DataConfig)
+    doctor: DoctorConfig = Field(default_factory=DoctorConfig)
 
     @field_validator("name")
     @classmethod

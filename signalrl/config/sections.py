@@ -86,6 +86,16 @@ class LoggingConfig(Section):
     progress: bool = True
 
 
+class DoctorConfig(Section):
+    """The live doctor (`signalrl.diagnostics`): the rules run at every logging step and each
+    new finding is printed once (and listed in report.html); `stop_on` severities stop the
+    run cleanly (a checkpoint, then the final evaluation and `final/`)."""
+
+    enabled: bool = True
+    stop_on: list[Literal["warning", "critical"]] = Field(default_factory=list)
+    rules: str | None = Field(None, description="a module of your own rules ('mymodule')")
+
+
 class CheckpointConfig(Section):
     every: int = Field(0, ge=0, description="save every N steps (0: only final/)")
     keep: int = Field(2, ge=1)

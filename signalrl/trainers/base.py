@@ -462,6 +462,8 @@ class TrainerBase(CheckpointMixin):
         the final evaluation and `final/`."""
         t, lg = self.recipe.train, self.recipe.logging
         metrics: dict[str, Any] = {}
+        stop = False
+        self.doctor = self.make_doctor()
         with self.progress() as bar:
             task = bar.add_task(self.progress_name(), total=t.steps, completed=self.step, info="")
             while self.step < t.steps:
@@ -473,12 +475,34 @@ class TrainerBase(CheckpointMixin):
                 if self.step % lg.every == 0 and self.step < t.steps:
                     metrics["time/elapsed_s"] = self.elapsed()
                     self.run.log_metrics(self.step, metrics)
+                    stop = self.consult_doctor(metrics)
                 info = self.progress_info(metrics)
                 if "eval/accuracy" in metrics:
                     info += f"  acc {metrics['eval/accuracy']:.3f}"
                 bar.update(task, completed=self.step, info=info)
                 self.maybe_checkpoint()
+                if stop:
+                    self.save_checkpoint()
+                    break
         return self.finish(metrics)
+
+    def consult_doctor(self, metrics: dict[str, Any]) -> bool:
+        """Run the doctor's rules on the logged rows; print each new finding once. True when
+        one has a `doctor.stop_on` severity (the run then stops cleanly)."""
+        if self.doctor is None:
+            return False
+        stop = False
+        for f in self.doctor.update([{"step": self.step, **metrics}]):
+            color = {"critical": "red", "warning": "yellow"}.get(f.severity, "cyan")
+            self.console.print(
+                f"[{color}]doctor: {f.id} ({f.severity}) at step {f.step}:[/{color}] "
+                f"{f.evidence} -> {f.suggestion}",
+                highlight=False,
+            )
+            stop = stop or f.severity in self.recipe.doctor.stop_on
+        if stop:
+            self.console.print(f"[red]doctor: stopping at step {self.step} (doctor.stop_on)")
+        return stop
 
     def first_step(self) -> tuple[dict[str, float], list[dict[str, Any]]]:
         """The first step of a run that replaces another (`--overwrite`): the old run is put
@@ -492,13 +516,45 @@ class TrainerBase(CheckpointMixin):
         self.run.drop_replaced()
         return out
 
+    def make_doctor(self) -> Any:
+        """The live doctor (`signalrl.diagnostics.LiveDoctor`) with the built-in rules and
+        `doctor.rules`, or None when `doctor.enabled` is false."""
+        if not self.recipe.doctor.enabled:
+            return None
+        import yaml
+
+        from signalrl.config import dump_recipe as dump
+        from signalrl.diagnostics.doctor import LiveDoctor
+        from signalrl.diagnostics.rules import BUILTIN_RULES, load_rules, merge_rules
+
+        rules = BUILTIN_RULES
+        if self.recipe.doctor.rules:
+            rules = merge_rules(BUILTIN_RULES, load_rules(self.recipe.doctor.rules))
+        doctor = LiveDoctor(rules, yaml.safe_load(dump(self.recipe)))
+        if self.resume_from is not None:  # the logged steps up to the checkpoint
+            from signalrl.logging.run import read_metrics
+
+            doctor.rows.extend(read_metrics(self.run.path))
+            doctor.reported.update({f.id: f for f in doctor.update([])})
+        return doctor
+
+    def findings(self) -> list[dict[str, Any]]:
+        """The live doctor's findings, each with the metrics its rule reads (for the report's
+        markers)."""
+        doctor = getattr(self, "doctor", None)
+        if doctor is None:
+            return []
+        needs = {r.id: list(r.needs or r.needs_any) for r in doctor.rules}
+        return [{**f.to_dict(), "metrics": needs.get(f.id, [])} for f in doctor.findings]
+
     def write_report(self) -> None:
         """`report.html` in the run directory (`signalrl.report`); a failure only warns: the
         run itself is complete."""
         from signalrl.report.html import write_report
 
         try:
-            write_report([self.run.path], self.run.path / "report.html")
+            findings = {str(self.run.path): self.findings()}
+            write_report([self.run.path], self.run.path / "report.html", findings)
         except Exception as e:  # noqa: BLE001 - the report must never fail a finished run
             self.console.print(f"[yellow]warning:[/yellow] report.html not written: {e}")
 

@@ -113,7 +113,13 @@ class Budget:
 
 
 #: What a resumed run may change: how long it runs and how it logs, evaluates and saves.
-RESUME_MAY_CHANGE: tuple[str, ...] = ("train.steps", "logging.", "eval.", "checkpoint.")
+RESUME_MAY_CHANGE: tuple[str, ...] = (
+    "train.steps",
+    "logging.",
+    "eval.",
+    "checkpoint.",
+    "doctor.",
+)
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
