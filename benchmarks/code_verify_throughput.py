@@ -2,6 +2,8 @@
 
 Each verification runs one completion against its assert-list tests (MBPP convention, 2-3
 asserts) with `signalrl.rewards.code.code_reward_batch`, one sandboxed runner per core.
+`--suite humaneval` runs the canonical solutions of `tests/data/humaneval_style.jsonl`
+instead (one `check(candidate)` each, up to 60 calls of the program per check).
 Reports verifications per second and milliseconds per verification for `--sandbox
 required` (bubblewrap) and `none` (resource limits only), so the cost of isolation is
 visible; also the CPU time the verifications took (this process plus the sandboxes: a
@@ -20,6 +22,7 @@ import json
 import os
 import statistics
 import time
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
@@ -49,6 +52,16 @@ PROGRAMS = [
 ]
 
 _TICK = os.sysconf("SC_CLK_TCK")
+_HUMANEVAL = Path(__file__).resolve().parents[1] / "tests" / "data" / "humaneval_style.jsonl"
+
+
+def suite_items(suite: str) -> list[tuple[str, list[str] | str, str | None, float]]:
+    """(completion, tests, entry point, expected reward) of each program of the suite."""
+    if suite == "mbpp":
+        wrong = PROGRAMS[4][0]
+        return [(c, t, None, 0.5 if c == wrong else 1.0) for c, t in PROGRAMS]
+    rows = [json.loads(line) for line in _HUMANEVAL.read_text().splitlines() if line]
+    return [(r["prompt"] + r["canonical_solution"], r["test"], r["entry_point"], 1.0) for r in rows]
 
 
 def machine_busy_seconds() -> float:
@@ -103,36 +116,41 @@ def wait_for_idle(max_seconds: float, console: Console, threshold: float = 0.10)
     console.print("[yellow]machine still busy; timing anyway")
 
 
-def measure(n: int, sandbox: str) -> dict:
+def measure(n: int, sandbox: str, suite: str = "mbpp") -> dict:
     """One timed batch of ``n`` verifications (after a cold start and a warm-up)."""
-    items = [PROGRAMS[i % len(PROGRAMS)] for i in range(n)]
-    completions = [c for c, _ in items]
-    tests = [t for _, t in items]
+    programs = suite_items(suite)
+    items = [programs[i % len(programs)] for i in range(n)]
+    completions = [c for c, _, _, _ in items]
+    tests = [t for _, t, _, _ in items]
+    entry_points = [e for _, _, e, _ in items]
     close_sandbox_pool()
     t0 = time.perf_counter()
-    code_reward_batch(completions[:1], tests[:1], sandbox=sandbox)  # starts one runner
-    cold = time.perf_counter() - t0
+    code_reward_batch(completions[:1], tests[:1], entry_points=entry_points[:1], sandbox=sandbox)
+    cold = time.perf_counter() - t0  # that started one runner
     warm = 4 * (os.cpu_count() or 1)  # starts one runner per core
-    code_reward_batch(completions[:warm], tests[:warm], sandbox=sandbox)
+    code_reward_batch(
+        completions[:warm], tests[:warm], entry_points=entry_points[:warm], sandbox=sandbox
+    )
     load = os.getloadavg()[0]
     busy0, cpu0, t0 = machine_busy_seconds(), tree_cpu_seconds(), time.perf_counter()
-    rewards = code_reward_batch(completions, tests, sandbox=sandbox)
+    rewards = code_reward_batch(completions, tests, entry_points=entry_points, sandbox=sandbox)
     dt = time.perf_counter() - t0
     cpu = tree_cpu_seconds() - cpu0
     other = max(0.0, machine_busy_seconds() - busy0 - cpu) / (dt * (os.cpu_count() or 1))
-    expected = [1.0 if c != PROGRAMS[4][0] else 0.5 for c in completions]
+    n_tests = sum(1 if isinstance(t, str) else len(t) for t in tests)
     return {
+        "suite": suite,
         "sandbox": sandbox,
         "verifications": n,
         "seconds": dt,
         "verifications_per_s": n / dt,
         "ms_per_verification": 1000 * dt / n,
         "cpu_ms_per_verification": 1000 * cpu / n,
-        "tests_per_s": sum(len(t) for t in tests) / dt,
+        "tests_per_s": n_tests / dt,
         "cold_start_ms": 1000 * cold,
         "loadavg_1m_before": load,
         "other_processes_cpu_fraction": other,
-        "all_correct": rewards == expected,
+        "all_correct": rewards == [r for _, _, _, r in items],
     }
 
 
@@ -142,6 +160,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3, help="timed runs per sandbox mode")
     ap.add_argument("--wait-idle", type=float, default=0.0, help="max seconds to wait")
     ap.add_argument("--out", default=None, help="write all runs as JSON here")
+    ap.add_argument("--suite", choices=("mbpp", "humaneval"), default="mbpp", help="programs")
     args = ap.parse_args()
     console = Console(width=220)
     ok, why = bwrap_status()
@@ -151,7 +170,7 @@ def main() -> None:
         for _ in range(args.repeat):
             if args.wait_idle:
                 wait_for_idle(args.wait_idle, console)
-            runs.append(measure(args.n, mode))
+            runs.append(measure(args.n, mode, args.suite))
     table = Table(title=f"code verification throughput, {os.cpu_count()} CPUs ({why})")
     for col in runs[0]:
         table.add_column(col, justify="right")

@@ -363,3 +363,147 @@ def test_parent_environment_is_invisible(mode: str, monkeypatch: pytest.MonkeyPa
     assert code_reward(program, ["assert not leaked()"], sandbox=mode) == 1.0
     env_program = "import os\nkeys = sorted(os.environ)"
     assert code_reward(env_program, ["assert 'SIGNALRL_TEST_SECRET' not in keys"]) == 1.0
+
+
+# --------------------------------------------------------------------------------------
+# Reward hacking: the tests run where the program cannot reach; only plain data crosses
+# --------------------------------------------------------------------------------------
+
+HACKS = [json.loads(x) for x in open(DATA / "code_reward_hacks.jsonl")]
+HUMANEVAL = [json.loads(x) for x in open(DATA / "humaneval_style.jsonl")]
+MBPP = [json.loads(x) for x in open(DATA / "mbpp_style.jsonl")]
+
+
+def test_the_two_reported_hacks_score_zero(mode: str) -> None:
+    frame = (
+        "def add(a, b):\n    return None\nimport sys\n"
+        "sys._getframe(1).f_locals['report']('passed')\n"
+    )
+    equal = "class E:\n    def __eq__(self, o): return True\ndef add(a, b):\n    return E()\n"
+    for program in (frame, equal):
+        assert code_reward(program, ["assert add(1, 2) == 3"], sandbox=mode) == 0.0
+    (outcome,) = run_tests(equal, ["assert add(1, 2) == 3"], sandbox=mode)
+    assert outcome.status == "error" and "not plain data" in outcome.detail
+
+
+@pytest.mark.parametrize("hack", HACKS, ids=[h["name"] for h in HACKS])
+def test_reward_hacks_score_zero(mode: str, hack: dict) -> None:
+    outcomes = run_tests(
+        hack["completion"], hack["tests"], entry_point=hack["entry_point"], sandbox=mode
+    )
+    assert [o.passed for o in outcomes] == [False] * len(outcomes), outcomes
+
+
+def test_tests_are_not_in_the_programs_memory(mode: str) -> None:
+    # The program scans all its readable memory and every object the gc knows for the
+    # marker that only the tests hold (the pattern never spells the marker out itself).
+    marker = "srl-marker-" + secrets.token_hex(6)
+    program = (
+        "import ctypes, gc, re\n"
+        f"PATTERN = {marker[:3] + '[' + marker[3] + ']' + marker[4:]!r}\n"
+        "def seen():\n"
+        "    found = []\n"
+        "    with open('/proc/self/maps') as fh:\n"
+        "        for line in fh.read().splitlines():\n"
+        "            fields = line.split()\n"
+        "            if 'r' not in fields[1] or fields[-1].startswith('[v'):\n"
+        "                continue\n"
+        "            start, end = (int(x, 16) for x in fields[0].split('-'))\n"
+        "            if re.search(PATTERN.encode(), ctypes.string_at(start, end - start)):\n"
+        "                found.append(line)\n"
+        "    for obj in gc.get_objects():\n"
+        "        items = obj.values() if isinstance(obj, dict) else obj\n"
+        "        for text in items if isinstance(obj, (dict, list, tuple)) else ():\n"
+        "            if isinstance(text, str) and re.search(PATTERN, text):\n"
+        "                found.append('gc')\n"
+        "    return found\n"
+    )
+    # An earlier check on the same runner whose failure's traceback quotes the marker.
+    assert run_tests("x = 1", [f"assert x == 2  # {marker}"], sandbox=mode)[0].status == "failed"
+    tests = [f"assert seen() == []  # {marker}", f"assert '{marker}'"]
+    outcomes = run_tests(program, tests, sandbox=mode)
+    assert [o.status for o in outcomes] == ["passed", "passed"], outcomes[0].detail
+
+
+@pytest.mark.parametrize("problem", HUMANEVAL, ids=[p["task_id"] for p in HUMANEVAL])
+def test_humaneval_style_problems(mode: str, problem: dict) -> None:
+    """Canonical solutions pass, wrong ones fail (prompt + completion, check(candidate))."""
+    for kind, expected in (("canonical_solution", 1.0), ("wrong_solution", 0.0)):
+        program = problem["prompt"] + problem[kind]
+        outcomes = run_tests(
+            program, problem["test"], entry_point=problem["entry_point"], sandbox=mode
+        )
+        assert outcomes[0].passed == bool(expected), (kind, outcomes[0].detail)
+
+
+@pytest.mark.parametrize("row", MBPP, ids=[r["task_id"] for r in MBPP])
+def test_mbpp_style_problems(mode: str, row: dict) -> None:
+    outcomes = run_tests(row["completion"], row["tests"], sandbox=mode)
+    reward = sum(o.passed for o in outcomes) / len(outcomes)
+    assert reward == row["expected"], [(o.status, o.detail) for o in outcomes]
+
+
+def test_values_cross_as_builtin_types(mode: str) -> None:
+    program = (
+        "from collections import Counter, OrderedDict, namedtuple\n"
+        "class Big(int):\n"
+        "    def __eq__(self, other): return True\n"
+        "    __hash__ = int.__hash__\n"
+        "class MyError(KeyError):\n"
+        "    pass\n"
+        "Point = namedtuple('Point', 'x y')\n"
+        "def echo(x):\n    return x\n"
+        "def typed(x):\n    return type(x).__name__\n"
+        "def big():\n    return Big(7)\n"
+        "def point():\n    return Point(1, 2)\n"
+        "def counts():\n    return Counter('aab')\n"
+        "def ordered():\n    return OrderedDict(b=1, a=2)\n"
+        "def fails():\n    raise MyError('k')\n"
+        "def gen(n):\n    return (i * i for i in range(n))\n"
+        "def kw(a, *, b=0):\n    return a - b\n"
+    )
+    tests = [
+        "assert echo((1, [2, {3: (4,)}])) == (1, [2, {3: (4,)}])",
+        "assert echo([1, 2]) != (1, 2) and type(echo((1,))) is tuple",
+        "assert echo({1, 2}) == {1, 2} and type(echo(frozenset())) is frozenset",
+        "assert echo(b'\\x00\\xff') == b'\\x00\\xff' and echo(bytearray(b'a')) == bytearray(b'a')",
+        "import math\nassert math.isinf(echo(float('inf'))) and math.isnan(echo(float('nan')))",
+        "assert echo(-0.0) == 0 and str(echo(-0.0)) == '-0.0' and echo(1 + 2j) == 1 + 2j",
+        "assert echo(10 ** 100) == 10 ** 100 and echo(True) is True and echo(None) is None",
+        "assert echo('\\u00e9\\U0001f600') == '\\u00e9\\U0001f600' and echo(range(3)) == range(3)",
+        "assert typed((1,)) == 'tuple' and typed({}) == 'dict' and typed(2.0) == 'float'",
+        "assert big() == 7 and big() != 8 and type(big()) is int",
+        "assert point() == (1, 2)",
+        "assert counts() == {'a': 2, 'b': 1} and type(counts()) is dict",
+        "assert list(ordered()) == ['b', 'a']",
+        "try:\n    fails()\nexcept KeyError as e:\n    assert type(e) is KeyError\n"
+        "else:\n    assert False",
+        "assert list(gen(4)) == [0, 1, 4, 9] and gen(1) != [0]",
+        "assert kw(5, b=2) == 3",
+    ]
+    outcomes = run_tests(program, tests, sandbox=mode)
+    assert [o.status for o in outcomes] == ["passed"] * len(tests), [
+        (o.test, o.detail) for o in outcomes if not o.passed
+    ]
+
+
+def test_values_that_cannot_cross_fail_the_test(mode: str) -> None:
+    program = (
+        "class Thing:\n    pass\n"
+        "def thing():\n    return Thing()\n"
+        "def call(f):\n    return f(1)\n"
+        "def deep():\n"
+        "    x = []\n"
+        "    for _ in range(500):\n"
+        "        x = [x]\n"
+        "    return x\n"
+    )
+    tests = [
+        "assert thing() is not None",
+        "assert call(lambda x: x) == 1",  # a function of the test cannot cross either
+        "try:\n    deep()\nexcept Exception:\n    pass",  # not even caught: the test fails
+    ]
+    outcomes = run_tests(program, tests, sandbox=mode)
+    assert [o.status for o in outcomes] == ["error"] * 3
+    assert "Thing object is not plain data" in outcomes[0].detail
+    assert "not plain data" in outcomes[1].detail and "nested" in outcomes[2].detail

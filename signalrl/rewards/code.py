@@ -3,17 +3,22 @@
 Two test conventions are supported:
 
 * **MBPP**: ``tests`` is a list of statements (usually ``assert f(x) == y``); each one is a
-  separate test, run in its own sandboxed process after the program (so tests do not share
+  separate test, against a fresh sandboxed process of the program (so tests do not share
   state, and a test that hangs or crashes fails alone).
 * **HumanEval**: ``tests`` is one string defining ``check(candidate)`` and ``entry_point``
   names the function to pass to it; that is a single test. HumanEval completions are often
   only the function body: prepend the prompt to the completion before calling.
 
-The reward is the fraction of tests that pass. See :mod:`signalrl.rewards.sandbox` for what
-the sandbox isolates and how (bubblewrap when available, resource limits always). The test
-processes are forked by long-lived sandboxed runners kept in a pool (one per concurrent
-check, started on first use), which is what makes a check cost milliseconds rather than a
-sandbox start; :func:`close_sandbox_pool` stops the idle ones.
+The reward is the fraction of tests that pass. The tests never run in the program's
+process: a trusted harness runs them and calls the program's functions through proxies
+that exchange plain data only (builtin numbers, strings, bytes, ``None`` and containers of
+them), so a program can pass a test only by answering its calls correctly, not by reaching
+into the harness, reading the tests, or returning an object that equals everything. See
+:mod:`signalrl.rewards.sandbox` for that trust boundary and for what the sandbox isolates
+and how (bubblewrap when available, resource limits and a memory budget per check always).
+The processes are forked by long-lived sandboxed runners kept in a pool (one per
+concurrent check, started on first use), which is what makes a check cost milliseconds
+rather than a sandbox start; :func:`close_sandbox_pool` stops the idle ones.
 """
 
 from __future__ import annotations

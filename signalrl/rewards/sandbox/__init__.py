@@ -1,15 +1,40 @@
 """Run untrusted Python programs against tests in sandboxed, pooled subprocesses.
 
-Parts, and the trust boundary
------------------------------
-Inside the sandbox runs only ``runner.py``, the **runner**: a standard-library-only script
-that the host starts by file path (``python -I -S runner.py --serve``) and never imports,
-so nothing of ``signalrl`` has to be importable, or visible, in the sandbox. The runner
-forks the **test processes**, in which the untrusted program and its tests execute. The
-runner trusts the jobs it reads from the host; the host trusts nothing that comes back:
-it reads the runner's answers through :mod:`~signalrl.rewards.sandbox.process` with
-deadlines and a byte cap, takes only lines that carry the check's random nonce, and
-scores a test passed only when the runner says so.
+The trust boundary
+------------------
+The program and its tests never share a process. Per check, inside one sandbox:
+
+* the **runner** (``runner.py``) is the sandbox's long-lived process. It reads the job (the
+  program and the settings) from the host, forks the processes below, keeps the clock and
+  cleans up. It **never reads a test**, nor anything derived from one (a failing test's
+  traceback quotes the test): the host puts the tests on the runner's stdin behind the job,
+  and only the harness reads them and reports on them.
+* the **harness** (``harness.py``, forked by the runner once, before its first job, and
+  reused for its checks) is trusted code. It runs each test in a fresh namespace, in which
+  every name the program defines is a proxy. Calling one sends the arguments, as plain
+  data, to the program's process and returns its answer, decoded into builtin values only
+  (``int``, ``float``, ``complex``, ``str``, ``bytes``, ``bytearray``, ``bool``, ``None``,
+  and ``list``, ``tuple``, ``dict``, ``set``, ``frozenset``, ``range`` of them). So
+  ``assert add(1, 2) == 3`` (MBPP) and ``check(candidate)`` (HumanEval) compare real builtin
+  values where only trusted code runs. No object, frame or ``__eq__`` of the program
+  crosses over; a program exception arrives as the builtin exception class it derives
+  from. The harness alone writes each test's status to the host. As root it runs as a
+  private uid of its own, not dumpable.
+* the **program process** (one per test, forked by the runner) runs the program and
+  answers calls, and holds nothing else of value: no test, no report channel (it keeps only
+  its socket to the harness), no way to reach the harness (another uid, not dumpable). So
+  walking frames, ``gc.get_objects()``, patching builtins or ``sys.modules``, scanning its
+  own memory, exiting early, printing a fake status, objects equal to everything or
+  subclassing the expected type (sent as the builtin value inside them) all fail: a
+  value that is not plain data, a malformed answer or an ended process fails the test,
+  whatever the test does with the exception.
+
+The host trusts nothing that comes back: it reads the runner's answers through
+:mod:`~signalrl.rewards.sandbox.process` with deadlines and a byte cap, takes only lines
+that carry the check's random nonce, and scores a test passed only when the harness said
+so. What the program can still do is be right: it sees the arguments of the calls the
+tests make, and the helper functions a HumanEval test calls (``poly`` in
+``find_zero``'s check) are the program's own.
 
 On the host run the other modules:
 
@@ -18,11 +43,16 @@ On the host run the other modules:
 * :mod:`~signalrl.rewards.sandbox.bwrap`: the backends (bubblewrap and its command line,
   or the fallback without it), the once-per-process probe :func:`bwrap_status`, and the
   choice of backend for a sandbox mode;
+* :mod:`~signalrl.rewards.sandbox.userns` and :mod:`~signalrl.rewards.sandbox.cgroup`: the
+  user namespace without user namespaces, and the memory cgroups, the runners start in;
 * :mod:`~signalrl.rewards.sandbox.pool`: the pool of runners and the running of a check;
 * :mod:`~signalrl.rewards.sandbox.process`: spawning a helper process, talking to it
   under a wall clock and killing its process group; shared with the math-verify worker
   pool of :mod:`signalrl.rewards.math`;
 * this module: :func:`run_python_tests`, the entry point.
+
+The three files that run inside the sandbox (``runner.py``, ``harness.py``, ``sweep.py``)
+use the standard library only and are started or loaded by path, never imported.
 
 How a check runs
 ----------------
@@ -30,11 +60,13 @@ The host keeps a small pool of long-lived **sandboxed runners** (one per concurr
 at most ``os.cpu_count()`` kept idle), started on first use and reused. Starting a sandbox
 (bubblewrap, the interpreter, the runner's imports) costs tens of milliseconds; a reused
 runner only forks. A check (one program and its tests) is sent to an idle runner through a
-pipe; the runner forks **one process per test**, which executes the program and then that
-test, each under its own resource limits and wall clock, so a test that hangs, crashes or
-exhausts a limit only fails itself. Every test's result is sent back as soon as it is
-known. If a runner dies (or stops answering), its in-flight test is scored ``killed`` (or
-``timeout``) and the remaining tests are re-run in a fresh runner.
+pipe; the runner's harness reads the tests and runs them, and for each test the runner
+forks one program process, which runs the program and answers the harness's calls under its
+own resource limits and wall clock, so a test that hangs, crashes or exhausts a limit only
+fails itself. Every test's
+result is sent back as soon as it is known. If a runner dies (or stops answering), its
+in-flight test is scored ``killed`` (or ``timeout``) and the remaining tests are re-run in
+a fresh runner.
 
 Layers of containment
 ---------------------
@@ -42,51 +74,66 @@ Layers of containment
    root are required; this is probed once by running the real runner on a trivial job):
    a fresh root, remounted read-only, with read-only binds of ``/usr``, the libraries and
    the interpreter's prefix only (not the whole ``/``), private size-limited tmpfs ``/tmp``
-   and working directory ``/work``, new PID/network/IPC/UTS namespaces (no network at all,
-   not even the host's loopback), ``--die-with-parent --new-session``, and an empty
-   environment except a minimal ``PATH``. As root the runner keeps only the capabilities
-   it needs (set uid/gid, kill, and override file permissions to wipe the tmpfs).
+   and working directory ``/work``, a ``/dev`` of the usual devices only, new
+   PID/network/IPC/UTS namespaces (no network at all, not even the host's loopback),
+   ``--die-with-parent --new-session``, and an empty environment except a minimal
+   ``PATH``. No user namespace can be created inside (``unshare(CLONE_NEWUSER)`` fails):
+   bwrap's ``--unshare-user --disable-userns``, or as root (where the program runs as a
+   private uid, more than ``--unshare-user`` maps) a user namespace that maps every uid to
+   itself and allows no nested one; bwrap checks it (``--assert-userns-disabled``), and
+   :func:`bwrap_status` says when this bwrap cannot. As root the runner keeps only the
+   capabilities it needs (set uid/gid, kill, and override file permissions to wipe the
+   tmpfs).
 2. **An unprivileged, per-check user id** when the host process is root (the usual case in
-   containers): test processes ``setuid`` to a random high uid chosen for that check, so
-   ``RLIMIT_NPROC`` really applies (the kernel never enforces it for uid 0), they cannot
-   signal the runner or the host, cannot read other processes' ``/proc/<pid>/environ``
-   and cannot write root-owned files.
-3. **Resource limits** per test process: ``RLIMIT_CPU``, ``RLIMIT_AS`` (address space),
+   containers): program processes ``setuid`` to a random high uid chosen for that check
+   (and the harness to another), so ``RLIMIT_NPROC`` really applies (the kernel never
+   enforces it for uid 0), they cannot signal the runner, the harness or the host, cannot
+   read other processes' ``/proc/<pid>/environ`` and cannot write root-owned files.
+3. **Resource limits** per program process: ``RLIMIT_CPU``, ``RLIMIT_AS`` (address space),
    ``RLIMIT_FSIZE`` (which also caps the captured output), ``RLIMIT_NPROC``,
-   ``RLIMIT_NOFILE``, ``RLIMIT_MSGQUEUE`` = 0 (no POSIX message queues), no core files; a
-   wall-clock limit after which the test's process group is killed; and a host-side wall
-   clock that kills the whole runner if it stops answering.
+   ``RLIMIT_NOFILE``, ``RLIMIT_MSGQUEUE`` = 0 (no POSIX message queues), no core files,
+   ``PR_SET_NO_NEW_PRIVS``; a wall-clock limit after which the test's process group is
+   killed; and a host-side wall clock that kills the whole runner if it stops answering.
+4. **A memory budget per check** (:attr:`SandboxLimits.memory_budget_bytes`, 1 GiB by
+   default): the memory of all the check's processes together, not of each. Where the host
+   allows it (root, and cgroup v2 with the memory controller or a cgroup v1 memory
+   hierarchy), every runner starts inside a memory cgroup of its own with that limit and no
+   swap; since a runner runs one test at a time, that bounds the test's processes, whatever
+   they fork, the files they write to the tmpfs, and the runner and harness themselves
+   (about 30 MB). Past it the OOM killer ends a process (the program's first) and the test
+   scores ``killed``. Elsewhere the program's process count is limited instead, to
+   ``max(1, memory_budget_bytes // memory_bytes)`` (``RLIMIT_NPROC``), so processes x
+   address space stays within the budget (with the defaults: no fork, no thread); this
+   needs a non-root uid (a private uid, or bwrap without root). :func:`bwrap_status` says
+   which applies.
 
 Isolation between checks that share a runner
 --------------------------------------------
-After **every test** the runner kills every other process in its PID namespace
-(``kill(-1)``; processes that escaped into their own session included). After **every
-check** it then empties ``/tmp``, ``/work`` and ``/dev/shm``, removes all System V IPC
-objects of its IPC namespace, and verifies that the writable parts of the sandbox (the
+After **every test** the runner kills every process the program left behind (all processes
+of the check's private uid, or every process of its PID namespace but itself, the harness
+and the namespace's init; processes that escaped into their own session included). After
+**every check** it then empties ``/tmp``, ``/work`` and ``/dev/shm``, removes all System V
+IPC objects of its IPC namespace, and verifies that the writable parts of the sandbox (the
 modes, owners and extended attributes of ``/``, ``/tmp``, ``/work``, ``/dev``, ``/dev/shm``
 and the entries of ``/dev``) are exactly as they were when the runner started; if anything
 cannot be removed or differs, the runner exits and a fresh sandbox replaces it. The runner
-is not dumpable (``PR_SET_DUMPABLE`` 0), so even a test process with the runner's own uid
-(bwrap without root) cannot ptrace it or open its ``/proc/<pid>/mem`` or pipes; it can only
-kill it, which costs a restart and scores the in-flight test 0. The runner holds only the
-current check; earlier programs and tests are not referenced (their bytes may remain in
-freed memory, which a forked test process could read by introspection).
+is not dumpable (``PR_SET_DUMPABLE`` 0), so even a program process with the runner's own
+uid (bwrap without root) cannot ptrace it or open its ``/proc/<pid>/mem`` or pipes; it can
+only kill it (or the harness), which costs a restart and scores the in-flight test 0. The
+runner holds only the current check's program; earlier programs are not referenced (their
+bytes may remain in freed memory, which a forked program process could read by
+introspection). It never holds tests.
 
 Without bubblewrap (``sandbox="none"``, or ``"auto"`` when bwrap is missing or unusable,
-which logs a warning once) layers 2 and 3 still apply, plus a clean environment and a fresh
-temporary working directory per check; leftover processes of the check's uid are killed
-after every test and its System V IPC objects removed after every check. But there is **no
-network or filesystem isolation**: the program can open sockets, read world-readable files
-and leave files in world-writable host directories such as ``/tmp`` (where a later check
-could find them). When the host is not root there is also no separate uid, so the program
-could signal processes of the same user.
+which logs a warning once) layers 2 to 4 still apply, plus a clean environment and a fresh
+temporary working directory per check (and, as root, the same user namespace without user
+namespaces); leftover processes of the check's uid are killed after every test and its
+System V IPC objects removed after every check. But there is **no network or filesystem
+isolation**: the program can open sockets, read world-readable files and leave files in
+world-writable host directories such as ``/tmp`` (where a later check could find them).
+When the host is not root there is also no separate uid, so the program could signal
+processes of the same user (the harness included), and user namespaces stay open.
 Use ``sandbox="required"`` to refuse running without bubblewrap.
-
-A test counts as passed only when the harness, after executing the test to completion,
-reports back with a random per-test token; exiting early (``sys.exit(0)``,
-``os._exit(0)``) is an error, not a pass. The tests are passed to the runner through a
-pipe, never written to disk, so the program cannot read them from a file. This is not a
-defence against code that introspects the interpreter it runs in.
 """
 
 from __future__ import annotations
@@ -128,17 +175,22 @@ def run_python_tests(
     sandbox: str = "auto",
     limits: SandboxLimits | None = None,
 ) -> list[TestOutcome]:
-    """Run ``program`` followed by each test in its own sandboxed process.
+    """Run each test against ``program``, which runs afresh for each in its own process.
 
     The processes are forked by a pooled, sandboxed runner (see the module docstring for
-    what is isolated from the host and between checks).
+    the trust boundary and what is isolated from the host and between checks).
 
     Args:
         program: Python source defining the solution.
-        tests: test sources. Without ``entry_point`` each one is executed in the program's
-            namespace (e.g. ``"assert add(1, 2) == 3"``). With ``entry_point`` there must be
-            exactly one test, defining ``check(candidate)``, which is called with the
-            program's ``entry_point`` object (HumanEval convention).
+        tests: test sources, run by the trusted harness, not in the program's process.
+            Without ``entry_point`` each one is executed in a namespace holding the
+            program's names (e.g. ``"assert add(1, 2) == 3"``): its functions (and other
+            callables) as proxies that call them in the program's process, the values of
+            its plain-data globals, and the standard-library modules it imported. With
+            ``entry_point`` there must be exactly one test, defining ``check(candidate)``,
+            which is called with the proxy of the program's ``entry_point`` (HumanEval
+            convention). Only plain data crosses: a call whose arguments or result are not
+            (e.g. an instance of the program's own class) fails the test.
         entry_point: name of the function passed to ``check``.
         timeout: wall-clock seconds allowed per test (the program runs again for each).
         sandbox: ``"auto"`` (bwrap if usable, else the fallback with a one-time warning),

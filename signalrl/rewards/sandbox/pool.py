@@ -1,18 +1,22 @@
 """The pool of long-lived sandboxed runners, and running one check on it.
 
-A check (one program and its tests) goes to an idle runner of the right backend, as one
-framed JSON job on the runner's stdin; the runner answers one line per test as soon as
-it is known (see ``runner.py``). The host side of that conversation, its deadlines and the
-killing of a runner that stops answering are the shared helper-process code of
-:mod:`signalrl.rewards.sandbox.process`. A runner whose check did not end cleanly is not
-reused; when one dies mid-check, its in-flight test is scored ``killed`` (or ``timeout``)
-and the remaining tests are re-run in a fresh runner (:func:`_run_all`).
+A check (one program and its tests) goes to an idle runner of the right backend, as two
+framed JSON messages on the runner's stdin: the job (program and settings), which the
+runner reads, and the tests, which only the check's harness reads (see ``runner.py``); the
+runner answers one line per test as soon as it is known. The host side of that
+conversation, its deadlines and the killing of a runner that stops answering are the shared
+helper-process code of :mod:`signalrl.rewards.sandbox.process`. Each runner lives in a
+memory cgroup of its own where the host has them (:mod:`~signalrl.rewards.sandbox.cgroup`);
+a test during which its OOM killer struck scores ``killed``. A runner whose check did not
+end cleanly is not reused; when one dies mid-check, its in-flight test is scored ``killed``
+(or ``timeout``) and the remaining tests are re-run in a fresh runner (:func:`_run_all`).
 """
 
 from __future__ import annotations
 
 import atexit
 import json
+import logging
 import os
 import random
 import secrets
@@ -25,7 +29,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
-from signalrl.rewards.sandbox import process
+from signalrl.rewards.sandbox import cgroup, process
 from signalrl.rewards.sandbox.config import (
     _DETAIL_CHARS,
     _STATUSES,
@@ -37,6 +41,8 @@ from signalrl.rewards.sandbox.config import (
 
 if TYPE_CHECKING:
     from signalrl.rewards.sandbox.bwrap import _Backend
+
+logger = logging.getLogger(__name__)
 
 # Random high uids for the unprivileged test processes (only used when the host is root).
 _UID_BASE = 1_600_000_000
@@ -53,8 +59,12 @@ _LAST_WORDS_S = 0.5
 _MAX_IDLE = max(2, os.cpu_count() or 1)
 
 
-def _pick_uid() -> int:
-    return _UID_BASE + random.SystemRandom().randrange(_UID_SPAN)
+def _pick_uid(avoid: int | None = None) -> int:
+    """A random high uid (not ``avoid``)."""
+    while True:
+        uid = _UID_BASE + random.SystemRandom().randrange(_UID_SPAN)
+        if uid != avoid:
+            return uid
 
 
 def _proc_uids() -> dict[int, set[int]]:
@@ -109,30 +119,46 @@ class _Reply:
 class _Worker:
     """One long-lived runner process (a bwrap sandbox, or the fallback) and its pipes."""
 
-    def __init__(self, backend: _Backend, tmpfs_bytes: int) -> None:
-        argv, env = backend.runner_command(tmpfs_bytes)
-        self.key = (backend, tmpfs_bytes)
+    def __init__(self, backend: _Backend, tmpfs_bytes: int, budget: int) -> None:
+        # The uid of the runner's harness (the programs get one per check).
+        self.harness_uid = _pick_uid() if backend.drop_uid else None
+        argv, env, fds = backend.runner_command(tmpfs_bytes, self.harness_uid)
+        self.key = (backend, tmpfs_bytes, budget)
         self.fresh = True
-        self.proc = _SPAWNER.spawn(argv, env=env, cwd="/")
+        self.cgroup = cgroup.create(budget)
+        if self.cgroup is not None:
+            argv = self.cgroup.wrap(argv)
+        try:
+            self.proc = _SPAWNER.spawn(argv, env=env, cwd="/", pass_fds=fds)
+        except BaseException:
+            if self.cgroup is not None:
+                self.cgroup.remove()
+            raise
         self.channel = process.Channel(self.proc)
 
     def alive(self) -> bool:
         return self.channel.alive()
 
-    def run(self, job: dict[str, Any], timeout: float, cap: int) -> _Reply:
+    def run(self, job: dict[str, Any], tests: dict[str, Any], timeout: float, cap: int) -> _Reply:
         """Send one check and collect the runner's records until it says it is done."""
         reply = _Reply()
-        payload = json.dumps(job).encode()
+        frames = b""
+        for message in (job, tests):
+            payload = json.dumps(message).encode()
+            frames += b"%d\n" % len(payload) + payload
         prefix = job["nonce"].encode() + b" "
         patience = timeout + _SLACK_S + (_STARTUP_S if self.fresh else 0.0)
         self.fresh = False
-        self.channel.send(b"%d\n" % len(payload) + payload, reply_cap=cap)
+        oom_kills = self.cgroup.oom_kills() if self.cgroup is not None else -1
+        self.channel.send(frames, reply_cap=cap)
         deadline = time.monotonic() + patience
         note = b""
         try:
             while not reply.done:
-                if self._record(self.channel.read_line(deadline), prefix, reply):
+                index = self._record(self.channel.read_line(deadline), prefix, reply)
+                if index is not None:
                     deadline = time.monotonic() + timeout + _SLACK_S
+                    oom_kills = self._blame_oom(index, oom_kills, reply)
         except process.ChildTimeout:
             reply.timed_out = True
         except process.ChildClosed as exc:
@@ -140,30 +166,49 @@ class _Worker:
             if isinstance(exc, process.OutputCapExceeded):
                 note = b"[the runner's output exceeded the cap]"
         err = self.channel.take_stderr() + note
-        if reply.died:
-            err += self.channel.drain_stderr(_LAST_WORDS_S)
+        if reply.died or reply.timed_out:
+            err += self.channel.drain_stderr(_LAST_WORDS_S) if reply.died else b""
+            if self.cgroup is not None and self.cgroup.oom_kills() > oom_kills >= 0:
+                err += b"; " + self._oom_detail().encode()
         reply.stderr = err.decode("utf-8", "replace")
         return reply
 
+    def _oom_detail(self) -> str:
+        assert self.cgroup is not None
+        return (
+            f"exceeded the memory budget of the check ({self.cgroup.limit >> 20} MiB): "
+            "the OOM killer ended a process"
+        )
+
+    def _blame_oom(self, index: int, before: int, reply: _Reply) -> int:
+        """Score test ``index`` killed if the cgroup's OOM killer struck during it."""
+        if self.cgroup is None or before < 0:
+            return before
+        now = self.cgroup.oom_kills()
+        if now > before:
+            status, detail = reply.outcomes[index]
+            reply.outcomes[index] = ("killed", f"{self._oom_detail()} ({status}: {detail})")
+        return now
+
     @staticmethod
-    def _record(line: bytes, prefix: bytes, reply: _Reply) -> bool:
-        """Parse one line of the runner; True when it reported a test."""
+    def _record(line: bytes, prefix: bytes, reply: _Reply) -> int | None:
+        """Parse one line of the runner; the test's index when it reported one."""
         if not line.startswith(prefix):
-            return False
+            return None
         try:
             record = json.loads(line[len(prefix) :])
         except ValueError:
-            return False
+            return None
         if not isinstance(record, dict):
-            return False
+            return None
         if record.get("ack"):
             reply.acked = True
         elif "done" in record:
             reply.done, reply.clean = True, bool(record.get("clean"))
         elif record.get("status") in _STATUSES and isinstance(record.get("index"), int):
             reply.outcomes[record["index"]] = (record["status"], str(record.get("detail", "")))
-            return True
-        return False
+            return int(record["index"])
+        return None
 
     def close(self, graceful: bool = True) -> None:
         """Stop the runner: let it exit on end of input (``graceful``), else SIGKILL it.
@@ -172,6 +217,8 @@ class _Worker:
         is still being reaped (a zombie under some containers' non-reaping PID 1).
         """
         self.channel.stop(grace_s=_EXIT_GRACE_S if graceful else 0.0)
+        if self.cgroup is not None:
+            self.cgroup.remove()
 
     def end_input(self) -> None:
         """Close the runner's stdin: it exits after the check in progress, if any."""
@@ -183,16 +230,16 @@ class _Pool:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._idle: dict[tuple[_Backend, int], list[_Worker]] = {}
+        self._idle: dict[tuple[_Backend, int, int], list[_Worker]] = {}
         self._live: set[_Worker] = set()
         self.started = 0  # runners started so far (the tests look at it)
 
-    def acquire(self, backend: _Backend, tmpfs_bytes: int) -> _Worker:
-        """An idle runner for ``backend``, or a new one."""
+    def acquire(self, backend: _Backend, tmpfs_bytes: int, budget: int) -> _Worker:
+        """An idle runner for ``backend`` (and tmpfs size and memory budget), or a new one."""
         dead: list[_Worker] = []
         worker: _Worker | None = None
         with self._lock:
-            idle = self._idle.get((backend, tmpfs_bytes), [])
+            idle = self._idle.get((backend, tmpfs_bytes, budget), [])
             while idle:
                 candidate = idle.pop()
                 if candidate.alive():
@@ -204,7 +251,7 @@ class _Pool:
             w.close(graceful=False)
         if worker is not None:
             return worker
-        worker = _Worker(backend, tmpfs_bytes)
+        worker = _Worker(backend, tmpfs_bytes, budget)
         with self._lock:
             self.started += 1
             self._live.add(worker)
@@ -243,6 +290,7 @@ class _Pool:
         self._lock = threading.Lock()
         for w in list(self._live):
             w.channel.close_fds()
+            w.cgroup = None  # the parent's to remove
         self._idle, self._live = {}, set()
 
 
@@ -281,9 +329,9 @@ def _run_on_worker(
     backend: _Backend,
 ) -> tuple[_Reply, bool]:
     """Run ``indices`` on a pooled runner. Returns (reply, whether the runner was fresh)."""
-    worker = _POOL.acquire(backend, limits.tmpfs_bytes)
+    worker = _POOL.acquire(backend, limits.tmpfs_bytes, limits.memory_budget_bytes)
     fresh = worker.fresh
-    uid = _pick_uid() if backend.drop_uid else None
+    uid = _pick_uid(worker.harness_uid) if backend.drop_uid else None
     workdir: str | None = None
     if backend.bwrap is not None:
         sandbox_workdir, sweep = "/work", "ns"
@@ -293,22 +341,28 @@ def _run_on_worker(
             os.chown(workdir, uid, uid)
         os.chmod(workdir, 0o700)
         sweep = "uid" if uid is not None else "none"
+    settings = asdict(limits)
+    settings["nproc"] = limits.process_limit(worker.cgroup is not None)
     job = {
         "nonce": secrets.token_hex(16),
         "program": program,
-        "tests": [tests[i] for i in indices],
         "indices": list(indices),
-        "entry_point": entry_point,
         "timeout": timeout,
-        "limits": asdict(limits),
+        "limits": settings,
         "uid": uid,
         "sweep": sweep,
         "isolated": backend.bwrap is not None,
         "workdir": sandbox_workdir,
     }
+    # Read by the check's harness only, never by the runner (see runner.py).
+    frame: dict[str, Any] = {
+        "tests": [tests[i] for i in indices],
+        "entry_point": entry_point,
+        "indices": list(indices),
+    }
     reply = _Reply(died=True)
     try:
-        reply = worker.run(job, timeout, limits.output_bytes)
+        reply = worker.run(job, frame, timeout, limits.output_bytes)
     finally:
         if reply.done and reply.clean:
             _POOL.release(worker)
@@ -316,8 +370,13 @@ def _run_on_worker(
             _POOL.discard(worker, graceful=not reply.timed_out)
             if uid is not None and backend.bwrap is None:
                 _kill_uid(uid)
+                _kill_uid(cast(int, worker.harness_uid))
         if workdir is not None:
             shutil.rmtree(workdir, ignore_errors=True)
+    if not reply.acked and worker.proc.returncode == cgroup.JOIN_FAILED:
+        cgroup.disable("a runner could not join its memory cgroup")
+        logger.warning("signalrl sandbox: runners cannot join their memory cgroup; not using one")
+        fresh = False  # not the program's fault: run it again
     return reply, fresh
 
 
@@ -349,11 +408,18 @@ def _run_all(
             # fault, so run it again on another runner (a fresh one at the latest).
             pending = remaining
             continue
+        if reply.done and len(remaining) < len(pending):
+            # The check's harness died (the runner reported the test it was on): run the
+            # others again.
+            pending = remaining
+            continue
         # The runner processes tests in order: the first unreported one was in flight.
         first = remaining[0]
         if reply.timed_out:
             status: TestStatus = "timeout"
             detail = "the sandbox exceeded its wall-clock limit and was killed"
+        elif reply.done:
+            status, detail = "error", "the sandbox's test harness ended before this test"
         else:
             status = "killed"
             detail = "the sandbox runner died"

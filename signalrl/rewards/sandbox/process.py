@@ -65,11 +65,13 @@ def spawn(
     env: dict[str, str] | None = None,
     cwd: str | None = None,
     stderr: bool = True,
+    pass_fds: tuple[int, ...] = (),
 ) -> subprocess.Popen[bytes]:
     """Start ``argv`` with pipes on stdin and stdout (and stderr, else ``/dev/null``).
 
     The child gets a new session, hence its own process group (see
-    :func:`kill_process_group`), and no file descriptors of ours beyond its pipes.
+    :func:`kill_process_group`), and no file descriptors of ours beyond its pipes (and
+    ``pass_fds``).
     """
     return subprocess.Popen(
         argv,
@@ -80,6 +82,7 @@ def spawn(
         env=env,
         start_new_session=True,
         close_fds=True,
+        pass_fds=pass_fds,
     )
 
 

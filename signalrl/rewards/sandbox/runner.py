@@ -1,40 +1,49 @@
-"""The runner: the process inside the sandbox that executes the untrusted tests.
+"""The runner: the process inside the sandbox that runs the checks.
 
 Started by the host (:mod:`signalrl.rewards.sandbox.pool`) as a script, never imported:
 ``python -I -S runner.py --serve (--isolated | --parent PID) [--preimport]``, under bwrap as
-``/sandbox/runner.py`` (a read-only bind of this one file). It uses the standard library
-only, and as little of it as it can: every test process is forked from it, so a small
-runner makes each fork cheaper.
+``/sandbox/runner.py``. It loads two more files by path from its own directory (under bwrap,
+read-only binds as well): ``harness.py``, the two sides of a test, and ``sweep.py``, the
+limits and privileges of the processes it forks, the killing of leftovers and the wiping of
+the sandbox. Standard library only, and as little of it as it can: every program process is
+forked from it, so a small runner makes each fork cheaper.
 
-Protocol: framed jobs (``<length>\\n<json>``) on stdin, one per check; the answers are lines
-``<nonce> <json>`` on stdout: ``{"ack": true}`` when the job was read, one
-``{"index", "status", "detail"}`` per test as soon as it is known, and ``{"done": true,
-"clean": ...}`` at the end. The runner forks one process per test (:func:`_child_main`),
-which runs the program and then that test under resource limits and a wall clock, and
-reports through a pipe with a random per-test token. After every test it kills what the
-test left behind (:func:`_sweep`); after every check it wipes and verifies the sandbox
-(:func:`_cleanup`) and exits if that fails, so that the host starts a fresh one. The
-package's docstring (:mod:`signalrl.rewards.sandbox`) describes the layers of containment.
+Protocol: on stdin, per check, two frames (``<length>\\n<json>``): the job (the program and
+the settings), which the runner reads, and behind it the tests, which the runner **never
+reads**: its harness process reads them, and writes each test's record to the host itself.
+So no process forked from the runner (no program process) ever holds a test, or a failure's
+traceback that quotes one, in its memory. The answers are lines ``<nonce> <json>`` on
+stdout: ``{"ack": true}`` when the job was read, one ``{"index", "status", "detail"}`` per
+test as soon as it is known, and ``{"done": true, "clean": ...}`` at the end (a check can
+end before all its tests are reported when its harness died; the host runs the others
+again).
+
+The harness is forked once, before the first job (and again if it dies). Per test, on the
+harness's request, the runner forks one program process (``harness.serve_calls``), hands it
+the harness's socket, and keeps the clock: at the wall-clock limit it kills the program's
+process group. When the harness has run the test (or the program's process ends, or the
+limit passes) it kills what the test left behind (``sweep.sweep``) and tells the harness how
+the program's process ended, which may decide the status. After every check it wipes and
+verifies the sandbox (``sweep.cleanup``) and exits if that fails, so that the host starts a
+fresh one. The package's docstring (:mod:`signalrl.rewards.sandbox`) describes the layers of
+containment.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import select
 import signal
+import socket
 import stat
 import sys
 import time
-from typing import Any, NoReturn, cast
+import types
+from typing import Any, NoReturn
 
-# The host keeps its own copy of this limit (signalrl.rewards.sandbox.config).
-_DETAIL_CHARS = 1000
 _OUTPUT_HEAD_BYTES = 600
-# Writable places inside the bubblewrap sandbox that are emptied after every check.
-_SCRATCH_DIRS = ("/tmp", "/work", "/dev/shm")
-# Places whose metadata (and, for /dev, entries) must be unchanged after every check.
-_CHECKED_DIRS = ("/", "/tmp", "/work", "/dev", "/dev/shm")
 # Standard-library modules imported by the runner before it drops privileges when running
 # without bubblewrap: the interpreter may live under a directory the sandbox uid cannot
 # traverse (e.g. pyenv under /root), so later imports of these would fail.
@@ -44,13 +53,61 @@ _PREIMPORT = (
     "io itertools json locale math numbers operator pprint queue random re shlex socket "
     "statistics string struct textwrap time typing unicodedata uuid warnings weakref zlib"
 ).split()
+# How long the harness may take, beyond a test's limit and the sweep, to report the test.
+_HARNESS_GRACE_S = 2.0
+
+_PR_SET_PDEATHSIG = 1
+_PR_SET_DUMPABLE = 4
+_PR_SET_CHILD_SUBREAPER = 36
+_PR_SET_NO_NEW_PRIVS = 38
+_CLONE_NEWUSER = 0x10000000
 
 
-def _truncate(text: str, limit: int = _DETAIL_CHARS) -> str:
-    if len(text) <= limit:
-        return text
-    half = limit // 2 - 10
-    return f"{text[:half]} ...[truncated]... {text[-half:]}"
+def _load(name: str) -> Any:
+    """Load ``name`` (a file beside this one) as a module, without importing it by name."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
+    module = types.ModuleType("_sandbox_" + name.removesuffix(".py"))
+    module.__file__ = path
+    with open(path, encoding="utf-8") as fh:
+        exec(compile(fh.read(), path, "exec"), module.__dict__)
+    return module
+
+
+_H = _load("harness.py")
+_S = _load("sweep.py")
+
+
+def _read_frame(fd: int) -> Any:
+    """The next frame ``<length>\\n<json>`` from ``fd``, read exactly (not a byte beyond
+    it, so the next frame stays in the pipe for whoever reads it); None at end of input."""
+    header = b""
+    while not header.endswith(b"\n"):
+        chunk = os.read(fd, 1)
+        if not chunk:
+            if header:
+                raise EOFError("end of input inside a frame header")
+            return None
+        header += chunk
+        if len(header) > 24:
+            raise ValueError("malformed frame header")
+    left = int(header)
+    parts = []
+    while left:
+        chunk = os.read(fd, min(left, 1 << 20))
+        if not chunk:
+            raise EOFError("end of input inside a frame")
+        parts.append(chunk)
+        left -= len(chunk)
+    return json.loads(b"".join(parts).decode("utf-8"))
+
+
+def _keep_only(*fds: int) -> None:
+    """Close every file descriptor from 3 up, except ``fds``."""
+    start = 3
+    for fd in sorted(fds):
+        os.closerange(start, fd)
+        start = fd + 1
+    os.closerange(start, 1 << 16)
 
 
 def _has_exited(pid: int) -> bool:
@@ -62,85 +119,42 @@ def _has_exited(pid: int) -> bool:
     return info is not None
 
 
-def _drop_privileges(uid: int | None) -> None:
-    if uid is None:
-        return
-    os.setgroups([])
-    os.setgid(uid)
-    os.setuid(uid)
-
-
-def _set_child_limits(limits: dict[str, Any], timeout: float) -> None:
-    import math
-    import resource
-
-    cpu = limits.get("cpu_seconds") or (math.ceil(timeout) + 1)
-    cpu = max(1, math.ceil(cpu))
-    settings = [
-        (resource.RLIMIT_CPU, cpu, cpu + 1),
-        (resource.RLIMIT_AS, limits["memory_bytes"], limits["memory_bytes"]),
-        (resource.RLIMIT_FSIZE, limits["file_size_bytes"], limits["file_size_bytes"]),
-        (resource.RLIMIT_NOFILE, limits["max_open_files"], limits["max_open_files"]),
-        (resource.RLIMIT_NPROC, limits["max_processes"], limits["max_processes"]),
-        (resource.RLIMIT_CORE, 0, 0),
-    ]
-    if hasattr(resource, "RLIMIT_MSGQUEUE"):  # POSIX message queues outlive processes
-        settings.append((resource.RLIMIT_MSGQUEUE, 0, 0))
-    for which, soft, hard in settings:
-        try:
-            _, old_hard = resource.getrlimit(which)
-            if old_hard != resource.RLIM_INFINITY:
-                soft, hard = min(soft, old_hard), min(hard, old_hard)
-            resource.setrlimit(which, (soft, hard))
-        except (ValueError, OSError):
-            pass
-
-
-_libc: Any = None
-
-
-def _libc_call(name: str, *args: Any) -> int:
-    """Call a libc function through ctypes (Linux); -1 when it is unavailable."""
-    global _libc
+def _wait(pid: int) -> int:
+    """Reap ``pid`` (or take its status if a sweep reaped it); its wait status."""
+    if pid in _S.reaped:
+        return int(_S.reaped.pop(pid))
     try:
-        import ctypes
-
-        if _libc is None:
-            _libc = ctypes.CDLL(None, use_errno=True)
-        return int(getattr(_libc, name)(*args))
-    except Exception:  # noqa: BLE001 - purely defensive
-        return -1
+        return os.waitpid(pid, 0)[1]
+    except ChildProcessError:
+        return 0
 
 
-def _prctl(option: int, arg: int) -> None:
-    """Call prctl(2) (Linux, best effort)."""
-    _libc_call("prctl", option, arg, 0, 0, 0)
+# --------------------------------------------------------------------------------------
+# The forked processes: a program process per test, a harness per check
+# --------------------------------------------------------------------------------------
 
 
-# How long the processes a test left behind may take to die once killed.
-_SWEEP_S = 2.0
+def _candidate_main(job: dict[str, Any], position: int, chan_fd: int) -> NoReturn:
+    """Forked program process: set up, then run the program and answer the harness's calls.
 
-_PR_SET_PDEATHSIG = 1
-_PR_SET_DUMPABLE = 4
-_PR_SET_CHILD_SUBREAPER = 36
-
-
-def _child_main(job: dict[str, Any], position: int, report_fd: int, token: str) -> None:
-    """Forked test process: run the program, then one test; report via ``report_fd``."""
-    import builtins
-    import linecache
-    import traceback
-    import types
-
+    It keeps only its socket to the harness; stdout and stderr go to an output file that
+    the runner reads; it runs as the check's own uid, under the resource limits.
+    """
     os.setpgid(0, 0)
     workdir = job["workdir"]
     os.chdir(workdir)
-    _drop_privileges(job["uid"])
+    try:  # while still privileged: a memory cgroup's OOM killer takes the program first
+        with open("/proc/self/oom_score_adj", "w") as fh:
+            fh.write("1000")
+    except OSError:
+        pass
+    _S.drop_privileges(job["uid"])
     if not job["isolated"]:
         # Die with the runner (under bwrap its PID namespace does that). Set after the uid
         # change, which clears the setting.
-        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        _S.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
         os.environ["HOME"] = workdir
+    _S.prctl(_PR_SET_NO_NEW_PRIVS, 1)  # no gain from setuid binaries (bwrap sets it too)
     # Created after dropping privileges, so the program may read its own output.
     out_path = os.path.join(workdir, f".output-{position}")
     try:
@@ -153,179 +167,228 @@ def _child_main(job: dict[str, Any], position: int, report_fd: int, token: str) 
     os.dup2(null_fd, 0)
     os.dup2(out_fd, 1)
     os.dup2(out_fd, 2)
-    os.closerange(3, report_fd)  # also closes null_fd/out_fd (they are not report_fd)
-    os.closerange(report_fd + 1, 1 << 16)
-    _set_child_limits(job["limits"], job["timeout"])
+    _keep_only(chan_fd)  # also closes null_fd, out_fd and the runner's own pipes
+    _S.set_limits(job["limits"], job["timeout"])
+    _H.serve_calls(job["program"], chan_fd)
+    os._exit(0)
 
-    # Keep private references: the program may monkeypatch modules before we report.
-    _exec, _compile, _write, _exit = builtins.exec, builtins.compile, os.write, os._exit
-    _format = traceback.format_exception
 
-    def report(status: str, detail: str = "") -> NoReturn:
-        data = f"{token} {status}\n{_truncate(detail)}".encode("utf-8", "replace")
+def _harness_main(ctrl_fd: int, uid: int | None, isolated: bool) -> NoReturn:
+    """The harness, forked once per runner before the first job: for each check the runner
+    announces, read its tests (the frame behind the job on the runner's stdin), run them,
+    and report each test's record to the host itself (on a copy of the runner's stdout)."""
+    ctrl = socket.socket(fileno=ctrl_fd)
+    jobs_fd, host_fd = os.dup(0), os.dup(1)
+    null_fd = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):  # the tests read nothing and what they print goes nowhere
+        os.dup2(null_fd, fd)
+    _keep_only(ctrl_fd, jobs_fd, host_fd)
+    os.chdir("/")
+    _S.drop_privileges(uid)
+    _S.prctl(_PR_SET_DUMPABLE, 0)  # not even a process of the same uid may ptrace it
+    if not isolated:
+        _S.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    while True:
+        data = ctrl.recv(1 << 16)
+        if not data:
+            os._exit(0)
+        job = json.loads(data)["job"]
         try:
-            _write(report_fd, data)
-        finally:
-            _exit(0)
-
-    def describe(exc: BaseException) -> str:
-        tb = exc.__traceback__
-        if tb is not None and tb.tb_frame.f_code is _child_main.__code__:
-            tb = tb.tb_next  # hide the harness frame
-        try:
-            return "".join(_format(type(exc), exc, tb))[-_DETAIL_CHARS:]
-        except BaseException:  # noqa: BLE001 - user exceptions may have broken __str__
-            return type(exc).__name__
-
-    test = job["tests"][position]
-    entry_point = job["entry_point"]
-    for name, source in (("<solution>", job["program"]), ("<test>", test)):
-        linecache.cache[name] = (len(source), None, source.splitlines(True), name)
-    module = types.ModuleType("solution")
-    module.__dict__["__builtins__"] = builtins
-    sys.modules["solution"] = module
-    sys.argv = ["solution"]
-    namespace = module.__dict__
-    try:
-        _exec(_compile(job["program"], "<solution>", "exec"), namespace)
-    except BaseException as exc:  # noqa: BLE001 - SystemExit etc. are errors too
-        report("error", "the program raised while loading:\n" + describe(exc))
-    try:
-        _exec(_compile(test, "<test>", "exec"), namespace)
-        if entry_point is not None:
-            check = namespace.get("check")
-            if not callable(check):
-                report("error", "the test program does not define check(candidate)")
-            if entry_point not in namespace:
-                report("error", f"the program does not define {entry_point!r}")
-            check(namespace[entry_point])
-    except AssertionError as exc:
-        report("failed", describe(exc))
-    except BaseException as exc:  # noqa: BLE001
-        report("error", describe(exc))
-    report("passed")
+            frame = _read_frame(jobs_fd)
+        except (OSError, ValueError):
+            frame = None
+        ctrl.send(_H.dumps({"loaded": isinstance(frame, dict)}))
+        if not isinstance(frame, dict):
+            os._exit(1)
+        _S.set_limits(job["limits"], job["timeout"], program=False)
+        report = functools.partial(_report, host_fd, job["nonce"], frame["indices"])
+        timeout = float(job["timeout"])
+        if not _H.run_tests(ctrl, frame["tests"], frame["entry_point"], timeout, report):
+            os._exit(1)
+        ctrl.send(_H.dumps({"check_done": True}))
+        del frame, job
 
 
-def _sweep(uid: int | None, mode: str) -> bool:
-    """Kill every leftover process of a finished test and reap them all.
+def _report(
+    fd: int, nonce: str, indices: list[int], position: int, status: str, detail: str
+) -> None:
+    """The harness's record of one test, written to the host."""
+    _emit(nonce, {"index": indices[position], "status": status, "detail": detail}, fd)
 
-    ``"ns"``: we are the runner in our own PID namespace, so ``kill(-1)`` reaches every
-    process but the namespace's init and ourselves. ``"uid"``: a helper switches to the
-    test's uid and sends ``kill(-1)``, which reaches exactly that uid's processes. One
-    ``kill(-1)`` is enough: the kernel holds the task list while it signals, so a process
-    that forks meanwhile is either signalled or fails to fork. (Its return value says
-    nothing useful: it reports success whenever *any* other process exists, even one it
-    was not allowed to signal.) Every process a test leaves behind is our descendant (we
-    are a child subreaper), so having no child left proves they are all gone. ``"none"``
-    (no private uid, no namespace): only finished children are reaped.
 
-    Returns False if some process was still alive after ``_SWEEP_S`` seconds.
-    """
-    if mode == "uid" and uid is not None:
+class _Harness:
+    """The runner's harness process, and the runner's end of the socket to it."""
+
+    def __init__(self, uid: int | None, isolated: bool) -> None:
+        self.uid = uid
+        self.isolated = isolated
+        self.pid: int | None = None
+        self.ctrl: socket.socket | None = None
+
+    def start(self) -> None:
+        ctrl, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         pid = os.fork()
         if pid == 0:
             try:
-                _drop_privileges(uid)
-                os.kill(-1, signal.SIGKILL)
+                ctrl.close()
+                _harness_main(theirs.fileno(), self.uid, self.isolated)
             finally:
-                os._exit(0)
-        os.waitpid(pid, 0)
-    elif mode == "ns" and os.getpid() != 1:
-        try:
-            os.kill(-1, signal.SIGKILL)
-        except OSError:
-            pass
-    else:
-        _reap(0.0)
-        return True
-    return _reap(_SWEEP_S)
+                os._exit(70)
+        theirs.close()
+        self.pid, self.ctrl = pid, ctrl
 
-
-def _reap(seconds: float) -> bool:
-    """Reap exited children until none is left (True) or ``seconds`` pass (False)."""
-    deadline = time.monotonic() + seconds
-    while True:
-        try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return True
-        if pid:
-            continue
-        if time.monotonic() >= deadline:
-            return False
-        select.select([], [], [], 0.001)  # killed processes take a moment to exit
-
-
-def _wait_child(
-    pid: int, report_fd: int, token: str, timeout: float
-) -> tuple[str | None, str, int | None]:
-    """Wait for a test process. Returns (reported status or None, detail, wait status)."""
-    deadline = time.monotonic() + timeout
-    try:
-        pidfd: int | None = os.pidfd_open(pid)
-    except (AttributeError, OSError):
-        pidfd = None
-    os.set_blocking(report_fd, False)
-    buf = bytearray()
-    exited = False
-    report_open = True
-    try:
-        while True:
-            if _has_exited(pid):  # not reaped yet, so its process group id stays ours
-                exited = True
-                break
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            poller = select.poll()
-            if report_open:
-                poller.register(report_fd, select.POLLIN)
-            if pidfd is not None:
-                poller.register(pidfd, select.POLLIN)
-            # With a pidfd the poll wakes up when the process exits; without one, poll
-            # for its exit every 50 ms.
-            step = remaining if pidfd is not None else min(remaining, 0.05)
+    def stop(self) -> None:
+        """Kill it (a fresh one starts for the next check)."""
+        if self.pid is None or self.ctrl is None:
+            return
+        self.ctrl.close()
+        if self.pid not in _S.reaped:
             try:
-                events = poller.poll(max(1, int(step * 1000)))
-            except InterruptedError:
-                continue
-            if any(fd == report_fd for fd, _ in events) and _drain(report_fd, buf):
-                report_open = False  # EOF: stop polling it
-    finally:
-        if pidfd is not None:
-            os.close(pidfd)
-    # Kill the test's whole process group (on timeout, or stragglers after it exited).
-    for target in (-pid, pid):
+                os.kill(self.pid, signal.SIGKILL)
+            except OSError:
+                pass
+        _wait(self.pid)
+        self.pid = self.ctrl = None
+
+    def announce(self, job: dict[str, Any]) -> bool:
+        """Tell it a check is coming (starting it if needed); False if it cannot take it."""
+        message = _H.dumps({"job": {k: job[k] for k in ("nonce", "timeout", "limits")}})
+        for _ in range(2):
+            if self.ctrl is None:
+                self.start()
+            assert self.ctrl is not None
+            try:
+                self.ctrl.send(message)
+                return True
+            except OSError:  # it died while idle (the tests are still unread): again
+                self.stop()
+        return False
+
+
+# --------------------------------------------------------------------------------------
+# One test: fork the program process, keep the clock, collect the harness's verdict
+# --------------------------------------------------------------------------------------
+
+
+class _Program:
+    """The program process of one test, as the runner watches it."""
+
+    def __init__(self, pid: int, timeout: float) -> None:
+        self.pid = pid
+        self.timeout = timeout
+        self.deadline = time.monotonic() + timeout
         try:
-            os.kill(target, signal.SIGKILL)
-        except OSError:
-            pass
-    _, waited = os.waitpid(pid, 0)
-    wait_status = waited if exited else None
-    _drain(report_fd, buf)
-    # The report: "<token> <status>\n<detail>", written once, right before the exit.
-    data = bytes(buf)
-    prefix = (token + " ").encode()
-    start = 0 if data.startswith(prefix) else data.find(b"\n" + prefix) + 1
-    if start or data.startswith(prefix):
-        reported, _, detail = data[start + len(prefix) :].partition(b"\n")
-        return reported.decode("ascii", "replace"), detail.decode("utf-8", "replace"), wait_status
-    return None, "", wait_status
+            self.pidfd: int | None = os.pidfd_open(pid)
+        except (AttributeError, OSError):
+            self.pidfd = None
+        self.done = False  # killed, reaped and swept
+        self.timed_out = False
+        self.wait_status: int | None = None  # how it ended, if it ended on its own
+
+    def finish(self, job: dict[str, Any], spare: set[int], grace: float = 0.0) -> None:
+        """Kill its process group, reap it, and sweep what it left behind; first give it
+        ``grace`` seconds to end on its own (it is ending: its socket closed)."""
+        limit = time.monotonic() + grace
+        while not _has_exited(self.pid) and time.monotonic() < limit:
+            select.select([], [], [], 0.002)
+        exited = _has_exited(self.pid)  # not reaped yet, so its process group id is ours
+        for target in (-self.pid, self.pid):
+            try:
+                os.kill(target, signal.SIGKILL)
+            except OSError:
+                pass
+        status = _wait(self.pid)
+        self.wait_status = status if exited else None
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+            self.pidfd = None
+        self.done = True
+        _S.sweep(job, spare)
 
 
-def _drain(fd: int, buf: bytearray, cap: int = 1 << 16) -> bool:
-    """Read what is available from non-blocking ``fd`` into ``buf``; True at end of file."""
+def _receive(ctrl: socket.socket, deadline: float) -> tuple[dict[str, Any], list[int]] | None:
+    """The harness's next message and the descriptors it carries; None on EOF or timeout."""
+    poller = select.poll()
+    poller.register(ctrl.fileno(), select.POLLIN)
+    remaining = deadline - time.monotonic()
+    if remaining <= 0 or not poller.poll(max(1, int(remaining * 1000))):
+        return None
+    try:
+        data, fds, _, _ = socket.recv_fds(ctrl, 1 << 16, 1)
+    except OSError:
+        return None
+    try:
+        message = json.loads(data) if data else None
+    except ValueError:
+        message = None
+    if not isinstance(message, dict):
+        for fd in fds:
+            os.close(fd)
+        return None
+    return message, list(fds)
+
+
+def _await_finished(
+    ctrl: socket.socket, program: _Program, job: dict[str, Any], spare: set[int]
+) -> dict[str, Any] | None:
+    """Wait until the harness has run the test, killing the program at its deadline or when
+    it ends; the harness's ``finished`` message (its status, no detail), None if it died."""
+    backstop = program.deadline + _S.SWEEP_S + _HARNESS_GRACE_S
     while True:
+        now = time.monotonic()
+        if not program.done:
+            if _has_exited(program.pid):
+                program.finish(job, spare)
+            elif now >= program.deadline:
+                program.timed_out = True
+                program.finish(job, spare)
+        if now >= backstop:
+            return None
+        poller = select.poll()
+        poller.register(ctrl.fileno(), select.POLLIN)
+        if not program.done and program.pidfd is not None:
+            poller.register(program.pidfd, select.POLLIN)
+        until = backstop if program.done else program.deadline
+        step = until - now
+        if not program.done and program.pidfd is None:
+            step = min(step, 0.05)  # without a pidfd, look for the exit every 50 ms
         try:
-            chunk = os.read(fd, 65536)
-        except (BlockingIOError, InterruptedError):
-            return False
-        except OSError:
-            return True
-        if not chunk:
-            return True
-        if len(buf) < cap:
-            buf += chunk[: cap - len(buf)]
+            events = poller.poll(max(1, int(step * 1000) + 1))
+        except InterruptedError:
+            continue
+        if any(fd == ctrl.fileno() for fd, _ in events):
+            received = _receive(ctrl, time.monotonic() + 1.0)
+            return received[0] if received is not None else None
+
+
+def _verdict(finished: dict[str, Any] | None, program: _Program) -> tuple[str | None, str]:
+    """How the program's process decided the test: (status, detail), or (None, "") where
+    the harness's own status stands."""
+    harness = finished.get("status") if finished is not None else None
+    gone = finished is None or bool(finished.get("gone"))
+    if harness == "passed" and not gone:
+        return None, ""
+    if program.timed_out:
+        return "timeout", f"exceeded the {program.timeout:g} s wall-clock limit"
+    if harness in ("failed", "error", "timeout") and not gone:
+        return None, ""
+    wait_status = program.wait_status
+    if wait_status is None:
+        why = "the test harness stopped" if finished is None else "the program closed its socket"
+        return "error", f"{why} before the test finished"
+    if os.WIFSIGNALED(wait_status):
+        sig = os.WTERMSIG(wait_status)
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = str(sig)
+        if sig == signal.SIGXCPU:
+            return "timeout", "exceeded the CPU time limit (SIGXCPU)"
+        if sig == signal.SIGXFSZ:
+            return "killed", "exceeded the file/output size limit (SIGXFSZ)"
+        return "killed", f"killed by {name}"
+    code = os.WEXITSTATUS(wait_status) if os.WIFEXITED(wait_status) else wait_status
+    return "error", f"the process exited (status {code}) before the test finished"
 
 
 def _output_head(path: str) -> str:
@@ -343,202 +406,109 @@ def _output_head(path: str) -> str:
     return head.decode("utf-8", "replace").strip()
 
 
-def _classify(
-    reported: str | None, detail: str, wait_status: int | None, timeout: float, output: str
-) -> tuple[str, str]:
-    if reported in ("passed", "failed", "error"):
-        return reported, detail
-    if wait_status is None:
-        status, detail = "timeout", f"exceeded the {timeout:g} s wall-clock limit"
-    elif os.WIFSIGNALED(wait_status):
-        sig = os.WTERMSIG(wait_status)
-        try:
-            name = signal.Signals(sig).name
-        except ValueError:
-            name = str(sig)
-        if sig == signal.SIGXCPU:
-            status, detail = "timeout", "exceeded the CPU time limit (SIGXCPU)"
-        elif sig == signal.SIGXFSZ:
-            status, detail = "killed", "exceeded the file/output size limit (SIGXFSZ)"
-        else:
-            status, detail = "killed", f"killed by {name}"
-    else:
-        code = os.WEXITSTATUS(wait_status) if os.WIFEXITED(wait_status) else wait_status
-        status, detail = "error", f"the process exited (status {code}) before the test finished"
-    if output:
-        detail += f"; output: {output}"
-    return status, detail
-
-
-def _run_test(job: dict[str, Any], position: int) -> tuple[str, str]:
-    """Fork one test process, wait for it, kill its leftovers; returns (status, detail)."""
-    timeout = float(job["timeout"])
-    report_r, report_w = os.pipe()
-    token = os.urandom(16).hex()
+def _run_test(
+    job: dict[str, Any], position: int, chan_fd: int, ctrl: socket.socket, harness: int
+) -> bool:
+    """Fork the program process for one test and see it through: the harness runs the test
+    and reports it; the runner gives it its verdict on the program's process (or reports
+    the test itself if the harness died). Returns whether the harness can go on."""
     pid = os.fork()
     if pid == 0:
         try:
-            os.close(report_r)
-            _child_main(job, position, report_w, token)
+            _candidate_main(job, position, chan_fd)
         finally:
             os._exit(70)
-    os.close(report_w)
-    try:
-        reported, detail, wait_status = _wait_child(pid, report_r, token, timeout)
-    finally:
-        os.close(report_r)
-    _sweep(job["uid"], job["sweep"])
+    os.close(chan_fd)
+    program = _Program(pid, float(job["timeout"]))
+    finished = _await_finished(ctrl, program, job, {harness})
+    if finished is not None and finished.get("finished") != position:
+        finished = None
+    if not program.done:
+        program.finish(job, {harness}, grace=0.5 if finished and finished.get("gone") else 0.0)
+    status, detail = _verdict(finished, program)
+    final = status or (finished or {}).get("status")
     out_path = os.path.join(job["workdir"], f".output-{position}")
-    output = "" if reported == "passed" else _output_head(out_path)
+    output = "" if final == "passed" else _output_head(out_path)
     try:
         os.unlink(out_path)
     except OSError:
         pass
-    return _classify(reported, detail, wait_status, timeout, output)
-
-
-def _remove(path: str) -> None:
-    """Remove ``path`` (a directory recursively), making directories writable first."""
-    st = os.lstat(path)
-    if stat.S_ISDIR(st.st_mode):
-        if st.st_mode & 0o700 != 0o700:
-            os.chmod(path, 0o700)
-        for name in os.listdir(path):
-            _remove(os.path.join(path, name))
-        os.rmdir(path)
-    else:
-        os.unlink(path)
-
-
-def _empty_dir(path: str) -> bool:
-    """Remove everything inside ``path``; False if something could not be removed."""
-    try:
-        if not os.path.isdir(path):
+    if finished is not None:
+        verdict = {"verdict": position, "status": status, "detail": detail, "output": output}
+        try:
+            ctrl.send(_H.dumps(verdict))
             return True
-        for name in os.listdir(path):
-            _remove(os.path.join(path, name))
-        return not os.listdir(path)
-    except (OSError, RecursionError, ValueError):
-        return False
-
-
-def _fs_state() -> tuple[Any, ...]:
-    """The metadata of the sandbox's writable places, compared before and after checks."""
-    state: list[Any] = []
-    for path in _CHECKED_DIRS:
-        try:
-            st = os.lstat(path)
-            state.append((path, st.st_mode, st.st_uid, st.st_gid))
-            state.append(tuple(sorted(os.listxattr(path, follow_symlinks=False))))
-        except OSError as exc:
-            state.append((path, type(exc).__name__))
-    for path in ("/dev", "/dev/shm"):
-        try:
-            with os.scandir(path) as entries:
-                for entry in sorted(entries, key=lambda e: e.name):
-                    st = entry.stat(follow_symlinks=False)
-                    state.append((entry.path, entry.inode(), st.st_mode, st.st_uid, st.st_size))
-        except OSError as exc:
-            state.append((path, type(exc).__name__))
-    return tuple(state)
-
-
-def _ipc_objects(owner: int | None) -> list[tuple[str, int]]:
-    """System V IPC objects (kind, id) visible here; only those of ``owner`` if given."""
-    found: list[tuple[str, int]] = []
-    for kind, id_column in (("shm", "shmid"), ("msg", "msqid"), ("sem", "semid")):
-        try:
-            with open(f"/proc/sysvipc/{kind}", encoding="ascii", errors="replace") as fh:
-                header = fh.readline().split()
-                rows = [line.split() for line in fh if line.strip()]
         except OSError:
-            continue
-        try:
-            at_id, at_uid, at_cuid = (header.index(c) for c in (id_column, "uid", "cuid"))
-        except ValueError:
-            continue
-        for row in rows:
-            try:
-                uids = {int(row[at_uid]), int(row[at_cuid])}
-                if owner is None or owner in uids:
-                    found.append((kind, int(row[at_id])))
-            except (IndexError, ValueError):
-                continue
-    return found
+            pass
+    record = {"index": job["indices"][position], "status": status or "error"}
+    record["detail"] = detail + (f"; output: {output}" if output else "")
+    _emit(job["nonce"], record)
+    return False
 
 
-def _remove_ipc(owner: int | None, as_uid: int | None) -> bool:
-    """Remove System V IPC objects (all, or ``owner``'s); True if none is left.
-
-    Removing needs the owner's effective uid (or ``CAP_SYS_ADMIN``, which the runner
-    lacks under bwrap), so with ``as_uid`` the runner switches its effective uid briefly.
-    """
-    objects = _ipc_objects(owner)
-    if not objects:
-        return True
-    switched = as_uid is not None and os.geteuid() == 0
-    try:
-        if switched:
-            os.seteuid(cast(int, as_uid))
-        for kind, ident in objects:
-            if kind == "shm":
-                _libc_call("shmctl", ident, 0, None)  # IPC_RMID
-            elif kind == "msg":
-                _libc_call("msgctl", ident, 0, None)
-            else:
-                _libc_call("semctl", ident, 0, 0)
-    except OSError:
+def _run_check(job: dict[str, Any], harness: _Harness) -> bool:
+    """Have the harness run the check's tests, forking a program process for each. Returns
+    False if the tests' frame may still be (partly) unread on stdin, so that the next job
+    cannot be read."""
+    if not harness.announce(job):
         return False
-    finally:
-        if switched:
-            os.seteuid(0)
-    return not _ipc_objects(owner)
-
-
-def _cleanup(job: dict[str, Any], baseline: tuple[Any, ...] | None) -> bool:
-    """After a check: kill leftovers, empty the scratch space, remove IPC objects, and
-    verify that the sandbox is as it was at start. False means: do not reuse this runner.
-    """
-    uid = job["uid"]
-    if not _sweep(uid, job["sweep"]):
+    assert harness.ctrl is not None and harness.pid is not None
+    ctrl, pid = harness.ctrl, harness.pid
+    patience = float(job["timeout"]) + _S.SWEEP_S + _HARNESS_GRACE_S
+    loaded = _receive(ctrl, time.monotonic() + patience)
+    if loaded is None or not loaded[0].get("loaded"):
+        harness.stop()
         return False
-    if not job["isolated"]:  # the fallback: the host removes the per-check directory
-        return uid is None or _remove_ipc(uid, uid)
-    clean = all([_empty_dir(path) for path in _SCRATCH_DIRS])
-    clean = _remove_ipc(None, uid) and clean
-    return clean and _fs_state() == baseline
+    ok = True
+    for position in range(len(job["indices"])):
+        request = _receive(ctrl, time.monotonic() + patience)
+        if request is None or request[0].get("run") != position or len(request[1]) != 1:
+            for fd in request[1] if request is not None else []:
+                os.close(fd)
+            ok = False
+            break
+        if not _run_test(job, position, request[1][0], ctrl, pid):
+            ok = False
+            break
+    if ok:  # the harness has reported the last test
+        done = _receive(ctrl, time.monotonic() + patience)
+        ok = done is not None and bool(done[0].get("check_done"))
+    if not ok:
+        harness.stop()
+    return True
 
 
-def _read_job(stream: Any) -> dict[str, Any] | None:
-    """The next framed job (``<length>\\n<json>``) from ``stream``; None at end of input."""
-    header = stream.readline()
-    if not header:
-        return None
-    payload = stream.read(int(header))
-    return cast("dict[str, Any]", json.loads(payload.decode("utf-8")))
-
-
-def _emit(nonce: str, record: dict[str, Any]) -> None:
-    data = memoryview(f"{nonce} {json.dumps(record)}\n".encode("utf-8", "replace"))
+def _emit(nonce: str, record: dict[str, Any], fd: int = 1) -> None:
+    """Write one record to the host, in one write (so within the pipe's atomic size)."""
+    detail = str(record.get("detail", ""))
+    while True:
+        if "detail" in record:
+            record = {**record, "detail": _H.truncate(detail)}
+        line = f"{nonce} {json.dumps(record)}\n"
+        if len(line) <= 4000 or len(detail) < 100:
+            break
+        detail = detail[: len(detail) // 2]
+    data = memoryview(line.encode("ascii"))
     while data:
-        data = data[os.write(1, data) :]
+        data = data[os.write(fd, data) :]
 
 
-def _serve(argv: list[str]) -> int:
-    """Entry point inside the sandbox: run checks read from stdin until end of input.
-
-    Arguments: ``--isolated`` under bwrap; ``--parent PID`` without it (the runner dies
-    with the host process); ``--preimport`` to import the standard library up front.
-    """
-    isolated = "--isolated" in argv
+def _prepare(argv: list[str]) -> None:
+    """Set the runner up before it reads its first job."""
+    if "--userns-fd" in argv:  # without bwrap: enter the namespace that has no user namespaces
+        fd = int(argv[argv.index("--userns-fd") + 1])
+        if _S.libc_call("setns", fd, _CLONE_NEWUSER) != 0:
+            sys.exit("the runner could not enter its user namespace")
+        os.close(fd)
     if "--parent" in argv:  # without bwrap (which has --die-with-parent): die with the host
-        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        # (Set after setns, whose change of credentials clears it.)
+        _S.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() != int(argv[argv.index("--parent") + 1]):
-            return 1
+            sys.exit(1)
     # Not dumpable: processes of the same uid cannot ptrace us or open /proc/<pid>/fd/*.
-    _prctl(_PR_SET_DUMPABLE, 0)
-    # Orphans of the test processes are re-parented to us, so we can reap them.
-    _prctl(_PR_SET_CHILD_SUBREAPER, 1)
+    _S.prctl(_PR_SET_DUMPABLE, 0)
+    # Orphans of the program processes are re-parented to us, so we can reap them.
+    _S.prctl(_PR_SET_CHILD_SUBREAPER, 1)
     if "--preimport" in argv:
         import importlib
 
@@ -547,39 +517,49 @@ def _serve(argv: list[str]) -> int:
                 importlib.import_module(name)
             except ImportError:
                 pass
-    # Pre-import what the test processes need (they may lose access to the stdlib dir),
+    # Pre-import what the forked processes need (they may lose access to the stdlib dir),
     # and what ``site`` would have provided without its start-up cost (``-S``): the
     # site-packages directories (without .pth hooks) and the exit()/quit() builtins.
-    import linecache  # noqa: F401
     import math  # noqa: F401
     import resource
     import site
-    import traceback  # noqa: F401
-    import types  # noqa: F401
 
     site.setquit()
     for path in site.getsitepackages():
         if os.path.isdir(path) and path not in sys.path:
             sys.path.append(path)
-    _libc_call("getpid")  # load libc through ctypes now
+    _S.libc_call("getpid")  # load libc through ctypes now
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     # Exempt everything imported so far from garbage collection: a collection in a forked
-    # test process would otherwise touch (and so copy) every page of the runner's heap.
+    # process would otherwise touch (and so copy) every page of the runner's heap.
     import gc
 
     gc.freeze()
-    baseline = _fs_state() if isolated else None
-    stream = sys.stdin.buffer
+
+
+def _serve(argv: list[str]) -> int:
+    """Entry point inside the sandbox: run checks read from stdin until end of input.
+
+    Arguments: ``--isolated`` under bwrap; ``--parent PID`` without it (the runner dies
+    with the host process); ``--preimport`` to import the standard library up front;
+    ``--userns-fd FD`` (without bwrap) to enter that user namespace first;
+    ``--harness-uid UID``: the uid of the harness.
+    """
+    isolated = "--isolated" in argv
+    _prepare(argv)
+    baseline = _S.fs_state() if isolated else None
+    uid = int(argv[argv.index("--harness-uid") + 1]) if "--harness-uid" in argv else None
+    harness = _Harness(uid, isolated)
+    harness.start()  # before the first job: it never holds a program
     while True:
-        job = _read_job(stream)
+        job = _read_frame(0)
         if job is None:
             return 0
         nonce = job["nonce"]
         _emit(nonce, {"ack": True})
-        for position, index in enumerate(job["indices"]):
-            status, detail = _run_test(job, position)
-            _emit(nonce, {"index": index, "status": status, "detail": _truncate(detail)})
-        clean = _cleanup(job, baseline)
+        clean = _run_check(job, harness)
+        spare = {harness.pid} if harness.pid is not None else set()
+        clean = clean and _S.cleanup(job, baseline, spare)
         _emit(nonce, {"done": True, "clean": clean})
         del job
         if not clean:
