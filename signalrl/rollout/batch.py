@@ -54,10 +54,6 @@ class RolloutBatch:
     def lengths(self) -> list[int]:
         return [len(c) for c in self.completion_ids]
 
-    @property
-    def n_groups(self) -> int:
-        return len(self) // self.group_size
-
     def group_rewards(self) -> torch.Tensor:
         """`(P, G)` view of the rewards."""
         return self.rewards.view(-1, self.group_size)
@@ -102,16 +98,17 @@ class RolloutBatch:
     def to_sequence_batch(self, pad_id: int, device: torch.device | str) -> SequenceBatch:
         return build_batch(self.prompt_ids, self.completion_ids, pad_id, device=device)
 
-    def padded_sampler_logps(self, width: int, device: torch.device | str) -> torch.Tensor:
-        """`(N, width)` sampler log-probs, zero-padded."""
+    def padded(
+        self, values: list[torch.Tensor], width: int, device: torch.device | str
+    ) -> torch.Tensor:
+        """`(N, width)` of per-token `values` (`sampler_logps` or `entropy`), zero-padded."""
         out = torch.zeros((len(self), width), device=device)
-        for i, lp in enumerate(self.sampler_logps):
-            out[i, : lp.shape[0]] = lp
+        for i, v in enumerate(values):
+            out[i, : v.shape[0]] = v
         return out
 
-    def samples(self, limit: int | None = None, **per_row: Sequence[float]) -> list[Row]:
+    def samples(self, **per_row: Sequence[float]) -> list[Row]:
         """Rows for `samples.jsonl`: prompt, completion, answer, reward, plus `per_row`."""
-        n = len(self) if limit is None else min(limit, len(self))
         return [
             {
                 "prompt": self.rows[i]["prompt"],
@@ -120,5 +117,5 @@ class RolloutBatch:
                 "reward": float(self.rewards[i]),
                 **{k: float(v[i]) for k, v in per_row.items()},
             }
-            for i in range(n)
+            for i in range(len(self))
         ]

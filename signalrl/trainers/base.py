@@ -521,16 +521,13 @@ class TrainerBase(CheckpointMixin):
         `doctor.rules`, or None when `doctor.enabled` is false."""
         if not self.recipe.doctor.enabled:
             return None
-        import yaml
-
-        from signalrl.config import dump_recipe as dump
         from signalrl.diagnostics.doctor import LiveDoctor
         from signalrl.diagnostics.rules import BUILTIN_RULES, load_rules, merge_rules
 
         rules = BUILTIN_RULES
         if self.recipe.doctor.rules:
             rules = merge_rules(BUILTIN_RULES, load_rules(self.recipe.doctor.rules))
-        doctor = LiveDoctor(rules, yaml.safe_load(dump(self.recipe)))
+        doctor = LiveDoctor(rules, self.recipe.model_dump(mode="json"))
         if self.resume_from is not None:  # the logged steps up to the checkpoint
             from signalrl.logging.run import read_metrics
 

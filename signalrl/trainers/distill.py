@@ -63,7 +63,6 @@ from signalrl.losses.policy import token_logprobs
 from signalrl.models import load_model
 from signalrl.models.logprobs import autocast_context, completion_logps
 from signalrl.rollout.batch import RolloutBatch, Row
-from signalrl.rollout.collect import collect as collect_rollouts
 from signalrl.trainers.base import MicroLoss, StepResult
 from signalrl.trainers.online_rl import OnlineRLTrainer, RLBatch
 
@@ -201,6 +200,8 @@ class DistillTrainer(OnlineRLTrainer):
         ref_logps: torch.Tensor | None,
         slices: list[slice],
         prompt_ids: list[list[int]],
+        roll: RolloutBatch | None = None,
+        baseline: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(N, T) advantages `-(logp_student - logp_teacher)` on the sampled tokens."""
         rl, d = self.recipe.rl, self.recipe.distill
@@ -230,18 +231,7 @@ class DistillTrainer(OnlineRLTrainer):
         """`B` prompts x `G` completions sampled from `model` (the student's generation tokens
         are counted), scored by the verifier."""
         rows = [self.rows[i] for i in self.data.take(self.recipe.train.batch_size)]
-        roll, tokens = collect_rollouts(
-            model,
-            self.tokenizer,
-            rows,
-            self.sampling,
-            self.rewards,
-            generator=self.generator,
-            autocast_dtype=self.autocast_dtype,
-        )
-        if model is self.model:
-            self.budget.forward_tokens += tokens
-        return roll
+        return self.rollout(rows, model=model)
 
     def _reference_batch(self) -> ReferenceBatch:
         """`B * G` train rows with their reference completions (GKD's `dataset` data)."""

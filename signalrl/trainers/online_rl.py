@@ -50,6 +50,7 @@ from signalrl.rewards.registry import RewardComposer
 from signalrl.rollout.batch import RolloutBatch
 from signalrl.rollout.collect import collect as collect_rollouts
 from signalrl.rollout.collect import count_forward_tokens
+from signalrl.rollout.sampler import SamplingParams
 from signalrl.trainers.base import DataCursor, MicroLoss, StepResult, TrainerBase
 
 __all__ = ["OnlineRLTrainer", "RLBatch", "count_forward_tokens"]
@@ -103,8 +104,6 @@ class OnlineRLTrainer(TrainerBase):
             )
         self.generator = torch.Generator(device=self.device).manual_seed(recipe.seed)
         self.data = DataCursor(len(self.rows), recipe.seed)
-        self._roll: RolloutBatch | None = None  # the batch being prepared (advantages)
-        self._baseline: torch.Tensor | None = None  # ReMax's greedy rewards, (P,)
         self.setup_extra()
         self.finish_setup()
 
@@ -158,20 +157,32 @@ class OnlineRLTrainer(TrainerBase):
         assert cache
         return [factor * overlong_penalty(n, self.sampling.max_new_tokens, cache) for n in lengths]
 
-    def _sample_round(self, n_prompts: int) -> RolloutBatch:
-        rows = [self.rows[i] for i in self.data.take(n_prompts)]
+    def rollout(
+        self,
+        rows: list[dict[str, Any]],
+        params: SamplingParams | None = None,
+        model: torch.nn.Module | None = None,
+    ) -> RolloutBatch:
+        """`rows` sampled by `model` (default: the policy, whose generation tokens are added
+        to the budget) with `params` (default: the recipe's, `group_size` per prompt), scored
+        by the reward terms and the overlong shaping."""
+        model = self.model if model is None else model
         roll, tokens = collect_rollouts(
-            self.model,
+            model,
             self.tokenizer,
             rows,
-            self.sampling,
+            params or self.sampling,
             self.rewards,
             generator=self.generator,
             autocast_dtype=self.autocast_dtype,
             shaping=self._overlong if self.overlong_cache else None,
         )
-        self.budget.forward_tokens += tokens
+        if model is self.model:
+            self.budget.forward_tokens += tokens
         return roll
+
+    def _sample_round(self, n_prompts: int) -> RolloutBatch:
+        return self.rollout([self.rows[i] for i in self.data.take(n_prompts)])
 
     def collect(self) -> tuple[RolloutBatch | None, dict[str, float]]:
         """B groups of G samples; with dynamic sampling only groups with reward variance."""
@@ -259,10 +270,13 @@ class OnlineRLTrainer(TrainerBase):
         ref_logps: torch.Tensor | None,
         slices: list[slice],
         prompt_ids: list[list[int]],
+        roll: RolloutBatch | None = None,
+        baseline: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(N,) or (N, T) advantages from the recipe's estimator; extras holds values/returns
         (critic estimators) and the in-reward KL. `prompt_ids` are the rows' prompts, for
-        subclasses that score with another model."""
+        subclasses that score with another model; `roll` gives the reward terms (GDPO) and
+        `baseline` the greedy rewards (ReMax)."""
         rl = self.recipe.rl
         mask = batch.completion_mask
         extras: dict[str, torch.Tensor] = {}
@@ -271,7 +285,6 @@ class OnlineRLTrainer(TrainerBase):
             kl = kl_estimate(behaviour, ref_logps, kind=rl.kl_estimator) * mask
             extras["kl"] = kl
         values = self._values_no_grad(batch, slices) if self.critic is not None else None
-        roll = self._roll
         out = ADVANTAGES.get(rl.advantage)(
             AdvantageInput(
                 rewards=rewards,
@@ -286,7 +299,7 @@ class OnlineRLTrainer(TrainerBase):
                 whiten=rl.whiten_advantages,
                 components=roll.components if roll is not None else None,
                 weights={spec.label: spec.weight for spec in self.recipe.rewards},
-                baseline_rewards=self._baseline,
+                baseline_rewards=baseline,
             )
         )
         if values is not None and out.returns is not None:
@@ -309,16 +322,13 @@ class OnlineRLTrainer(TrainerBase):
         loss_mask = seq.completion_mask
         if rl.mask_truncated:
             loss_mask = loss_mask * (~truncated).float()[:, None]
-        behaviour = roll.padded_sampler_logps(seq.completion_ids.shape[1], self.device)
+        width = seq.completion_ids.shape[1]
+        behaviour = roll.padded(roll.sampler_logps, width, self.device)
         if rl.entropy_top_frac is not None:  # the 80/20 rule, over the whole batch
-            width = seq.completion_ids.shape[1]
-            entropy = torch.zeros((len(roll), width), device=self.device)
-            for i, e in enumerate(roll.entropy):
-                entropy[i, : e.shape[0]] = e
+            entropy = roll.padded(roll.entropy, width, self.device)
             loss_mask = top_entropy_mask(entropy, loss_mask, rl.entropy_top_frac)
         slices = self.micro_slices(len(seq))
-        self._roll = roll
-        self._baseline = (
+        baseline = (
             self.greedy_baseline(roll)
             if ADVANTAGES.meta(rl.advantage, "needs_greedy_baseline", False)
             else None
@@ -329,8 +339,10 @@ class OnlineRLTrainer(TrainerBase):
             self._logps_no_grad(self.model, seq, roll.prompt_ids, slices) if rl.mu > 1 else None
         )
         adv, extras = self.advantages(
-            roll.rewards, seq, behaviour, ref_logps, slices, roll.prompt_ids
+            roll.rewards, seq, behaviour, ref_logps, slices, roll.prompt_ids, roll, baseline
         )
+        if baseline is not None:
+            extras["greedy_baseline"] = baseline
         b = RLBatch(roll, seq, loss_mask, truncated, behaviour, ref_logps, old_logps, adv, extras)
         self._plan_chunks(b)
         return b
@@ -339,20 +351,8 @@ class OnlineRLTrainer(TrainerBase):
     def greedy_baseline(self, roll: RolloutBatch) -> torch.Tensor:
         """ReMax's baseline: the reward of one greedy completion per prompt, `(P,)`, from the
         policy that sampled the batch (its generation is counted in the budget)."""
-        rows = roll.rows[:: roll.group_size]
         params = dataclasses.replace(self.sampling, n=1, greedy=True)
-        greedy, tokens = collect_rollouts(
-            self.model,
-            self.tokenizer,
-            rows,
-            params,
-            self.rewards,
-            generator=self.generator,
-            autocast_dtype=self.autocast_dtype,
-            shaping=self._overlong if self.overlong_cache else None,
-        )
-        self.budget.forward_tokens += tokens
-        return greedy.rewards.to(self.device)
+        return self.rollout(roll.rows[:: roll.group_size], params).rewards.to(self.device)
 
     def _plan_chunks(self, b: RLBatch) -> None:
         """Rows whose advantage is exactly 0 (e.g. groups with equal rewards) contribute
@@ -489,8 +489,8 @@ class OnlineRLTrainer(TrainerBase):
         }
         for name, values in roll.components.items():
             metrics[f"reward/{name}"] = float(values.mean())
-        if self._baseline is not None:
-            metrics["reward/greedy_baseline"] = float(self._baseline.mean())
+        if "greedy_baseline" in b.extras:
+            metrics["reward/greedy_baseline"] = float(b.extras["greedy_baseline"].mean())
         if self.overlong_cache and roll.shaping is not None:
             metrics["reward/overlong"] = float(roll.shaping.mean())
         if roll.errors:
