@@ -384,3 +384,33 @@ def test_the_live_doctor_prints_once_stops_on_a_severity_and_marks_the_report(tm
     run = tmp_path / "doctor-truncation"
     assert (run / "final" / "model.safetensors").is_file() and list((run / "checkpoints").iterdir())
     assert "rl.truncation" in (run / "report.html").read_text()
+
+
+def test_the_live_doctor_does_not_redo_the_whole_run_at_every_step(monkeypatch):
+    """Its work per logged step must not grow with the run: the series are extended, not
+    rebuilt from every row, and the rules run on a schedule (at most 1% of the run late)."""
+    import signalrl.diagnostics.doctor as doctor_mod
+
+    calls = {"rules": 0, "largest_rebuild": 0}
+    run_rules, rows_to_series = doctor_mod.run_rules, doctor_mod.rows_to_series
+
+    def counting_rules(rules, series):  # noqa: ANN001, ANN202
+        calls["rules"] += 1
+        return run_rules(rules, series)
+
+    def counting_series(rows, config=None):  # noqa: ANN001, ANN202
+        rows = list(rows)
+        calls["largest_rebuild"] = max(calls["largest_rebuild"], len(rows))
+        return rows_to_series(rows, config)
+
+    monkeypatch.setattr(doctor_mod, "run_rules", counting_rules)
+    monkeypatch.setattr(doctor_mod, "rows_to_series", counting_series)
+    live = doctor_mod.LiveDoctor()
+    for step in range(1, 1001):
+        live.update([{"step": step, "loss": 1.0, "reward/mean": 0.5, "entropy": 0.7}])
+    assert calls["largest_rebuild"] == 1
+    assert calls["rules"] < 400, calls
+    # a failure that starts late is still found, with the step it started
+    for step in range(1001, 1021):
+        live.update([{"step": step, "loss": float("nan"), "reward/mean": 0.5, "entropy": 0.7}])
+    assert [f.step for f in live.findings if f.id == "train.nan"] == [1001]

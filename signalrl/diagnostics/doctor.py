@@ -252,7 +252,13 @@ def diagnose(run_dir_or_file: str | Path, rules: Sequence[Rule] | None = None,
 
 class LiveDoctor:
     """Incremental diagnosis for a trainer's loop: `update(rows)` adds the newly logged rows
-    and returns the findings not reported before (each rule id once)."""
+    and returns the findings not reported before (each rule id once).
+
+    The cost of a call does not grow with the run: the series are extended in place (not
+    rebuilt from every row), reported rules are not evaluated again, and the others run
+    when the rows logged since their last evaluation reach 1% of the run (at every row for
+    the first hundred), so a finding is reported at most 1% of the run after its rule would
+    first fire, with the step where it started."""
 
     def __init__(self, rules: Sequence[Rule] | None = None,
                  config: Mapping[str, Any] | None = None) -> None:
@@ -260,14 +266,23 @@ class LiveDoctor:
         self.config = dict(config or {})
         self.rows: list[dict[str, Any]] = []
         self.reported: dict[str, Finding] = {}
+        self._series = RunSeries({}, self.config)
+        self._evaluated = 0  # rows at the last evaluation
 
     def update(self, rows: Iterable[Mapping[str, Any]]) -> list[Finding]:
-        self.rows.extend(dict(r) for r in rows)
-        findings, _ = run_rules(self.rules, rows_to_series(self.rows, self.config))
-        new = [f for f in findings if f.id not in self.reported]
-        for f in new:
+        new_rows = [dict(r) for r in rows]
+        self.rows.extend(new_rows)
+        for name, points in rows_to_series(new_rows).metrics.items():
+            self._series.metrics.setdefault(name, []).extend(points)
+        n = len(self.rows)
+        if n - self._evaluated < max(1, n // 100):
+            return []
+        self._evaluated = n
+        pending = [r for r in self.rules if r.id not in self.reported]
+        findings, _ = run_rules(pending, self._series)
+        for f in findings:
             self.reported[f.id] = f
-        return new
+        return findings
 
     @property
     def findings(self) -> list[Finding]:

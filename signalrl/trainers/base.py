@@ -531,8 +531,7 @@ class TrainerBase(CheckpointMixin):
         if self.resume_from is not None:  # the logged steps up to the checkpoint
             from signalrl.logging.run import read_metrics
 
-            doctor.rows.extend(read_metrics(self.run.path))
-            doctor.reported.update({f.id: f for f in doctor.update([])})
+            doctor.update(read_metrics(self.run.path))  # found before: not printed again
         return doctor
 
     def findings(self) -> list[dict[str, Any]]:
