@@ -91,17 +91,30 @@ def train(
     except (RecipeError, FileNotFoundError, ValueError) as e:
         _fail(str(e))
         return
+    from signalrl import distributed
+
     try:
         result = run_recipe(r, resume=resume, overwrite=overwrite)
     except (RecipeError, FileExistsError, FileNotFoundError, ValueError) as e:
-        _fail(str(e))
+        _fail(_ranked(str(e)))
         return
     except OSError as e:
         if e.errno not in WRITE_ERRNOS:
             raise
-        _fail(_write_error(e, r.run_dir))
+        _fail(_ranked(_write_error(e, r.run_dir)))
         return
-    print(json.dumps(result, indent=2))
+    is_main = distributed.current().is_main
+    distributed.shutdown()
+    if is_main:
+        print(json.dumps(result, indent=2))
+
+
+def _ranked(msg: str) -> str:
+    """Under torchrun, the message with the rank that met it."""
+    from signalrl.distributed import world_from_env
+
+    rank, world, _ = world_from_env()
+    return f"[rank {rank}/{world}] {msg}" if world > 1 else msg
 
 
 @app.command("eval")
@@ -122,6 +135,7 @@ def eval_(
 ) -> None:
     """Greedy accuracy and unbiased pass@k of MODEL on TASK's test split; with
     --reward-model, best-of-k by that reward model against the samples' mean accuracy."""
+    from signalrl.data.chat import render_rows
     from signalrl.eval import evaluate
     from signalrl.models import load_model
     from signalrl.tasks import make_task
@@ -131,7 +145,8 @@ def eval_(
         task_kw = _task_overrides(set_, "eval")
         t = make_task(task, **task_kw)
         m, tok = load_model(model)
-        rows = t.test()[:n] if n else t.test()
+        # chat rows are rendered by the chat template exactly as the trainers render them
+        rows = render_rows(tok, t.test()[:n] if n else t.test())
         scorer = None
         if reward_model:
             from signalrl.rewards.model import RewardModelScorer

@@ -117,4 +117,4 @@ def test_arithmetic_r1_zero_template():
         r["expr"] for r in ArithmeticTask(digits=2, n_test=20).test()
     ]
     with pytest.raises(ValueError, match="template must be"):
-        ArithmeticTask(template="chat")
+        ArithmeticTask(template="bogus")

@@ -30,8 +30,10 @@ def _grpo(tmp_path: Path, name: str, **over) -> object:
         "model": {"name_or_path": "tiny", "attn_implementation": "eager"},
         "task": {"name": "arithmetic", "digits": 1, "n_train": 64, "n_test": 4},
         "train": {"steps": 4, "lr": 5e-3, "batch_size": 2},
-        "rl": {"algorithm": "grpo", "group_size": 4, "kl_coef": 0.1},
-        "sampling": {"max_new_tokens": 3},
+        "rl": {"algorithm": "grpo", "group_size": 8, "kl_coef": 0.1},
+        # a reward with variance from a random model (the verifier scores it 0 everywhere)
+        "rewards": [{"type": "function", "fn": "rewards_plugin:has_seven"}],
+        "sampling": {"max_new_tokens": 6},
         "eval": {"n": 2},
         "logging": {"progress": False, "samples_every": 0, "tensorboard": False},
         "checkpoint": {"every": 2, "keep": 1},

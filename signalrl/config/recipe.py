@@ -19,6 +19,7 @@ from signalrl.config.sections import (
     DoctorConfig,
     EvalConfig,
     LoggingConfig,
+    LoraConfig,
     ModelConfig,
     SamplingConfig,
     Section,
@@ -94,6 +95,7 @@ class RecipeBase(Section):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     doctor: DoctorConfig = Field(default_factory=DoctorConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
 
     @field_validator("name")
     @classmethod

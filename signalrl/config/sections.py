@@ -26,6 +26,15 @@ class ModelConfig(Section):
     attn_implementation: Literal["sdpa", "eager"] = Field(
         "sdpa", description="eager is faster than sdpa for very small models on CPU"
     )
+    architecture: Literal["qwen2", "qwen3", "llama", "mistral", "gemma", "gpt2"] = Field(
+        "qwen2", description="presets only: the Hugging Face architecture built from config"
+    )
+    tokenizer: Literal["char", "bpe", "bpe-llama3"] = Field(
+        "char",
+        description="presets only: char (character level), bpe (byte-level BPE trained on "
+        "the built-in corpus, ChatML template) or bpe-llama3 (the same BPE, Llama-3 template, "
+        "a BOS token)",
+    )
 
 
 class TaskConfig(BaseModel):
@@ -52,6 +61,14 @@ class TrainConfig(Section):
     micro_batch_size: int | None = Field(None, ge=1, description="rows per forward/backward")
     precision: Literal["fp32", "bf16"] = "fp32"
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's)")
+    parallel: Literal["auto", "none", "ddp", "fsdp2"] = Field(
+        "auto",
+        description="under torchrun: ddp (replicated model, gradients all-reduced) or fsdp2 "
+        "(fully_shard per decoder layer and the root); auto: none for one rank, ddp otherwise",
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="recompute activations in backward (HF's, use_reentrant=False)"
+    )
 
 
 class SamplingConfig(Section):
@@ -94,6 +111,21 @@ class DoctorConfig(Section):
     enabled: bool = True
     stop_on: list[Literal["warning", "critical"]] = Field(default_factory=list)
     rules: str | None = Field(None, description="a module of your own rules ('mymodule')")
+
+
+class LoraConfig(Section):
+    """A peft LoRA adapter on the policy (any trainer). The frozen base with the adapter
+    disabled is the reference where a trainer needs one, so a KL costs no second model copy;
+    `final/` holds the adapter, and with `merge: true` the merged model."""
+
+    enabled: bool = False
+    r: int = Field(8, ge=1)
+    alpha: int = Field(16, ge=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | None = Field(
+        None, description="module names to adapt (default: peft's for the architecture)"
+    )
+    merge: bool = Field(False, description="final/ also holds the merged model (final/merged)")
 
 
 class CheckpointConfig(Section):

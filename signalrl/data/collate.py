@@ -9,9 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers import PreTrainedTokenizerBase
+
+from signalrl.data.chat import assistant_continuation, encode_prompt, has_chat_template, needs_eos
 
 
 @dataclass
@@ -109,13 +112,29 @@ def tokenize_sft(
     add_eos: bool = True,
     max_length: int | None = None,
     source: str = "data",
+    messages: Sequence[Sequence[dict[str, Any]] | None] | None = None,
 ) -> tuple[list[list[int]], list[list[int]]]:
     """Token ids of prompts and completions (+ EOS). Empty completions are an error naming the
-    row; rows longer than `max_length` are an error too (never silently cut)."""
+    row; rows longer than `max_length` are an error too (never silently cut).
+
+    Prompts get the BOS once where the tokenizer adds one (`signalrl.data.chat.with_bos`).
+    `messages[i]` (a chat row's conversation, whose prompt the chat template rendered) makes
+    row i's completion the assistant turn as the template writes it, ending with the
+    template's end of turn (`<|im_end|>`, `<|eot_id|>`), as a `{messages}` data row's final
+    turn does (`signalrl.data.sft`); the EOS follows unless the text already ends with it
+    (`signalrl.data.chat.needs_eos`)."""
     if len(prompts) != len(completions):
         raise ValueError(f"{source}: {len(prompts)} prompts but {len(completions)} completions")
-    p_ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
-    c_ids = tokenizer(list(completions), add_special_tokens=False)["input_ids"]
+    if messages is not None and len(messages) != len(prompts):
+        raise ValueError(f"{source}: {len(prompts)} prompts but {len(messages)} message lists")
+    texts = list(completions)
+    if messages is not None and has_chat_template(tokenizer):
+        for i, msgs in enumerate(messages):
+            if msgs and texts[i]:
+                turn = assistant_continuation(tokenizer, msgs, texts[i])
+                texts[i] = turn if turn is not None else texts[i]
+    p_ids = encode_prompt(tokenizer, prompts)
+    c_ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     eos = tokenizer.eos_token_id
     if add_eos and eos is None:
         raise ValueError(f"{source}: the tokenizer has no eos token to end completions with")
@@ -125,7 +144,7 @@ def tokenize_sft(
             raise ValueError(f"{source}: row {i}: field 'prompt' is empty")
         if not c:
             raise ValueError(f"{source}: row {i}: field 'completion' is empty")
-        c = list(c) + ([eos] if add_eos else [])
+        c = list(c) + ([eos] if add_eos and needs_eos(tokenizer, texts[i]) else [])
         if max_length is not None and len(p) + len(c) > max_length:
             raise ValueError(
                 f"{source}: row {i}: prompt + completion is {len(p) + len(c)} tokens, over "

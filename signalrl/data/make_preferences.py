@@ -6,6 +6,10 @@ correct completion, rejected = a wrong, non-blank one): by default one pair per 
 first of each kind in sampling order; `pairs_per_prompt` > 1 pairs further distinct ones.
 Prompts without a correct sample, or without a wrong one, give no pair and are counted.
 
+Rows with `messages` (a chat task, e.g. `template: chat`) are sampled from the chat template's
+render of them, as the trainers do (`signalrl.data.chat.render_row`), and their pairs hold the
+messages as `prompt` (the replies are strings, rendered as assistant turns on loading).
+
 The output is JSONL with fields `prompt`, `chosen`, `rejected` and `answer` (when the task row
 has one): the `{prompt, chosen, rejected}` format `signalrl.data.preference` reads, for the
 `reward_model` and `preference` trainers. It is written to a temp file beside the target and
@@ -24,6 +28,7 @@ from typing import Any
 
 import torch
 
+from signalrl.data.chat import has_chat_template, render_rows
 from signalrl.logging.run import user_mode
 from signalrl.models import load_model
 from signalrl.rewards.registry import RewardComposer, RewardSpec
@@ -103,6 +108,14 @@ def _distinct_prompts(t: Task, n_prompts: int | None) -> list[dict[str, Any]]:
     return rows
 
 
+def _prompt_field(row: dict[str, Any], tokenizer: Any) -> str | list[dict[str, Any]]:
+    """What a pair's `prompt` holds: a chat row's messages (the preference loader renders them
+    with the chat template and the replies as assistant turns), else the prompt text."""
+    if row.get("messages") and has_chat_template(tokenizer):
+        return [dict(m) for m in row["messages"]]
+    return row["prompt"]
+
+
 def make_preferences(
     model: str,
     out: str | os.PathLike[str],
@@ -135,6 +148,7 @@ def make_preferences(
         device = "cuda" if torch.cuda.is_available() else "cpu"
     lm, tok = load_model(model, device=device)
     lm.eval()
+    rows = render_rows(tok, rows)  # chat rows: the prompt the trainers sample from
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, n=samples)
     gen = torch.Generator(device=lm.device).manual_seed(seed)
     pairs: list[dict[str, Any]] = []
@@ -157,7 +171,7 @@ def make_preferences(
                 else:
                     no_correct += 1
             for chosen, rejected in found:
-                item = {"prompt": row["prompt"], "chosen": chosen, "rejected": rejected}
+                item = {"prompt": _prompt_field(row, tok), "chosen": chosen, "rejected": rejected}
                 if "answer" in row:
                     item["answer"] = row["answer"]
                 pairs.append(item)

@@ -3,8 +3,11 @@
 
 Fields are plain strings, or chat message lists (``[{"role": ..., "content": ...}, ...]``).
 With messages the prompt is rendered by ``tokenizer.apply_chat_template(...,
-add_generation_prompt=True)`` and a chosen / rejected / completion message list becomes the
-assistant continuation text (the chat-rendered conversation minus the rendered prompt).
+add_generation_prompt=True)`` and a chosen / rejected / completion (a message list, or a
+string: one assistant message) becomes the assistant continuation text (the chat-rendered
+conversation minus the rendered prompt), which ends with the template's end of turn; the EOS
+follows only when that is not already the EOS (as in `signalrl.data.sft`). Prompts start with
+the BOS (once) where the tokenizer adds one.
 
 JSONL is parsed line by line with :mod:`json` (no type inference across rows, so an error is
 reported at the row that has it) and must be UTF-8; Parquet is read with :mod:`pyarrow`.
@@ -35,6 +38,8 @@ from pathlib import Path
 from typing import Any
 
 from transformers import PreTrainedTokenizerBase
+
+from signalrl.data.chat import assistant_continuation, encode_prompt, needs_eos, render_messages
 
 PAIRED_FIELDS = ("prompt", "chosen", "rejected")
 KTO_FIELDS = ("prompt", "completion", "label")
@@ -227,16 +232,16 @@ def _render(
                 f"{where}: field '{name}' is a message list but 'prompt' is a string"
             )
         return prompt, completion
-    prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-    if isinstance(completion, str):
-        return prompt_text, completion
-    if any(m["role"] != "assistant" for m in completion):
+    prompt_text = render_messages(tokenizer, prompt, add_generation_prompt=True)
+    if not isinstance(completion, str) and any(m["role"] != "assistant" for m in completion):
         raise PreferenceDataError(f"{where}: field '{name}': every message must be 'assistant'")
-    full = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
-    if full.startswith(prompt_text):
-        text = full[len(prompt_text) :]
-    else:  # a template whose generation prompt is not a prefix: use the plain contents
-        text = "".join(m["content"] for m in completion)
+    # the reply as the template writes it, with its end of turn (a string reply is one
+    # assistant message), so it ends as the model's own turns end when it samples
+    text = assistant_continuation(tokenizer, prompt, completion)
+    if text is None:  # a template whose generation prompt is not a prefix: the plain contents
+        text = (
+            completion if isinstance(completion, str) else "".join(m["content"] for m in completion)
+        )
     if not text.strip():
         raise PreferenceDataError(f"{where}: field '{name}' renders to empty text")
     return prompt_text, text
@@ -363,9 +368,17 @@ def load_preference_data(
     eos = tokenizer.eos_token_id
     if eos is None:
         raise PreferenceDataError(f"{source}: the tokenizer has no eos token to end rows with")
-    p_ids = _ids(tokenizer, prompts)
+    p_ids = encode_prompt(tokenizer, prompts)  # the BOS once, where the tokenizer adds one
     cols = [comps] if rejected is None else [comps, rejected]
-    c_cols = [[c + [eos] for c in _ids(tokenizer, col)] for col in cols]
+    # EOS after a completion unless it already ends with it (a chat reply whose turn end is
+    # the EOS: never `<|im_end|>` `\n` `<|im_end|>`), the rule of the SFT path
+    c_cols = [
+        [
+            c + ([eos] if needs_eos(tokenizer, t) else [])
+            for c, t in zip(_ids(tokenizer, col), col, strict=True)
+        ]
+        for col in cols
+    ]
     truncated, first = 0, ""
     for i, p in enumerate(p_ids):
         if not p:

@@ -20,7 +20,9 @@ messages            ``{"messages": [{role, content}, ...]}``    every assistant 
 ``text`` rows: when the tokenizer has a BOS token the row is ``[BOS] + text + [EOS]`` and
 every text token is predicted; without one (Qwen-style tokenizers, the presets) the first text
 token is the context and the loss covers the rest, so a model sees at inference exactly the
-token layout it was trained on (prompts never start with a special token).
+token layout it was trained on. ``prompt_completion`` and ``messages`` rows start with the
+BOS (once, as context) when the tokenizer adds one (Llama, Mistral, Gemma), as the sampler's
+prompts do; a chat template that writes the BOS itself gets no second one.
 
 Every validation error names the file, the row (the line for JSONL) and the field; a file that
 is not UTF-8 names the line and column of the first bad byte; a row longer than
@@ -37,6 +39,7 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
+from signalrl.data.chat import adds_bos, needs_eos, with_bos
 from signalrl.data.preference import utf8_lines
 
 KINDS = ("auto", "text", "prompt_completion", "messages")
@@ -215,9 +218,12 @@ def _chat_segments(
     if not whole.startswith(done):
         raise SFTDataError(f"{where}: field 'messages': inconsistent chat template renders")
     segments.append((whole[len(done) :], False))
-    eos = tokenizer.eos_token
-    if msgs[-1]["role"] == "assistant" and eos and not segments[-2][0].rstrip().endswith(eos):
-        segments.append((eos, True))
+    if (
+        msgs[-1]["role"] == "assistant"
+        and tokenizer.eos_token
+        and needs_eos(tokenizer, segments[-2][0])
+    ):
+        segments.append((tokenizer.eos_token, True))
     return [(t, w) for t, w in segments if t]
 
 
@@ -257,6 +263,7 @@ def tokenize_rows(
     if kind == "auto":
         kind = detect_kind(rows[0][1], rows[0][0])
     eos, bos = tokenizer.eos_token_id, tokenizer.bos_token_id
+    adds = adds_bos(tokenizer)
     if eos is None:
         raise SFTDataError(f"{source}: the tokenizer has no eos token to end rows with")
     out = SFTExamples([], [], [], kind, source)
@@ -271,9 +278,13 @@ def tokenize_rows(
             ids.extend(piece)
             mask.extend([1.0 if trained else 0.0] * len(piece))
         if kind == "text":  # [BOS] text EOS, or text EOS with the first token as context
-            ids = ([bos] if bos is not None else []) + ids + [eos]
+            ids = ([bos] if bos is not None and ids[:1] != [bos] else []) + ids + [eos]
             mask = [1.0] * len(ids)
-        elif kind == "prompt_completion":  # the completion ends with EOS
+        else:  # the BOS a BOS-adding tokenizer puts first (once), as context
+            front = with_bos(tokenizer, ids, adds)
+            mask = [0.0] * (len(front) - len(ids)) + mask
+            ids = front
+        if kind == "prompt_completion":  # the completion ends with EOS
             ids, mask = ids + [eos], mask + [1.0]
         split = 1 if kind == "text" else (mask.index(1.0) if 1.0 in mask else len(mask))
         if split == 0 or split >= len(ids):

@@ -304,3 +304,24 @@ class RunDir:
             self._tb.flush()
             self._tb.close()
             self._tb = None
+
+
+class FollowerRun:
+    """What a rank other than 0 knows of the run directory: its paths. Rank 0 writes
+    (`RunDir`); every write here is a no-op."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.metrics_path = self.path / "metrics.jsonl"
+        self.samples_path = self.path / "samples.jsonl"
+        self.checkpoints = self.path / "checkpoints"
+        self.final = self.path / "final"
+        self.replaced: Path | None = None
+
+    def drop_replaced(self) -> None: ...
+    def restore_replaced(self) -> None: ...
+    def write_config(self, text: str) -> None: ...
+    def truncate_metrics(self, step: int) -> None: ...
+    def log_metrics(self, step: int, metrics: dict[str, Any]) -> None: ...
+    def log_samples(self, step: int, rows: list[dict[str, Any]]) -> None: ...
+    def close(self) -> None: ...

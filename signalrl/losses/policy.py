@@ -36,6 +36,7 @@ __all__ = [
     "cispo",
     "entropy_from_logits",
     "explained_variance",
+    "hidden_token_logprobs",
     "importance_ratio",
     "policy_loss",
     "ppo",
@@ -571,3 +572,25 @@ def token_logprobs(
         return z.gather(-1, y).squeeze(-1) - torch.logsumexp(z, dim=-1)
 
     return _map_row_chunks(_chunk, [flat, flat_ids], chunk_size).view(ids.shape)
+
+
+def hidden_token_logprobs(
+    hidden: Tensor, head: Callable[[Tensor], Tensor], ids: Tensor, chunk_size: int, tau: float = 1.0
+) -> Tensor:
+    """``token_logprobs(head(hidden), ids, temperature=tau)`` without the ``(B, T, V)`` logits.
+
+    ``hidden`` ``(B, T, H)`` (any ``(..., H)``), ``head`` maps ``(n, H)`` rows to ``(n, V)``
+    logits (the LM head); per row ``z = head(h_t)``, ``log p(y_t) = z_{y_t} / tau -
+    logsumexp_v(z_v / tau)`` in float32. ``head`` runs on ``chunk_size`` rows at a time, under
+    activation checkpointing when a gradient is needed, so only one chunk's logits exist.
+    """
+    _check_chunk_size(chunk_size)
+    if ids.shape != hidden.shape[:-1] or tau <= 0:
+        raise ValueError(f"ids {tuple(ids.shape)} for hidden {tuple(hidden.shape)}, tau {tau}")
+
+    def _chunk(h: Tensor, y: Tensor) -> Tensor:
+        z = head(h).float() / tau if tau != 1.0 else head(h).float()
+        return z.gather(-1, y).squeeze(-1) - torch.logsumexp(z, dim=-1)
+
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    return _map_row_chunks(_chunk, [flat, ids.reshape(-1, 1).long()], chunk_size).view(ids.shape)

@@ -21,6 +21,7 @@ import torch
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     Qwen2Config,
@@ -28,7 +29,7 @@ from transformers import (
 )
 
 from signalrl.logging.run import user_mode
-from signalrl.models.tokenizer import build_char_tokenizer
+from signalrl.models.tokenizer import build_tokenizer
 
 
 @dataclass(frozen=True)
@@ -99,22 +100,122 @@ def resolve_device(device: str | torch.device) -> str:
     return text
 
 
-def preset_config(name: str, tokenizer: PreTrainedTokenizerBase) -> Qwen2Config:
-    p = PRESETS[name]
-    return Qwen2Config(
-        vocab_size=len(tokenizer),
+ARCHITECTURES = ("qwen2", "qwen3", "llama", "mistral", "gemma", "gpt2")
+
+
+def _architecture_config(architecture: str, p: Preset, common: dict[str, Any]) -> PretrainedConfig:
+    """The config of `architecture` at preset size `p` (`common`: the token ids and vocab)."""
+    from transformers import GemmaConfig, GPT2Config, LlamaConfig, MistralConfig, Qwen3Config
+
+    if architecture == "gpt2":
+        return GPT2Config(
+            n_embd=p.hidden_size,
+            n_inner=p.intermediate_size,
+            n_layer=p.num_hidden_layers,
+            n_head=p.num_attention_heads,
+            n_positions=p.max_position_embeddings,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            **common,
+        )
+    classes = {
+        "qwen3": Qwen3Config,
+        "llama": LlamaConfig,
+        "mistral": MistralConfig,
+        "gemma": GemmaConfig,
+    }
+    if architecture not in classes:
+        raise ValueError(
+            f"model.architecture must be one of {', '.join(ARCHITECTURES)}, got {architecture!r}"
+        )
+    extra: dict[str, Any] = {"sliding_window": None} if architecture == "mistral" else {}
+    return classes[architecture](
         hidden_size=p.hidden_size,
         intermediate_size=p.intermediate_size,
         num_hidden_layers=p.num_hidden_layers,
         num_attention_heads=p.num_attention_heads,
         num_key_value_heads=p.num_key_value_heads,
+        head_dim=p.hidden_size // p.num_attention_heads,
         max_position_embeddings=p.max_position_embeddings,
-        tie_word_embeddings=True,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=None,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        **extra,
+        **common,
     )
+
+
+def preset_config(
+    name: str | Preset, tokenizer: PreTrainedTokenizerBase, architecture: str = "qwen2"
+) -> PretrainedConfig:
+    """The config of preset `name` (or a `Preset` size) for `architecture` (`ARCHITECTURES`):
+    the vocabulary is the tokenizer's, embeddings are tied, dropout is off."""
+    p = PRESETS[name] if isinstance(name, str) else name
+    if architecture == "qwen2":
+        return Qwen2Config(
+            vocab_size=len(tokenizer),
+            hidden_size=p.hidden_size,
+            intermediate_size=p.intermediate_size,
+            num_hidden_layers=p.num_hidden_layers,
+            num_attention_heads=p.num_attention_heads,
+            num_key_value_heads=p.num_key_value_heads,
+            max_position_embeddings=p.max_position_embeddings,
+            tie_word_embeddings=True,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        )
+    common = {
+        "vocab_size": len(tokenizer),
+        "tie_word_embeddings": True,
+        "pad_token_id": tokenizer.pad_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+    }
+    return _architecture_config(architecture, p, common)
+
+
+def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> int | list[int] | None:
+    """The generation config's EOS: the tokenizer's EOS, plus the token that ends an
+    assistant turn in its chat template when that is another token (`<|im_end|>`,
+    `<|eot_id|>`), so sampling stops at the end of a chat turn."""
+    from signalrl.data.chat import end_of_turn_token
+
+    eos = tokenizer.eos_token_id
+    eot = end_of_turn_token(tokenizer)
+    eot_id = tokenizer.convert_tokens_to_ids(eot) if eot else None
+    if eot_id is None or eot_id == eos:
+        return eos
+    return [eos, eot_id] if eos is not None else [eot_id]
+
+
+def build_preset_model(
+    name: str | Preset,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    architecture: str = "qwen2",
+    seed: int = 0,
+    attn_implementation: str | None = "sdpa",
+    eos_token_id: int | list[int] | None = None,
+) -> PreTrainedModel:
+    """A freshly initialised (`seed`) model of preset `name` for `architecture`, with the
+    tokenizer's pad and BOS ids and `eos_token_id` (default: `stop_token_ids(tokenizer)`) in
+    its generation config."""
+    config = preset_config(name, tokenizer, architecture)
+    if attn_implementation:
+        config._attn_implementation = attn_implementation
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if architecture == "qwen2":
+            model = Qwen2ForCausalLM(config)
+        else:
+            model = AutoModelForCausalLM.from_config(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    model.generation_config.eos_token_id = (
+        eos_token_id if eos_token_id is not None else stop_token_ids(tokenizer)
+    )
+    return model
 
 
 def is_preset(name_or_path: str) -> bool:
@@ -128,27 +229,32 @@ def load_model(
     device: str | torch.device = "cpu",
     seed: int = 0,
     attn_implementation: str | None = "sdpa",
+    architecture: str = "qwen2",
+    tokenizer: str = "char",
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Return `(model, tokenizer)` for a preset name or a local HF checkpoint directory.
 
-    Presets (`tiny`, `small`, `base`) are freshly initialised with `seed`. A directory must
-    hold a `config.json` loadable by `AutoModelForCausalLM` and a tokenizer.
+    Presets (`tiny`, `small`, `base`) are freshly initialised with `seed`, built as
+    `architecture` (`ARCHITECTURES`) with the preset `tokenizer` (`char`, `bpe`,
+    `bpe-llama3`; see `signalrl.models.tokenizer`). A directory must hold a `config.json`
+    loadable by `AutoModelForCausalLM` and a tokenizer; `architecture` and `tokenizer` do not
+    apply to it.
     """
     torch_dtype = resolve_dtype(dtype)
     device = resolve_device(device)
     if is_preset(name_or_path):
-        tokenizer = build_char_tokenizer()
-        config = preset_config(name_or_path, tokenizer)
-        if attn_implementation:
-            config._attn_implementation = attn_implementation
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = Qwen2ForCausalLM(config)
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
-        model.generation_config.eos_token_id = tokenizer.eos_token_id
-        model.generation_config.bos_token_id = None
+        tok = build_tokenizer(tokenizer)
+        model = build_preset_model(
+            name_or_path,
+            tok,
+            architecture=architecture,
+            seed=seed,
+            attn_implementation=attn_implementation,
+            # the char tokenizer keeps its single EOS (its models' numbers depend on it)
+            eos_token_id=tok.eos_token_id if tokenizer == "char" else None,
+        )
         model = model.to(device=device, dtype=torch_dtype)
-        return model, tokenizer
+        return model, tok
 
     path = Path(name_or_path)
     if not path.is_dir():
@@ -162,13 +268,13 @@ def load_model(
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     model = from_pretrained_checked(AutoModelForCausalLM, path, **kwargs).to(device)
-    tokenizer = load_tokenizer_checked(path)
-    if tokenizer.pad_token_id is None:
-        if tokenizer.eos_token_id is None:
+    tok = load_tokenizer_checked(path)
+    if tok.pad_token_id is None:
+        if tok.eos_token_id is None:
             raise ValueError(f"{path}: tokenizer has neither a pad nor an eos token")
-        tokenizer.pad_token = tokenizer.eos_token
-    check_tokenizer(model, tokenizer, str(path))
-    return model, tokenizer
+        tok.pad_token = tok.eos_token
+    check_tokenizer(model, tok, str(path))
+    return model, tok
 
 
 def _corrupt_file(path: Path) -> tuple[Path, str] | None:
@@ -235,10 +341,12 @@ def save_model(
     tokenizer: PreTrainedTokenizerBase,
     out_dir: str | os.PathLike[str],
     extra_files: dict[str, bytes] | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write an HF-format directory atomically: into a temp dir beside it, then rename.
 
     A reader never sees a half-written checkpoint; an existing directory is replaced.
+    `state_dict` (e.g. an FSDP2 model's gathered full state) replaces the model's own.
     """
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -246,7 +354,10 @@ def save_model(
     user_mode(tmp)  # mkdtemp makes it 0700; the final directory follows the user's umask
     try:
         unwrapped = getattr(model, "module", model)
-        unwrapped.save_pretrained(tmp, safe_serialization=True)
+        if state_dict is not None:
+            unwrapped.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+        else:
+            unwrapped.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         for name, data in (extra_files or {}).items():
             (tmp / name).write_bytes(data)

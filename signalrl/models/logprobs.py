@@ -1,15 +1,35 @@
-"""One forward pass of a causal LM over prompt + completion, returning completion log-probs."""
+"""One forward pass of a causal LM over prompt + completion, returning completion log-probs.
+
+The log-probs are computed from the final hidden states: the transformer body runs once and
+the LM head is applied a chunk of positions at a time (`losses.policy.hidden_token_logprobs`,
+recomputed in backward), so neither the `(B, T, V)` logits nor a float32 copy of them is
+ever materialised (with a 150k vocabulary they dominate the memory of a step). Models whose
+logits are not `lm_head(last_hidden_state)` (logit soft-capping or scaling, prompt-learning
+peft adapters, a DDP/FSDP wrapper whose own forward must run) go through the whole model
+instead, with the same values. An `AdapterDisabled` reference is computed inside its
+`logprob_context` (adapter disabled, no grad).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import inspect
+from typing import Any
 
 import torch
+from torch import nn
 from transformers import PreTrainedModel
 
-from signalrl.data.collate import SequenceBatch
-from signalrl.losses.policy import token_logprobs
+from signalrl.data.collate import SequenceBatch, build_batch
+from signalrl.losses.policy import hidden_token_logprobs, token_logprobs
+from signalrl.models.lora import logprob_context
+
+#: Elements of one chunk's logits in the chunked LM head (64 MiB of float32 logits; at a
+#: 151936-token vocabulary: 110 positions at a time; a backward pass holds about 5 such tensors).
+LOGIT_CHUNK_ELEMENTS = 2**24
+
+# config keys of architectures whose logits are a function of `lm_head(h)`, not `lm_head(h)`
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
 
 def autocast_context(device: torch.device, dtype: torch.dtype | None):  # noqa: ANN201
@@ -18,7 +38,7 @@ def autocast_context(device: torch.device, dtype: torch.dtype | None):  # noqa: 
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def _accepts(model: PreTrainedModel, name: str) -> bool:
+def _accepts(model: nn.Module, name: str) -> bool:
     """Whether the model's forward takes `name` (a peft wrapper forwards its kwargs to the
     base model, so the base model's signature decides)."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -33,36 +53,98 @@ def cache_forward_kwargs(model: PreTrainedModel) -> tuple[str, dict[str, int]]:
     return cache_kw, ({"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {})
 
 
+def body_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    """`(transformer body, LM head)` of a causal LM (peft-wrapped or not) whose logits are
+    `head(body(...).last_hidden_state)`; None where the whole model must run."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        return None
+    peft_cfg = getattr(model, "active_peft_config", None)
+    if peft_cfg is not None and getattr(peft_cfg, "is_prompt_learning", False):
+        return None
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if type(inner).__name__.startswith("FSDP") or not hasattr(inner, "get_output_embeddings"):
+        return None
+    config = getattr(inner, "config", None)
+    if config is None or any(getattr(config, k, None) is not None for k in _LOGIT_TRANSFORMS):
+        return None
+    body, head = getattr(inner, "base_model", inner), inner.get_output_embeddings()
+    if body is inner or head is None:
+        return None
+    return body, head
+
+
+def gradient_checkpointing_active(model: nn.Module) -> bool:
+    """Whether a forward of `model` now runs under HF gradient checkpointing (which then
+    drops the KV cache): checkpointing enabled, training mode and gradients on."""
+    if not (torch.is_grad_enabled() and model.training):
+        return False
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+
+
+def _run(model: nn.Module, parts: Any, keep: int | None, **kwargs: Any) -> torch.Tensor:
+    """The final hidden states (`parts` given: the body only) or the logits (the whole model,
+    `logits_to_keep=keep` where it is accepted)."""
+    if parts is not None:
+        return parts[0](**kwargs).last_hidden_state
+    if keep is not None and _accepts(model, "logits_to_keep"):
+        kwargs["logits_to_keep"] = keep
+    return model(**kwargs).logits
+
+
+def _logps(
+    parts: Any,
+    x: torch.Tensor,
+    ids: torch.Tensor,
+    temperature: float,
+    autocast_dtype: torch.dtype | None,
+) -> torch.Tensor:
+    """Per-token log-probs of `ids` from hidden states `x` through the chunked LM head
+    (`parts` given) or from logits `x`."""
+    if parts is None:
+        return token_logprobs(x, ids, temperature=temperature)
+    head = parts[1]
+    weight = getattr(head, "weight", None)
+    vocab = weight.shape[0] if isinstance(weight, torch.Tensor) else 1
+    chunk = max(1, LOGIT_CHUNK_ELEMENTS // max(vocab, 1))
+
+    def head_fn(h: torch.Tensor) -> torch.Tensor:
+        with autocast_context(h.device, autocast_dtype):
+            return head(h)
+
+    return hidden_token_logprobs(x, head_fn, ids, chunk, temperature)
+
+
 def completion_logps(
-    model: PreTrainedModel,
+    model: PreTrainedModel | nn.Module,
     batch: SequenceBatch,
     *,
     temperature: float = 1.0,
     autocast_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Per-token log-probs `(N, T)` of the completion tokens (0 where the mask is 0). Only the
-    `T + 1` last positions go through the LM head when the model supports `logits_to_keep`.
-    (The policy's entropy comes from the sampler, which has the full distributions anyway.)"""
+    """Per-token log-probs `(N, T)` of the completion tokens (0 where the mask is 0), from
+    one forward pass; only the `T` positions that predict completion tokens go through the
+    LM head, a chunk at a time. (The policy's entropy comes from the sampler, which has the
+    full distributions anyway.)"""
     t = batch.completion_ids.shape[1]
-    kwargs = {}
-    if _accepts(model, "logits_to_keep"):
-        kwargs["logits_to_keep"] = t + 1
-    device = batch.input_ids.device
-    with autocast_context(device, autocast_dtype):
-        out = model(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            position_ids=batch.position_ids,
-            use_cache=False,
-            **kwargs,
-        )
-    logits = out.logits[:, -(t + 1) : -1, :]
-    logps = token_logprobs(logits, batch.completion_ids, temperature=temperature)
+    parts = body_and_head(model)
+    with logprob_context(model):
+        with autocast_context(batch.input_ids.device, autocast_dtype):
+            x = _run(
+                model,
+                parts,
+                t + 1,
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
+                position_ids=batch.position_ids,
+                use_cache=False,
+            )
+        x = x[:, -(t + 1) : -1, :]
+        logps = _logps(parts, x, batch.completion_ids, temperature, autocast_dtype)
     return logps * batch.completion_mask
 
 
 def shared_prefix_logps(
-    model: PreTrainedModel,
+    model: PreTrainedModel | nn.Module,
     prompts: list[list[int]],
     row_prompt: torch.Tensor,
     completion_ids: torch.Tensor,
@@ -80,7 +162,16 @@ def shared_prefix_logps(
     backward pass sums each prompt's gradient over its rows), and the completions run on top
     of it. Same values as `completion_logps` on the unshared batch, at a fraction of the
     compute when prompts are long compared with completions and groups are large.
+
+    Under gradient checkpointing (training mode, gradients on) HF drops the KV cache, so the
+    unshared batch goes through `completion_logps` instead (the same values).
     """
+    if gradient_checkpointing_active(model):
+        rows = [prompts[int(k)] for k in row_prompt.tolist()]
+        batch = build_batch(rows, completion_ids, pad_id, completion_mask, completion_ids.device)
+        return completion_logps(
+            model, batch, temperature=temperature, autocast_dtype=autocast_dtype
+        )
     from transformers import DynamicCache
 
     device = completion_ids.device
@@ -92,32 +183,36 @@ def shared_prefix_logps(
         p_ids[i, lp - len(p) :] = torch.tensor(p, dtype=torch.long, device=device)
         p_attn[i, lp - len(p) :] = 1
     p_pos = (p_attn.cumsum(-1) - 1).clamp(min=0)
-    cache_kw, keep = cache_forward_kwargs(model)
+    parts = body_and_head(model)
+    cache_kw, _ = cache_forward_kwargs(parts[0] if parts is not None else model)
     cache = DynamicCache(config=model.config)
-    with autocast_context(device, autocast_dtype):
-        out = model(
-            input_ids=p_ids,
-            attention_mask=p_attn,
-            position_ids=p_pos,
-            use_cache=True,
-            **{cache_kw: cache},
-            **keep,
-        )
-        first = out.logits[:, -1:, :][row_prompt]  # predicts each row's first completion token
-        if t == 1:
-            logits = first
-        else:
-            cache.batch_select_indices(row_prompt)
-            c_mask = completion_mask[:, :-1].long()
-            attn = torch.cat([p_attn[row_prompt], c_mask], dim=1)
-            start = p_pos[row_prompt, -1:] + 1
-            pos = start + torch.arange(t - 1, device=device)[None, :]
-            rest = model(
-                input_ids=completion_ids[:, :-1],
-                attention_mask=attn,
-                position_ids=pos,
+    with logprob_context(model):
+        with autocast_context(device, autocast_dtype):
+            out = _run(
+                model,
+                parts,
+                1,
+                input_ids=p_ids,
+                attention_mask=p_attn,
+                position_ids=p_pos,
                 use_cache=True,
                 **{cache_kw: cache},
-            ).logits
-            logits = torch.cat([first, rest], dim=1)
-    return token_logprobs(logits, completion_ids, temperature=temperature) * completion_mask
+            )
+            x = out[:, -1:, :][row_prompt]  # predicts each row's first completion token
+            if t > 1:
+                cache.batch_select_indices(row_prompt)
+                attn = torch.cat([p_attn[row_prompt], completion_mask[:, :-1].long()], dim=1)
+                pos = p_pos[row_prompt, -1:] + 1 + torch.arange(t - 1, device=device)[None, :]
+                rest = _run(
+                    model,
+                    parts,
+                    None,
+                    input_ids=completion_ids[:, :-1],
+                    attention_mask=attn,
+                    position_ids=pos,
+                    use_cache=True,
+                    **{cache_kw: cache},
+                )
+                x = torch.cat([x, rest], dim=1)
+        logps = _logps(parts, x, completion_ids, temperature, autocast_dtype)
+    return logps * completion_mask

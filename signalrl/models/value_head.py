@@ -26,8 +26,18 @@ class ValueModel(nn.Module):
 
     @classmethod
     def from_policy(cls, policy: PreTrainedModel) -> ValueModel:
-        """A critic initialised from a copy of the policy's body (the usual PPO set-up)."""
-        body = copy.deepcopy(policy.base_model)
+        """A critic initialised from a copy of the policy's body (the usual PPO set-up). For a
+        peft (LoRA) policy the body is a full, trainable copy of the frozen base, without
+        the adapter; a half-precision body is trained in float32 (AdamW on bf16 weights
+        loses most updates)."""
+        if hasattr(policy, "get_base_model") and hasattr(policy, "peft_config"):
+            lm = copy.deepcopy(policy).unload()  # the base model, adapter layers removed
+        else:
+            lm = policy
+        body = lm.base_model if lm is not policy else copy.deepcopy(policy.base_model)
+        body.requires_grad_(True)
+        if next(body.parameters()).dtype in (torch.bfloat16, torch.float16):
+            body = body.float()
         return cls(body, policy.config.hidden_size).to(next(policy.parameters()).device)
 
     @classmethod

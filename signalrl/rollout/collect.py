@@ -44,10 +44,12 @@ def collect(
     generator: torch.Generator | None = None,
     autocast_dtype: torch.dtype | None = None,
     shaping: Callable[[list[int]], list[float]] | None = None,
+    keys: torch.Tensor | None = None,
 ) -> tuple[RolloutBatch, int]:
     """`params.n` samples for each row's `prompt`, scored by `scorer` (e.g. a
     `signalrl.rewards.registry.RewardComposer`), plus `shaping(lengths)` (a per-sample
-    reward added to the total, e.g. DAPO's overlong penalty).
+    reward added to the total, e.g. DAPO's overlong penalty). `keys` (one per row) make the
+    sampling noise counter-based (`signalrl.rollout.sampler.generate`).
 
     Returns the batch and its generation's forward-token count (`count_forward_tokens`:
     the caller adds it to the student's budget when `model` is the student)."""
@@ -59,6 +61,7 @@ def collect(
         params,
         generator=generator,
         autocast_dtype=autocast_dtype,
+        keys=keys,
     )
     lengths = [int(x) for x in r.lengths.tolist()]
     tokens = count_forward_tokens(r.prompt_ids[::g], sum(lengths))

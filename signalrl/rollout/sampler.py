@@ -21,6 +21,7 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from signalrl.losses.policy import entropy_from_logits
 from signalrl.models.logprobs import cache_forward_kwargs
+from signalrl.rollout import noise
 
 
 @dataclass
@@ -91,8 +92,12 @@ def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tens
 
 
 def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str]) -> list[list[int]]:
-    """Tokenise prompt strings without special tokens (templates are the caller's business)."""
-    ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    """Tokenise prompt strings without special tokens (templates are the caller's business),
+    then put the BOS in front once where the tokenizer adds one (Llama, Mistral, Gemma) and
+    the text does not already start with it (`signalrl.data.chat.encode_prompt`)."""
+    from signalrl.data.chat import encode_prompt
+
+    ids = encode_prompt(tokenizer, prompts)
     for i, row in enumerate(ids):
         if not row:
             raise ValueError(f"prompt {i} is empty after tokenisation: {prompts[i]!r}")
@@ -107,13 +112,24 @@ def generate(
     *,
     generator: torch.Generator | None = None,
     autocast_dtype: torch.dtype | None = None,
+    keys: torch.Tensor | None = None,
 ) -> Rollout:
     """Sample `params.n` completions for each prompt (strings or token-id lists).
+
+    With `keys` (`(P,)` int64, one per prompt: `signalrl.rollout.noise.prompt_keys`) the
+    noise is counter-based (Gumbel-max): a prompt's samples depend only on its key, not on
+    the rest of the batch, the rank or a resume. Without, tokens are drawn with
+    `torch.multinomial` from `generator` (or torch's global generator).
 
     Runs under `torch.inference_mode`; the returned tensors are ordinary tensors, usable in
     autograd by the caller.
     """
-    r = _generate(model, tokenizer, prompts, params, generator, autocast_dtype)
+    rows = None
+    if keys is not None and not params.greedy:
+        if keys.shape != (len(prompts),):
+            raise ValueError(f"generate: {len(prompts)} prompts but keys of shape {keys.shape}")
+        rows = noise.row_keys(keys.long(), params.n)
+    r = _generate(model, tokenizer, prompts, params, generator, autocast_dtype, rows)
     for name in (
         "completion_ids",
         "completion_mask",
@@ -134,6 +150,7 @@ def _generate(
     params: SamplingParams,
     generator: torch.Generator | None,
     autocast_dtype: torch.dtype | None,
+    rows: torch.Tensor | None = None,
 ) -> Rollout:
     if len(prompts) == 0:
         raise ValueError("generate: no prompts")
@@ -142,12 +159,17 @@ def _generate(
     else:
         prompt_ids = [list(p) for p in prompts]  # type: ignore[arg-type]
     if not params.share_prefix and params.n > 1:
-        return _generate_unshared(model, tokenizer, prompt_ids, params, generator, autocast_dtype)
+        return _generate_unshared(
+            model, tokenizer, prompt_ids, params, generator, autocast_dtype, rows
+        )
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     stop = _StopCheck.build(model, tokenizer, params, device)
     input_ids, attn, positions = _left_pad(prompt_ids, pad_id, device)
     out = _Outputs.empty(len(prompt_ids) * params.n, params.max_new_tokens, pad_id, device)
+    if rows is not None:
+        out.keys = rows.to(device)
+        out.vocab_hash = noise.hash32(torch.arange(_vocab_size(model), device=device))
     was_training = model.training
     model.eval()
     try:
@@ -166,8 +188,10 @@ def _generate_unshared(
     params: SamplingParams,
     generator: torch.Generator | None,
     autocast_dtype: torch.dtype | None,
+    rows: torch.Tensor | None,
 ) -> Rollout:
-    """The reference path without prefix sharing: every row encodes its own prompt."""
+    """The reference path without prefix sharing: every row encodes its own prompt (with
+    counter-based noise, each row keeps its sample's key: the same tokens as shared)."""
     g = params.n
     r = _generate(
         model,
@@ -176,6 +200,7 @@ def _generate_unshared(
         replace(params, n=1),
         generator,
         autocast_dtype,
+        rows,
     )
     r.group_size = g
     r.prompt_index = torch.arange(len(prompt_ids), device=r.completion_ids.device)
@@ -213,6 +238,8 @@ class _Outputs:
     entropy: torch.Tensor
     lengths: torch.Tensor
     finished_by_stop: torch.Tensor
+    keys: torch.Tensor | None = None  # (N,) counter-based noise keys, one per row
+    vocab_hash: torch.Tensor | None = None
 
     @classmethod
     def empty(cls, n_rows: int, max_new: int, pad_id: int, device: torch.device) -> _Outputs:
@@ -306,8 +333,13 @@ def _sample_token(
         scaled = logits / params.temperature
         logp_all = torch.log_softmax(scaled, dim=-1)
         filtered = _filter_logits(scaled, params.top_k, params.top_p)
-        probs = torch.softmax(filtered, dim=-1)
-        tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        if out.keys is not None:  # Gumbel-max with counter-based noise
+            assert out.vocab_hash is not None
+            g = noise.gumbel(out.keys[active], t, filtered.shape[-1], out.vocab_hash)
+            tok = (filtered + g).argmax(-1)
+        else:
+            probs = torch.softmax(filtered, dim=-1)
+            tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
     out.tokens[active, t] = tok
     out.logps[active, t] = logp_all.gather(-1, tok[:, None]).squeeze(-1)
     out.entropy[active, t] = entropy_from_logits(scaled)
@@ -398,6 +430,12 @@ def _assemble(
         group_size=g,
         prompt_index=torch.arange(len(prompt_ids), device=device).repeat_interleave(g),
     )
+
+
+def _vocab_size(model: PreTrainedModel) -> int:
+    """Entries of the logits' last dimension (the LM head's rows)."""
+    head = model.get_output_embeddings()
+    return int(head.weight.shape[0]) if head is not None else int(model.config.vocab_size)
 
 
 def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:

@@ -8,7 +8,10 @@ problem can ever appear in the test split, whatever the sizes and seeds.
 Prompts: `template: plain` (default) renders `prompt_template` (`"{expr}="`); `template:
 r1_zero` renders the DeepSeek-R1-Zero prompt (`signalrl.tasks.dataset.R1_ZERO_TEMPLATE`) around
 the question `"What is {expr}?"`, and the SFT completion becomes
-`" <think> {expr}={value} </think> <answer> {value} </answer>"`. With any template, a
+`" <think> {expr}={value} </think> <answer> {value} </answer>"`; `template: chat` gives each
+row `messages` (one user turn, `"What is {expr}?"`, also the row's plain `prompt`), which the
+trainers, `signalrl eval` and `make-preferences` render with the model's chat template
+(`signalrl.data.chat.render_row`); the completion stays `"{value}"`. With any template, a
 completion holding an `<answer>...</answer>` block is judged on the last such block.
 """
 
@@ -79,9 +82,10 @@ class ArithmeticTask:
             raise ValueError("arithmetic: test_fraction must be in (0, 1)")
         if "{expr}" not in self.prompt_template:
             raise ValueError("arithmetic: prompt_template must contain '{expr}'")
-        if self.template not in ("plain", "r1_zero"):
+        if self.template not in ("plain", "r1_zero", "chat"):
             raise ValueError(
-                f"arithmetic: template must be 'plain' or 'r1_zero', got {self.template!r}"
+                f"arithmetic: template must be 'plain', 'r1_zero' or 'chat', got "
+                f"{self.template!r}"
             )
         lo = 10 ** (self.digits - 1) if self.exact_digits else 0
         hi = 10**self.digits - 1
@@ -109,6 +113,8 @@ class ArithmeticTask:
         """The prompt for one expression under this task's template."""
         if self.template == "r1_zero":
             return R1_ZERO_TEMPLATE.replace("{prompt}", f"What is {expr}?")
+        if self.template == "chat":
+            return f"What is {expr}?"
         return self.prompt_template.format(expr=expr)
 
     def is_test(self, expr: str) -> bool:
@@ -119,12 +125,15 @@ class ArithmeticTask:
         completion = str(value)
         if self.template == "r1_zero":
             completion = f" <think> {expr}={value} </think> <answer> {value} </answer>"
-        return {
+        row: Row = {
             "prompt": self.render(expr),
             "answer": str(value),
             "completion": completion,
             "expr": expr,
         }
+        if self.template == "chat":  # rendered by the model's chat template (render_row)
+            row["messages"] = [{"role": "user", "content": row["prompt"]}]
+        return row
 
     def _split(self, want_test: bool, n: int, seed: int, unique: bool) -> list[Row]:
         rng = random.Random(seed)

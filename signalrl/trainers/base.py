@@ -37,21 +37,31 @@ from rich.progress import (
 )
 from transformers.utils import logging as hf_logging
 
+from signalrl import distributed
 from signalrl.config import RecipeBase, dump_recipe
 from signalrl.eval import EvalResult, evaluate
 from signalrl.logging.memory import peak_memory_mb, reset_peak_memory
-from signalrl.logging.run import RunDir, RunLock, plan_run
+from signalrl.logging.run import FollowerRun, RunDir, RunLock
 from signalrl.models import count_parameters, load_model, resolve_device
+from signalrl.models.lora import (
+    AdapterDisabled,
+    apply_lora,
+    enable_gradient_checkpointing,
+    is_adapter_dir,
+    is_peft,
+    load_adapter,
+)
 from signalrl.rollout.sampler import SamplingParams
 from signalrl.tasks import Task, make_task
 from signalrl.trainers.checkpoints import CheckpointMixin
+from signalrl.trainers.doctoring import DoctorMixin
+from signalrl.trainers.ranks import RanksMixin
 from signalrl.trainers.state import (
     STATE_FILE,
     Budget,
     DataCursor,
     latest_checkpoint,
     lr_lambda,
-    resume_differences,
     seed_everything,
 )
 
@@ -100,7 +110,7 @@ class StepResult:
         return {**out, **self.opt}
 
 
-class TrainerBase(CheckpointMixin):
+class TrainerBase(RanksMixin, DoctorMixin, CheckpointMixin):
     """Run directory, models, optimiser, the step skeleton, checkpoints and evaluation."""
 
     recipe: Any  # the trainer's own recipe class (see `signalrl.config.RECIPES`)
@@ -116,18 +126,15 @@ class TrainerBase(CheckpointMixin):
     ) -> None:
         hf_logging.disable_progress_bar()
         self.recipe = recipe
-        self.console = console or Console(stderr=True)
+        self.dist = distributed.init(recipe.train.parallel, resolve_device(recipe.model.device))
+        self.check_world()
+        # ranks other than 0 show nothing but errors (exceptions reach stderr)
+        self.console = console or Console(stderr=True, quiet=not self.dist.is_main)
         if recipe.train.threads:
             torch.set_num_threads(recipe.train.threads)
-        # nothing is written until everything is loaded and validated (`open_run`)
-        self.plan = plan_run(
-            recipe.run_dir,
-            resume=resume,
-            overwrite=overwrite,
-            checkpoint=latest_checkpoint(recipe.run_dir) if resume else None,
-        )
-        if self.plan.mode == "resume":
-            self.check_resume_recipe()
+        # nothing is written until everything is loaded and validated (`open_run`); rank 0
+        # decides and every rank gets its plan (or its error)
+        self.plan = distributed.on_main(lambda: self.plan_run(resume, overwrite))
         seed_everything(recipe.seed)
         # a researcher may pass any object with train()/test()/verify(); else the recipe's task
         self.task: Task = task or make_task(recipe.task.name, **recipe.task.kwargs())
@@ -135,36 +142,69 @@ class TrainerBase(CheckpointMixin):
         self.run: RunDir = None  # type: ignore[assignment]  # opened by finish_setup
         self.lock = RunLock(recipe.run_dir)
         source = str(self.resume_from) if self.resume_from else recipe.model.name_or_path
+        self.master_autocast: torch.dtype | None = None  # set by load_policy (fp32 master)
         self.model, self.tokenizer = self.load_policy(source)
         self.device = next(self.model.parameters()).device
-        self.autocast_dtype = torch.bfloat16 if recipe.train.precision == "bf16" else None
+        bf16 = recipe.train.precision == "bf16"
+        self.autocast_dtype = torch.bfloat16 if bf16 else self.master_autocast
         self.ref_model: torch.nn.Module | None = None
         self.budget = Budget()
         self.models_held: dict[str, float] = {}
         self.step = 0
+        self.sample_calls = 0  # sampling calls in this step (a part of the noise key)
         self.started = time.time()
         self.elapsed_before = 0.0
 
     # -- models -------------------------------------------------------------------------------
-    def load_policy(self, source: str) -> tuple[Any, Any]:
-        m = self.recipe.model
-        device = resolve_device(m.device)
-        return load_model(
-            source,
-            dtype=m.dtype,
+    def load_policy(self, source: str, *, reference: bool = False) -> tuple[Any, Any]:
+        """The policy from `source` (the start model, or a step checkpoint on resume; a LoRA
+        run's checkpoint holds only the adapter: base from `model.name_or_path` + adapter):
+        LoRA when `lora.enabled`, HF gradient checkpointing when `train.gradient_checkpointing`,
+        and for full fine-tuning of a bfloat16/float16 `model.dtype` fp32 master weights under
+        bf16 autocast (AdamW on half-precision weights loses most updates). `reference`: the
+        plain start model, loaded as the policy's base is."""
+        m, lora = self.recipe.model, self.recipe.lora
+        adapter = not reference and is_adapter_dir(source)
+        legacy_lora = getattr(getattr(self.recipe, "preference", None), "reference", "") == "lora"
+        dtype = m.dtype
+        if dtype != "float32" and not (lora.enabled or legacy_lora):
+            dtype, self.master_autocast = "float32", torch.bfloat16
+            if not reference:
+                self.console.print(
+                    f"[yellow]warning:[/yellow] model.dtype {m.dtype}: AdamW on {m.dtype} "
+                    "weights loses most updates; training fp32 master weights under bf16 "
+                    "autocast instead (train.precision: bf16 behaviour)"
+                )
+        model, tokenizer = load_model(
+            m.name_or_path if adapter else source,
+            dtype=dtype,
             seed=m.seed,
-            device=device,
+            device=resolve_device(m.device),
             attn_implementation=m.attn_implementation,
+            architecture=m.architecture,
+            tokenizer=m.tokenizer,
         )
+        if reference:
+            return model, tokenizer
+        if self.recipe.train.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
+        if adapter:
+            model = load_adapter(model, source)
+        elif lora.enabled:
+            model = apply_lora(model, lora)
+        return model, tokenizer
 
     def frozen_reference(self) -> torch.nn.Module:
         """A frozen copy of the *starting* policy: a deep copy of the model just loaded on a
         fresh run; on resume (the policy holds checkpoint weights) the start model is loaded
-        again from `model.name_or_path`."""
+        again from `model.name_or_path`. A LoRA policy's reference is its own base with the
+        adapter disabled (`models.lora.AdapterDisabled`, no second copy)."""
+        if is_peft(self.model):  # LoRA: the base with the adapter disabled, no second copy
+            return AdapterDisabled(self.model)
         if self.resume_from is None:
             ref = copy.deepcopy(self.model)
         else:
-            ref, _ = self.load_policy(self.recipe.model.name_or_path)
+            ref, _ = self.load_policy(self.recipe.model.name_or_path, reference=True)
             ref = ref.to(self.device)
         ref.eval()
         for p in ref.parameters():
@@ -178,29 +218,18 @@ class TrainerBase(CheckpointMixin):
             held.append(("reference", self.ref_model))
         return held
 
-    def check_resume_recipe(self) -> None:
-        """Refuse a resume whose recipe differs from the run's saved one in anything but
-        `RESUME_MAY_CHANGE` (a changed lr or algorithm would silently mix two runs)."""
-        saved = self.recipe.run_dir / "config.yaml"
-        if not saved.is_file():
-            return
-        diff = resume_differences(saved, self.recipe)
-        if diff:
-            raise ValueError(
-                f"--resume: the recipe differs from the run's ({saved}) in:\n  "
-                + "\n  ".join(diff)
-                + "\nonly train.steps and the logging, eval and checkpoint sections may change "
-                "on resume; use another name (or --overwrite) for a different run"
-            )
-
     def finish_setup(self) -> None:
         """Build the optimiser, resume, open the run directory, measure what set-up holds,
         and reset the memory peak so that `memory/peak_mb` is the training phase's
         (`memory/setup_peak_mb` is set-up's)."""
+        self.parallelize()
         if not hasattr(self, "optimizer"):
             self.build_optimizer()
         self.maybe_resume()
-        self.open_run()
+        if self.dist.is_main:
+            self.open_run()
+        else:  # rank 0 writes the run directory; the others only know its paths
+            self.run = FollowerRun(self.plan.path)  # type: ignore[assignment]
         held = self.held_models()
         self.console.print(f"models held: {', '.join(name for name, _ in held)}")
         self.models_held = {
@@ -254,12 +283,14 @@ class TrainerBase(CheckpointMixin):
         """Clip, step AdamW (skipped on a non-finite gradient), zero grads, advance the LR
         schedule unless `step_scheduler` is False (several updates in one training step)."""
         t = self.recipe.train
-        if t.grad_clip is not None:
-            norm = torch.nn.utils.clip_grad_norm_(self.params, t.grad_clip)
-        else:
-            norm = torch.linalg.vector_norm(
-                torch.stack([p.grad.norm() for p in self.params if p.grad is not None])
-            )
+        if self.dist.active and not self.dist.fsdp:
+            distributed.sync_gradients(self.params)  # summed: the weights are global
+        # the norm of the summed gradient (clipped when grad_clip is set)
+        norm = torch.nn.utils.clip_grad_norm_(
+            self.params, t.grad_clip if t.grad_clip is not None else float("inf")
+        )
+        if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2
+            norm = norm.full_tensor()
         lr = self.scheduler.get_last_lr()[0]
         if torch.isfinite(norm):
             self.optimizer.step()
@@ -295,10 +326,20 @@ class TrainerBase(CheckpointMixin):
     def step_samples(self, batch: Any) -> list[dict[str, Any]]:
         return []
 
-    def micro_slices(self, n: int) -> list[slice]:
-        """`train.micro_batch_size` rows at a time (all `n` rows when unset)."""
-        micro = self.recipe.train.micro_batch_size or n
-        return [slice(i, min(n, i + micro)) for i in range(0, n, max(micro, 1))]
+    def micro_slices(self, n: int, share: bool = True) -> list[slice]:
+        """This rank's rows of a global batch of `n` (all `n` with `share=False` or on one
+        rank), `train.micro_batch_size` rows at a time (all of them when unset)."""
+        own = self.dist.share(n) if share else slice(0, n)
+        lo, hi = own.start, own.stop
+        micro = self.recipe.train.micro_batch_size or max(hi - lo, 1)
+        return [slice(i, min(hi, i + micro)) for i in range(lo, hi, max(micro, 1))]
+
+    def padding_chunk(self, batch: Any, chunks: Sequence[Any]) -> Any:
+        """A micro-batch that FSDP2 runs with weight 0 on a rank with fewer micro-batches
+        than another (every rank must run the same forward/backward passes)."""
+        if chunks:
+            return chunks[0]
+        raise RuntimeError(f"{type(self).__name__}: a rank has no micro-batch to pad with")
 
     def accumulate(
         self, batch: Any, chunks: Sequence[Any], total: float, epoch: int
@@ -308,15 +349,27 @@ class TrainerBase(CheckpointMixin):
         sums of `loss` and of the micro-batches' metrics, and their `aux` values."""
         sums: dict[str, float] = {"loss": 0.0}
         aux: list[Any] = []
-        for chunk in chunks:
+        n_real = len(chunks)
+        runs = list(chunks)
+        if self.dist.fsdp:  # the same number of forward/backward passes on every rank
+            n_max = int(distributed.all_reduce_max(n_real))
+            runs += [self.padding_chunk(batch, chunks) for _ in range(n_max - n_real)]
+        # FSDP2 averages gradients over ranks: scale by the world size to sum them
+        scale = float(self.dist.world) if self.dist.fsdp else 1.0
+        for i, chunk in enumerate(runs):
             m = self.micro_loss(batch, chunk, epoch)
-            w = m.units / total if total else 0.0
+            w = m.units / total if total and i < n_real else 0.0
             full = m.loss if m.extra_loss is None else m.loss + m.extra_loss
-            (full if w == 1.0 else full * w).backward()
+            (full if w * scale == 1.0 else full * (w * scale)).backward()
+            if i >= n_real:
+                continue
             sums["loss"] += w * float(m.loss.detach())
             for k, v in m.metrics.items():
                 sums[k] = sums.get(k, 0.0) + w * v
             aux.append(m.aux)
+        if self.dist.active:  # weighted by global units: the sum over ranks is the mean
+            sums = distributed.sum_floats(sums)
+            aux = [a for part in distributed.gather_objects(distributed.to_cpu(aux)) for a in part]
         return sums, aux
 
     def update(self, batch: Any) -> StepResult:
@@ -345,6 +398,8 @@ class TrainerBase(CheckpointMixin):
     def train_step(self) -> tuple[dict[str, float], list[dict[str, Any]]]:
         """One optimiser step; returns its metrics and rows for samples.jsonl."""
         t0 = time.perf_counter()
+        self.sample_calls = 0
+        tokens_before = self.budget.forward_tokens
         batch, stats = self.next_batch()
         samples: list[dict[str, Any]] = []
         if batch is None:
@@ -356,6 +411,10 @@ class TrainerBase(CheckpointMixin):
             samples = self.step_samples(batch)
         metrics.update(self.models_held)
         metrics["memory/peak_mb"] = peak_memory_mb(self.device)
+        if self.dist.active:  # every rank's forward tokens; the largest peak
+            own = torch.tensor([float(self.budget.forward_tokens - tokens_before)])
+            self.budget.forward_tokens = tokens_before + int(distributed.all_reduce_sum(own))
+            metrics["memory/peak_mb"] = distributed.all_reduce_max(metrics["memory/peak_mb"])
         metrics["time/step_s"] = time.perf_counter() - t0
         return self.account(metrics), samples
 
@@ -386,7 +445,7 @@ class TrainerBase(CheckpointMixin):
             TimeElapsedColumn(),
             TimeRemainingColumn(),
             console=self.console,
-            disable=not self.recipe.logging.progress,
+            disable=not (self.recipe.logging.progress and self.dist.is_main),
             transient=False,
         )
 
@@ -414,13 +473,11 @@ class TrainerBase(CheckpointMixin):
         return [self.render(r) for r in rows]
 
     def render(self, row: dict[str, Any]) -> dict[str, Any]:
-        msgs = row.get("messages")
-        if not msgs or not getattr(self.tokenizer, "chat_template", None):
-            return row
-        prompt = self.tokenizer.apply_chat_template(
-            msgs, tokenize=False, add_generation_prompt=True
-        )
-        return {**row, "prompt": prompt}
+        """The row as the model sees it (`signalrl.data.chat.render_row`, which `signalrl
+        eval` and `make-preferences` share): `messages` rendered by the chat template."""
+        from signalrl.data.chat import render_row
+
+        return render_row(self.tokenizer, row)
 
     def test_rows(self) -> list[dict[str, Any]]:
         rows = [self.render(r) for r in self.task.test()]
@@ -428,6 +485,12 @@ class TrainerBase(CheckpointMixin):
         return rows[:n] if n else rows
 
     def evaluate(self, *, with_pass_k: bool = True) -> EvalResult:
+        """The task's test evaluation (rank 0 runs it on all-gathered weights; every rank
+        gets its result)."""
+        with self.gathered():
+            return distributed.on_main(lambda: self._evaluate(with_pass_k))
+
+    def _evaluate(self, with_pass_k: bool) -> EvalResult:
         e = self.recipe.eval
         return evaluate(
             self.model,
@@ -475,7 +538,7 @@ class TrainerBase(CheckpointMixin):
                 if self.step % lg.every == 0 and self.step < t.steps:
                     metrics["time/elapsed_s"] = self.elapsed()
                     self.run.log_metrics(self.step, metrics)
-                    stop = self.consult_doctor(metrics)
+                    stop = distributed.on_main(lambda m=metrics: self.consult_doctor(m))
                 info = self.progress_info(metrics)
                 if "eval/accuracy" in metrics:
                     info += f"  acc {metrics['eval/accuracy']:.3f}"
@@ -485,24 +548,6 @@ class TrainerBase(CheckpointMixin):
                     self.save_checkpoint()
                     break
         return self.finish(metrics)
-
-    def consult_doctor(self, metrics: dict[str, Any]) -> bool:
-        """Run the doctor's rules on the logged rows; print each new finding once. True when
-        one has a `doctor.stop_on` severity (the run then stops cleanly)."""
-        if self.doctor is None:
-            return False
-        stop = False
-        for f in self.doctor.update([{"step": self.step, **metrics}]):
-            color = {"critical": "red", "warning": "yellow"}.get(f.severity, "cyan")
-            self.console.print(
-                f"[{color}]doctor: {f.id} ({f.severity}) at step {f.step}:[/{color}] "
-                f"{f.evidence} -> {f.suggestion}",
-                highlight=False,
-            )
-            stop = stop or f.severity in self.recipe.doctor.stop_on
-        if stop:
-            self.console.print(f"[red]doctor: stopping at step {self.step} (doctor.stop_on)")
-        return stop
 
     def first_step(self) -> tuple[dict[str, float], list[dict[str, Any]]]:
         """The first step of a run that replaces another (`--overwrite`): the old run is put
@@ -516,48 +561,12 @@ class TrainerBase(CheckpointMixin):
         self.run.drop_replaced()
         return out
 
-    def make_doctor(self) -> Any:
-        """The live doctor (`signalrl.diagnostics.LiveDoctor`) with the built-in rules and
-        `doctor.rules`, or None when `doctor.enabled` is false."""
-        if not self.recipe.doctor.enabled:
-            return None
-        from signalrl.diagnostics.doctor import LiveDoctor
-        from signalrl.diagnostics.rules import BUILTIN_RULES, load_rules, merge_rules
-
-        rules = BUILTIN_RULES
-        if self.recipe.doctor.rules:
-            rules = merge_rules(BUILTIN_RULES, load_rules(self.recipe.doctor.rules))
-        doctor = LiveDoctor(rules, self.recipe.model_dump(mode="json"))
-        if self.resume_from is not None:  # the logged steps up to the checkpoint
-            from signalrl.logging.run import read_metrics
-
-            doctor.update(read_metrics(self.run.path))  # found before: not printed again
-        return doctor
-
-    def findings(self) -> list[dict[str, Any]]:
-        """The live doctor's findings, each with the metrics its rule reads (for the report's
-        markers)."""
-        doctor = getattr(self, "doctor", None)
-        if doctor is None:
-            return []
-        needs = {r.id: list(r.needs or r.needs_any) for r in doctor.rules}
-        return [{**f.to_dict(), "metrics": needs.get(f.id, [])} for f in doctor.findings]
-
-    def write_report(self) -> None:
-        """`report.html` in the run directory (`signalrl.report`); a failure only warns: the
-        run itself is complete."""
-        from signalrl.report.html import write_report
-
-        try:
-            findings = {str(self.run.path): self.findings()}
-            write_report([self.run.path], self.run.path / "report.html", findings)
-        except Exception as e:  # noqa: BLE001 - the report must never fail a finished run
-            self.console.print(f"[yellow]warning:[/yellow] report.html not written: {e}")
-
     def close_run(self) -> None:
         self.run.drop_replaced()
         self.run.close()
-        self.lock.release()
+        if self.dist.is_main:
+            self.lock.release()
+        distributed.barrier()  # final/ is complete for every rank
 
     def finish(self, metrics: dict[str, Any]) -> dict[str, Any]:
         """Final evaluation, `final/` and the last metrics row."""

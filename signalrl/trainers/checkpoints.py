@@ -13,8 +13,16 @@ from typing import Any
 
 import torch
 
+from signalrl import distributed
+from signalrl.logging.run import plan_run
 from signalrl.models import save_model
-from signalrl.trainers.state import STATE_FILE, STEP_DIR, DataCursor
+from signalrl.trainers.state import (
+    STATE_FILE,
+    STEP_DIR,
+    DataCursor,
+    latest_checkpoint,
+    resume_differences,
+)
 
 
 class CheckpointMixin:
@@ -35,11 +43,41 @@ class CheckpointMixin:
     def elapsed(self) -> float:
         raise NotImplementedError
 
+    def plan_run(self, resume: bool, overwrite: bool) -> Any:
+        """What opening the run directory will do (`signalrl.logging.run.plan_run`); a
+        resume whose recipe changed is refused."""
+        d = self.recipe.run_dir
+        plan = plan_run(
+            d,
+            resume=resume,
+            overwrite=overwrite,
+            checkpoint=latest_checkpoint(d) if resume else None,
+        )
+        if plan.mode == "resume":
+            self.check_resume_recipe()
+        return plan
+
+    def check_resume_recipe(self) -> None:
+        """Refuse a resume whose recipe differs from the run's saved one in anything but
+        `RESUME_MAY_CHANGE` (a changed lr or algorithm would silently mix two runs)."""
+        saved = self.recipe.run_dir / "config.yaml"
+        if not saved.is_file():
+            return
+        diff = resume_differences(saved, self.recipe)
+        if diff:
+            raise ValueError(
+                f"--resume: the recipe differs from the run's ({saved}) in:\n  "
+                + "\n  ".join(diff)
+                + "\nonly train.steps and the logging, eval and checkpoint sections may change "
+                "on resume; use another name (or --overwrite) for a different run"
+            )
+
     # -- checkpoints ----------------------------------------------------------------------
     def trainer_state(self) -> dict[str, Any]:
         return {
             "step": self.step,
-            "optimizer": self.optimizer.state_dict(),
+            # keyed by parameter name and unsharded: resumes under any strategy / world size
+            "optimizer": distributed.optimizer_state(self.model, self.optimizer),
             "scheduler": self.scheduler.state_dict(),
             "torch_rng": torch.get_rng_state(),
             "python_rng": random.getstate(),
@@ -62,16 +100,26 @@ class CheckpointMixin:
         if isinstance(data, DataCursor):
             data.load(state.get("data", {}))
 
+    def export_model(self, out: Path, extra_files: dict[str, bytes] | None = None) -> Path:
+        """Write the policy as an HF directory (`save_model`): under FSDP2 its full state is
+        gathered first (every rank takes part), and rank 0 alone writes."""
+        sharded = distributed.is_sharded(self.model)
+        state = distributed.full_state_dict(self.model) if sharded else None
+        if distributed.current().is_main:
+            save_model(self.model, self.tokenizer, out, extra_files, state_dict=state)
+        distributed.barrier()
+        return out
+
     def save_checkpoint(self) -> Path:
+        state = self.trainer_state()  # collective under FSDP2 (the optimiser state)
         buf = io.BytesIO()
-        torch.save(self.trainer_state(), buf)
-        path = save_model(
-            self.model,
-            self.tokenizer,
-            self.run.checkpoints / f"step-{self.step}",
-            extra_files={STATE_FILE: buf.getvalue()},
+        if distributed.current().is_main:
+            torch.save(state, buf)
+        path = self.export_model(
+            self.run.checkpoints / f"step-{self.step}", extra_files={STATE_FILE: buf.getvalue()}
         )
-        self._prune_checkpoints()
+        if distributed.current().is_main:
+            self._prune_checkpoints()
         return path
 
     def _prune_checkpoints(self) -> None:
@@ -84,7 +132,11 @@ class CheckpointMixin:
         if self.resume_from is None:
             return
         state = torch.load(self.resume_from / STATE_FILE, weights_only=False)
-        self.optimizer.load_state_dict(state["optimizer"])
+        opt = state["optimizer"]
+        if all(isinstance(k, int) for k in opt.get("state", {})):  # older: keyed by index
+            self.optimizer.load_state_dict(opt)
+        else:
+            distributed.load_optimizer_state(self.model, self.optimizer, opt)
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
         random.setstate(state["python_rng"])
@@ -94,7 +146,14 @@ class CheckpointMixin:
         self.console.print(f"resumed from {self.resume_from} at step {self.step}")
 
     def save_final(self) -> Path:
-        return save_model(self.model, self.tokenizer, self.run.final)
+        """`final/`: the HF model, or for a LoRA policy the adapter (`PeftModel.from_pretrained(
+        base, final)`) and, with `lora.merge`, the merged plain HF model in `final/merged/`."""
+        from signalrl.models.lora import is_peft, merged_copy
+
+        out = self.export_model(self.run.final)
+        if is_peft(self.model) and self.recipe.lora.merge and distributed.current().is_main:
+            save_model(merged_copy(self.model), self.tokenizer, out / "merged")
+        return out
 
     def maybe_checkpoint(self) -> None:
         every = self.recipe.checkpoint.every

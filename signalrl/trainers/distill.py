@@ -68,10 +68,16 @@ from signalrl.trainers.online_rl import OnlineRLTrainer, RLBatch
 
 
 def completion_logits(
-    model: torch.nn.Module, batch: SequenceBatch, autocast_dtype: torch.dtype | None = None
+    model: torch.nn.Module,
+    batch: SequenceBatch,
+    autocast_dtype: torch.dtype | None = None,
+    vocab_size: int | None = None,
 ) -> torch.Tensor:
     """`(N, T, V)` logits predicting each completion token of `batch` (one forward pass; only
-    the `T + 1` last positions go through the LM head when the model takes `logits_to_keep`)."""
+    the `T + 1` last positions go through the LM head when the model takes `logits_to_keep`).
+    With `vocab_size`, only the first `vocab_size` columns: real checkpoints pad their
+    embedding beyond the tokenizer (Qwen2-7B: 152064 rows for 151665 tokens), and the rows past
+    it are no token."""
     t = batch.completion_ids.shape[1]
     kwargs = {}
     if "logits_to_keep" in inspect.signature(model.forward).parameters:
@@ -84,17 +90,27 @@ def completion_logits(
             use_cache=False,
             **kwargs,
         )
-    return out.logits[:, -(t + 1) : -1, :]
+    logits = out.logits[:, -(t + 1) : -1, :]
+    if vocab_size is not None:
+        if logits.shape[-1] < vocab_size:
+            raise ValueError(
+                f"the model's LM head has {logits.shape[-1]} outputs but the tokenizer has "
+                f"{vocab_size} tokens"
+            )
+        logits = logits[..., :vocab_size]
+    return logits
 
 
 def check_same_vocab(
     student_tok: Any, teacher_tok: Any, student: str = "student", teacher: str = "teacher"
-) -> None:
+) -> int:
     """Raise ValueError naming both vocabulary sizes and one differing token when the two
-    tokenizers do not map the same strings to the same ids."""
+    tokenizers do not map the same strings to the same ids. Returns the shared vocabulary
+    size, the logit columns GKD compares (the models' embeddings may be padded beyond it, by
+    different amounts)."""
     sv, tv = student_tok.get_vocab(), teacher_tok.get_vocab()
     if sv == tv:
-        return
+        return len(student_tok)
     diff = None
     for tok, i in sorted(sv.items(), key=lambda kv: kv[1]):
         if tv.get(tok) != i:
@@ -286,9 +302,12 @@ class DistillTrainer(OnlineRLTrainer):
         """GKD: the generalised JSD to the teacher over the full vocabulary, token-mean."""
         assert self.teacher is not None
         temperature, mask = self.recipe.sampling.temperature, mb.completion_mask
+        # both over the tokenizer's vocabulary: embeddings padded past it (by different
+        # amounts in the teacher and the student) are no token
+        vocab = len(self.tokenizer)
         with torch.no_grad():
-            t_logits = completion_logits(self.teacher, mb, self.autocast_dtype)
-        s_logits = completion_logits(self.model, mb, self.autocast_dtype)
+            t_logits = completion_logits(self.teacher, mb, self.autocast_dtype, vocab)
+        s_logits = completion_logits(self.model, mb, self.autocast_dtype, vocab)
         jsd = generalized_jsd(
             s_logits, t_logits, mask, beta=self.recipe.distill.jsd_beta, temperature=temperature
         )

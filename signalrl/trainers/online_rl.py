@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from signalrl import distributed
 from signalrl.config import OnlineRLRecipe
 from signalrl.data.collate import SequenceBatch
 from signalrl.losses.advantages import AdvantageInput
@@ -48,7 +49,6 @@ from signalrl.rewards.length import overlong_penalty
 from signalrl.rewards.model import RewardModelScorer
 from signalrl.rewards.registry import RewardComposer
 from signalrl.rollout.batch import RolloutBatch
-from signalrl.rollout.collect import collect as collect_rollouts
 from signalrl.rollout.collect import count_forward_tokens
 from signalrl.rollout.sampler import SamplingParams
 from signalrl.trainers.base import DataCursor, MicroLoss, StepResult, TrainerBase
@@ -75,6 +75,7 @@ class RLBatch:
     units: list[float] = field(default_factory=list)
     total: float = 1.0
     trained_share: float = 1.0
+    trained_rows: int = 0
 
 
 class OnlineRLTrainer(TrainerBase):
@@ -102,7 +103,6 @@ class OnlineRLTrainer(TrainerBase):
                 f"rl.overlong_cache ({rl.overlong_cache}) exceeds "
                 f"sampling.max_new_tokens ({s.max_new_tokens})"
             )
-        self.generator = torch.Generator(device=self.device).manual_seed(recipe.seed)
         self.data = DataCursor(len(self.rows), recipe.seed)
         self.setup_extra()
         self.finish_setup()
@@ -137,7 +137,7 @@ class OnlineRLTrainer(TrainerBase):
 
     # -- state ----------------------------------------------------------------------------
     def extra_state(self) -> dict[str, Any]:
-        state = {**super().extra_state(), "generator": self.generator.get_state()}
+        state = super().extra_state()
         if self.critic is not None:
             state["critic"] = self.critic.state_dict()
             state["critic_optimizer"] = self.critic_optimizer.state_dict()
@@ -145,8 +145,6 @@ class OnlineRLTrainer(TrainerBase):
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         super().load_extra_state(state)
-        if "generator" in state:
-            self.generator.set_state(state["generator"])
         if self.critic is not None and "critic" in state:
             self.critic.load_state_dict(state["critic"])
             self.critic_optimizer.load_state_dict(state["critic_optimizer"])
@@ -163,23 +161,17 @@ class OnlineRLTrainer(TrainerBase):
         params: SamplingParams | None = None,
         model: torch.nn.Module | None = None,
     ) -> RolloutBatch:
-        """`rows` sampled by `model` (default: the policy, whose generation tokens are added
-        to the budget) with `params` (default: the recipe's, `group_size` per prompt), scored
-        by the reward terms and the overlong shaping."""
-        model = self.model if model is None else model
-        roll, tokens = collect_rollouts(
-            model,
-            self.tokenizer,
+        """The global `rows` sampled by `model` (default: the policy, whose generation tokens
+        are added to the budget) with `params` (default: the recipe's, `group_size` per
+        prompt), scored by the reward terms and the overlong shaping; each rank samples its
+        share (`TrainerBase.collect_global`)."""
+        return self.collect_global(
+            self.model if model is None else model,
             rows,
             params or self.sampling,
             self.rewards,
-            generator=self.generator,
-            autocast_dtype=self.autocast_dtype,
             shaping=self._overlong if self.overlong_cache else None,
         )
-        if model is self.model:
-            self.budget.forward_tokens += tokens
-        return roll
 
     def _sample_round(self, n_prompts: int) -> RolloutBatch:
         return self.rollout([self.rows[i] for i in self.data.take(n_prompts)])
@@ -245,12 +237,15 @@ class OnlineRLTrainer(TrainerBase):
         prompt_ids: list[list[int]],
         slices: list[slice],
     ) -> torch.Tensor:
+        """`model`'s log-probs `(N, T)` of the global batch: this rank computes the rows of
+        its `slices`, and the ranks' parts are summed (each row is computed once)."""
         out = torch.zeros(batch.completion_ids.shape, device=self.device)
         every = torch.arange(len(batch), device=self.device)
-        for s in slices:
-            lp = self._grouped_logps(model, batch, prompt_ids, every[s])
-            out[s, : lp.shape[1]] = lp
-        return out
+        with self.gathered(model):
+            for s in slices:
+                lp = self._grouped_logps(model, batch, prompt_ids, every[s])
+                out[s, : lp.shape[1]] = lp
+        return distributed.all_reduce_sum(out)
 
     @torch.no_grad()
     def _values_no_grad(self, batch: SequenceBatch, slices: list[slice]) -> torch.Tensor:
@@ -259,7 +254,18 @@ class OnlineRLTrainer(TrainerBase):
         for s in slices:
             v = self.critic(batch.select(s), self.autocast_dtype)
             out[s, : v.shape[1]] = v
-        return out
+        return distributed.all_reduce_sum(out)
+
+    def own_rows(self, n_rows: int) -> slice:
+        """The rows this rank trains and scores: its contiguous share of whole groups."""
+        g = self.sampling.n
+        own = self.dist.share(n_rows // g)
+        return slice(own.start * g, own.stop * g)
+
+    def micro_slices(self, n: int, share: bool = True) -> list[slice]:
+        own = self.own_rows(n) if share else slice(0, n)
+        micro = self.recipe.train.micro_batch_size or max(own.stop - own.start, 1)
+        return [slice(i, min(own.stop, i + micro)) for i in range(own.start, own.stop, micro)]
 
     # -- advantages ------------------------------------------------------------------------------
     def advantages(
@@ -367,16 +373,27 @@ class OnlineRLTrainer(TrainerBase):
             and not (b.ref_logps is not None and rl.kl_placement == "loss")
         )
         n = len(b.seq)
-        kept = (b.adv != 0).nonzero().flatten() if skip_zero else torch.arange(n)
+        trained = (b.adv != 0) if skip_zero else torch.ones(n, dtype=torch.bool)
+        trained = trained.to(b.adv.device)
+        own = self.own_rows(n)
+        kept = trained[own].nonzero().flatten() + own.start  # this rank's trained rows
         micro = self.recipe.train.micro_batch_size or max(len(kept), 1)
         b.chunks = [kept[i : i + micro] for i in range(0, len(kept), micro)]
         if rl.loss_agg == "token-mean":
             per_row = b.loss_mask.sum(-1)
         else:
             per_row = (b.loss_mask.sum(-1) > 0).float()
+        # the whole (global) batch's units: every rank holds it, so all agree
         b.total = float(per_row.sum()) or 1.0
         b.units = [float(per_row[s].sum()) for s in b.chunks]
-        b.trained_share = sum(u / b.total for u in b.units) or 1.0
+        b.trained_share = float(per_row[trained].sum()) / b.total or 1.0
+        b.trained_rows = int(trained.sum())
+
+    def padding_chunk(self, b: RLBatch, chunks: list[int]) -> int:
+        """A one-row chunk (FSDP2 runs it with weight 0 on a rank short of micro-batches)."""
+        b.chunks.append(torch.tensor([self.own_rows(len(b.seq)).start % len(b.seq)]))
+        b.units.append(0.0)
+        return len(b.chunks) - 1
 
     def micro_batches(self, batch: RLBatch) -> tuple[list[int], float]:
         return list(range(len(batch.chunks))), batch.total
@@ -479,7 +496,7 @@ class OnlineRLTrainer(TrainerBase):
                 float((rewards.view(-1, g).std(-1) == 0).float().mean()) if g > 1 else 0.0
             ),
             "entropy": float(sum(float(e.sum()) for e in roll.entropy)) / max(n_tok, 1.0),
-            "batch/trained_rows": float(sum(len(c) for c in b.chunks)),
+            "batch/trained_rows": float(b.trained_rows),
             "completion/mean_length": float(b.seq.completion_mask.sum(-1).mean()),
             "completion/truncated_frac": float(b.truncated.float().mean()),
             "clip_frac/low": 0.0,

@@ -63,15 +63,14 @@ pairs were sampled before the run and are not counted) and `time/train_s`.
 
 from __future__ import annotations
 
-import copy
 import hashlib
-import io
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from signalrl import distributed
 from signalrl.config import PreferenceRecipe
 from signalrl.data.collate import SequenceBatch, build_batch
 from signalrl.data.make_preferences import pick_pair_indices
@@ -80,8 +79,7 @@ from signalrl.losses.preference import PreferenceInput, preference_loss, prefere
 from signalrl.models import save_model
 from signalrl.models.logprobs import completion_logps
 from signalrl.rewards.registry import RewardComposer, RewardSpec
-from signalrl.rollout.collect import collect as collect_rollouts
-from signalrl.trainers.base import STATE_FILE, DataCursor, MicroLoss, StepResult
+from signalrl.trainers.base import DataCursor, MicroLoss, StepResult
 from signalrl.trainers.preference_eval import PreferenceEvalMixin
 
 REF_FILE = "ref_logps.pt"
@@ -148,7 +146,6 @@ class PreferenceTrainer(PreferenceEvalMixin):
             self.rows = self.train_rows()
             self.train_data = PreferenceData([], [], [], None, [])
             self.data = DataCursor(len(self.rows), self.recipe.seed)
-            self.generator = torch.Generator(device=self.device).manual_seed(self.recipe.seed)
             self.online_sampling = self.sampling_params(pc.online_samples)
             self.samples_seen = 0
         else:
@@ -165,27 +162,30 @@ class PreferenceTrainer(PreferenceEvalMixin):
 
     # -- reference ----------------------------------------------------------------------
     def _wrap_lora(self) -> None:
-        from peft import LoraConfig, PeftModel, get_peft_model
+        """`preference.reference: lora`: the policy gets a LoRA adapter (`models.lora`) unless
+        `TrainerBase.load_policy` already gave it one (`lora.enabled`, or a resumed adapter
+        checkpoint). Without `lora.enabled` the adapter is `preference.lora_r` /
+        `lora_alpha` on the attention and MLP projections the model has; a checkpoint of the
+        older layout (base model + `adapter/`) is resumed from its `adapter/`."""
+        from signalrl.config import LoraConfig
+        from signalrl.models.lora import apply_lora, is_peft, load_adapter
 
+        if is_peft(self.model):
+            return
+        adapter = self.resume_from / "adapter" if self.resume_from else None
+        if adapter is not None and adapter.is_dir():
+            self.model = load_adapter(self.model, adapter)
+            return
         pc = self.recipe.preference
         names = {n.rsplit(".", 1)[-1] for n, _ in self.model.named_modules()}
         targets = [t for t in LORA_TARGETS if t in names]
         if not targets:
             raise ValueError(
                 f"preference.reference 'lora': the model has none of {', '.join(LORA_TARGETS)}"
+                "; set lora.enabled: true with lora.target_modules (or peft's default)"
             )
-        adapter = self.resume_from / "adapter" if self.resume_from else None
-        if adapter is not None and adapter.is_dir():
-            self.model = PeftModel.from_pretrained(self.model, str(adapter), is_trainable=True)
-        else:
-            cfg = LoraConfig(
-                r=pc.lora_r,
-                lora_alpha=pc.lora_alpha,
-                lora_dropout=0.0,
-                target_modules=targets,
-                task_type="CAUSAL_LM",
-            )
-            self.model = get_peft_model(self.model, cfg)
+        cfg = LoraConfig(enabled=True, r=pc.lora_r, alpha=pc.lora_alpha, target_modules=targets)
+        self.model = apply_lora(self.model, cfg)
 
     def _ref_logps(self, batch: SequenceBatch) -> torch.Tensor:
         """Per-token reference log-probs (N, T), no grad."""
@@ -322,17 +322,19 @@ class PreferenceTrainer(PreferenceEvalMixin):
     ) -> torch.Tensor:
         """Detached KTO reference point: mean (policy - ref) over mismatched pairs; `count`:
         a training step's pass (its student tokens are counted)."""
-        micro = self.recipe.train.micro_batch_size or len(idx)
-        diffs = []
-        with torch.no_grad():
-            for s in range(0, len(idx), micro):
-                mb = idx[s : s + micro]
+        # each rank scores its share of the rows; the mean is over all of them
+        total = torch.zeros(2, dtype=torch.float64, device=self.device)
+        with torch.no_grad(), self.gathered():
+            for s in self.micro_slices(len(idx)):
+                mb = idx[s]
                 batch = self._rows_batch(data, mb, "kl")
                 pol = completion_logps(self.model, batch, autocast_dtype=self.autocast_dtype)
                 if count:
                     self.budget.forward_tokens += int(batch.attention_mask.sum())
-                diffs.append(pol.sum(-1) - self._seq_ref(split, "kl", mb, batch))
-        return torch.cat(diffs).mean().clamp(min=0.0)
+                diff = pol.sum(-1) - self._seq_ref(split, "kl", mb, batch)
+                total += torch.stack([diff.sum().double(), diff.new_tensor(len(mb)).double()])
+        total = distributed.all_reduce_sum(total)
+        return (total[0] / total[1].clamp(min=1)).float().clamp(min=0.0)
 
     def _kto_losses(
         self, split: str, data: PreferenceData, mb: list[int], kl: torch.Tensor
@@ -412,18 +414,9 @@ class PreferenceTrainer(PreferenceEvalMixin):
         rows = [self.rows[i] for i in self.data.take(self.recipe.train.batch_size)]
         verifier = RewardComposer([RewardSpec(type="task")], self.task)
         self.model.eval()
-        roll, tokens = collect_rollouts(
-            self.model,
-            self.tokenizer,
-            rows,
-            self.online_sampling,
-            verifier,
-            generator=self.generator,
-            autocast_dtype=self.autocast_dtype,
-        )
+        roll = self.collect_global(self.model, rows, self.online_sampling, verifier)
         self.model.train()
         self.samples_seen += len(roll)
-        self.budget.forward_tokens += tokens
         scores = roll.rewards.tolist()
         pairs: list[tuple[int, int]] = []
         no_pair = 0
@@ -457,41 +450,31 @@ class PreferenceTrainer(PreferenceEvalMixin):
     def extra_state(self) -> dict[str, Any]:
         state = super().extra_state()
         if self.online:
-            state["generator"] = self.generator.get_state()
             state["samples_seen"] = self.samples_seen
         return state
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         super().load_extra_state(state)
-        if self.online and "generator" in state:
-            self.generator.set_state(state["generator"])
+        if self.online:
             self.samples_seen = int(state.get("samples_seen", 0))
 
     # -- saving ---------------------------------------------------------------------------
     def _is_lora(self) -> bool:
-        return self.recipe.preference.reference == "lora"
-
-    def save_checkpoint(self) -> Path:
-        if not self._is_lora():
-            return super().save_checkpoint()
-        buf = io.BytesIO()
-        torch.save(self.trainer_state(), buf)
-        base = copy.deepcopy(self.model).unload()  # the frozen base weights, plain HF
-        out = save_model(
-            base,
-            self.tokenizer,
-            self.run.checkpoints / f"step-{self.step}",
-            extra_files={STATE_FILE: buf.getvalue()},
-        )
-        self.model.save_pretrained(out / "adapter")
-        self._prune_checkpoints()
-        return out
+        """The older `preference.reference: lora` layout without `lora.enabled`: `final/` is
+        the merged plain HF model (with `lora.enabled`, `final/` is the adapter as for every
+        trainer, see `CheckpointMixin.save_final`)."""
+        return self.recipe.preference.reference == "lora" and not self.recipe.lora.enabled
 
     def save_final(self) -> Path:
+        # step checkpoints hold the adapter alone (`CheckpointMixin`); `load_policy` resumes them
         if not self._is_lora():
             return super().save_final()
-        merged = copy.deepcopy(self.model).merge_and_unload()
-        return save_model(merged, self.tokenizer, self.run.final)
+        from signalrl.models.lora import merged_copy
+
+        if distributed.current().is_main:
+            save_model(merged_copy(self.model), self.tokenizer, self.run.final)
+        distributed.barrier()
+        return self.run.final
 
     def progress_info(self, metrics: dict[str, Any]) -> str:
         info = super().progress_info(metrics)

@@ -41,6 +41,7 @@ class SFTTrainer(TrainerBase):
                 [r["prompt"] for r in rows],
                 [r["completion"] for r in rows],
                 source=source,
+                messages=[r.get("messages") for r in rows],  # chat rows end with the turn end
             )
             masks = [[1.0] * len(c) for c in c_ids]
             self.train_data = SFTExamples(p_ids, c_ids, masks, "prompt_completion", source)
@@ -112,14 +113,16 @@ class SFTTrainer(TrainerBase):
         """Token-weighted mean NLL on the held-out rows of the data file (None without)."""
         if self.test_data is None:
             return None
+        with self.gathered():  # every rank computes it (the same value)
+            return self._held_out_loss(self.test_data)
+
+    def _held_out_loss(self, test_data: SFTExamples) -> float:
         self.model.eval()
         size = self.recipe.eval.batch_size
         nll = tokens = 0.0
-        for start in range(0, len(self.test_data), size):
-            batch = self._batch(
-                self.test_data, list(range(start, min(start + size, len(self.test_data))))
-            )
-            for s in self.micro_slices(len(batch)):
+        for start in range(0, len(test_data), size):
+            batch = self._batch(test_data, list(range(start, min(start + size, len(test_data)))))
+            for s in self.micro_slices(len(batch), share=False):
                 mb = batch.select(s)
                 loss, n = self._nll(
                     completion_logps(self.model, mb, autocast_dtype=self.autocast_dtype), mb
