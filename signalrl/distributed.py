@@ -169,17 +169,6 @@ def all_reduce_max(value: float) -> float:
     return float(t)
 
 
-def sum_floats(values: dict[str, float]) -> dict[str, float]:
-    """Each key's sum over ranks (a key missing on a rank counts 0 there)."""
-    if not current().active:
-        return dict(values)
-    out: dict[str, float] = {}
-    for part in gather_objects(values):
-        for k, v in part.items():
-            out[k] = out.get(k, 0.0) + float(v)
-    return out
-
-
 def gather_objects(obj: T) -> list[T]:
     """`obj` of every rank, in rank order (tensors must be on the CPU)."""
     if not current().active:

@@ -244,7 +244,7 @@ def test_a_failing_rank_stops_every_rank_with_its_message(tmp_path: Path) -> Non
         trainer="online_rl",
         model={"name_or_path": "tiny", "device": "cpu"},
         rl={"algorithm": "grpo", "group_size": 2},
-        rewards=[{"type": "function", "fn": "dist_plugin:fails_on_rank_1"}],
+        rewards=[{"type": "function", "fn": "rewards_plugin:fails_on_rank_1"}],
         train={"steps": 2, "batch_size": 2},
         sampling={"max_new_tokens": 2},
     )

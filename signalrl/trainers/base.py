@@ -326,10 +326,14 @@ class TrainerBase(RanksMixin, DoctorMixin, CheckpointMixin):
     def step_samples(self, batch: Any) -> list[dict[str, Any]]:
         return []
 
+    def own_rows(self, n: int) -> slice:
+        """The rows of a global batch of `n` that this rank trains (all on one rank)."""
+        return self.dist.share(n)
+
     def micro_slices(self, n: int, share: bool = True) -> list[slice]:
-        """This rank's rows of a global batch of `n` (all `n` with `share=False` or on one
-        rank), `train.micro_batch_size` rows at a time (all of them when unset)."""
-        own = self.dist.share(n) if share else slice(0, n)
+        """This rank's rows of a global batch of `n` (`own_rows`; all `n` with `share=False`),
+        `train.micro_batch_size` rows at a time (all of them when unset)."""
+        own = self.own_rows(n) if share else slice(0, n)
         lo, hi = own.start, own.stop
         micro = self.recipe.train.micro_batch_size or max(hi - lo, 1)
         return [slice(i, min(hi, i + micro)) for i in range(lo, hi, max(micro, 1))]
@@ -368,8 +372,11 @@ class TrainerBase(RanksMixin, DoctorMixin, CheckpointMixin):
                 sums[k] = sums.get(k, 0.0) + w * v
             aux.append(m.aux)
         if self.dist.active:  # weighted by global units: the sum over ranks is the mean
-            sums = distributed.sum_floats(sums)
-            aux = [a for part in distributed.gather_objects(distributed.to_cpu(aux)) for a in part]
+            parts = distributed.gather_objects(distributed.to_cpu((sums, aux)))  # one collective
+            sums = {
+                k: sum(p[0].get(k, 0.0) for p in parts) for k in {k for p in parts for k in p[0]}
+            }
+            aux = [a for p in parts for a in p[1]]
         return sums, aux
 
     def update(self, batch: Any) -> StepResult:

@@ -262,11 +262,6 @@ class OnlineRLTrainer(TrainerBase):
         own = self.dist.share(n_rows // g)
         return slice(own.start * g, own.stop * g)
 
-    def micro_slices(self, n: int, share: bool = True) -> list[slice]:
-        own = self.own_rows(n) if share else slice(0, n)
-        micro = self.recipe.train.micro_batch_size or max(own.stop - own.start, 1)
-        return [slice(i, min(own.stop, i + micro)) for i in range(own.start, own.stop, micro)]
-
     # -- advantages ------------------------------------------------------------------------------
     def advantages(
         self,
