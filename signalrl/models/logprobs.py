@@ -73,6 +73,18 @@ def body_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     return body, head
 
 
+def chunked_head(model: nn.Module, rows: int) -> tuple[nn.Module, nn.Module] | None:
+    """`body_and_head(model)` when the logits of `rows` positions would exceed
+    `LOGIT_CHUNK_ELEMENTS` entries, else None: small logits go through the whole model at
+    once (no head recomputation in backward, and the same numerics as a plain forward)."""
+    parts = body_and_head(model)
+    if parts is None:
+        return None
+    weight = getattr(parts[1], "weight", None)
+    vocab = weight.shape[0] if isinstance(weight, torch.Tensor) else 1
+    return parts if rows * vocab > LOGIT_CHUNK_ELEMENTS else None
+
+
 def gradient_checkpointing_active(model: nn.Module) -> bool:
     """Whether a forward of `model` now runs under HF gradient checkpointing (which then
     drops the KV cache): checkpointing enabled, training mode and gradients on."""
@@ -126,7 +138,7 @@ def completion_logps(
     LM head, a chunk at a time. (The policy's entropy comes from the sampler, which has the
     full distributions anyway.)"""
     t = batch.completion_ids.shape[1]
-    parts = body_and_head(model)
+    parts = chunked_head(model, batch.input_ids.shape[0] * (t + 1))
     with logprob_context(model):
         with autocast_context(batch.input_ids.device, autocast_dtype):
             x = _run(
@@ -183,7 +195,7 @@ def shared_prefix_logps(
         p_ids[i, lp - len(p) :] = torch.tensor(p, dtype=torch.long, device=device)
         p_attn[i, lp - len(p) :] = 1
     p_pos = (p_attn.cumsum(-1) - 1).clamp(min=0)
-    parts = body_and_head(model)
+    parts = chunked_head(model, n * t)
     cache_kw, _ = cache_forward_kwargs(parts[0] if parts is not None else model)
     cache = DynamicCache(config=model.config)
     with logprob_context(model):
