@@ -271,3 +271,27 @@ def test_half_precision_weights_train_fp32_master_weights(tmp_path, capsys):
     changed = sum(int((now[n].detach() != p).sum()) for n, p in layers.items())
     total = sum(p.numel() for p in layers.values())
     assert changed / total > 0.99, changed / total  # the old bf16 weights: 0.87
+
+
+def test_small_logits_take_the_plain_forward(tiny):
+    """The chunked head (recomputed in backward) only where the logits would be large: a
+    small batch runs the whole model, with the numerics of a plain forward."""
+    model, tok = tiny
+    limit = logprobs_mod.LOGIT_CHUNK_ELEMENTS
+    assert logprobs_mod.chunked_head(model, limit // len(tok)) is None
+    assert logprobs_mod.chunked_head(model, limit // len(tok) + 1) is not None
+    batch = _batch(tok.pad_token_id)
+    out = model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+    ).logits
+    t = batch.completion_ids.shape[1]
+    want = (
+        torch.log_softmax(out[:, -(t + 1) : -1].float(), -1)
+        .gather(-1, batch.completion_ids[..., None])
+        .squeeze(-1)
+        * batch.completion_mask
+    )
+    got = completion_logps(model, batch)
+    assert torch.allclose(got, want, atol=1e-6)
