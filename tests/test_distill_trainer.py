@@ -78,7 +78,9 @@ def _mean(xs):
 
 
 def test_on_policy_distillation_moves_student_to_teacher(tmp_path, seven_teacher):
-    r = _recipe(tmp_path, seven_teacher)
+    # 60 steps: at 40 one seed in three (seed 0, with counter-based sampling) was still
+    # halfway (reverse KL 7.8 -> 5.0); at 60 seeds 0, 1, 2 all end near 0
+    r = _recipe(tmp_path, seven_teacher, train={"steps": 60})
     assert r.rl.loss_agg == "token-mean" and not r.rl.uses_reference
     assert trainer_class("distill") is DistillTrainer
     t = DistillTrainer(r, task=SevenTask())
@@ -87,7 +89,8 @@ def test_on_policy_distillation_moves_student_to_teacher(tmp_path, seven_teacher
     tl = [x["distill/teacher_logp"] for x in rows if "distill/teacher_logp" in x]
     kl = [x["distill/reverse_kl"] for x in rows if "distill/reverse_kl" in x]
     rw = [x["reward/mean"] for x in rows if "reward/mean" in x]
-    # observed (seed 0): teacher log-prob -12.2 -> -3.6, reverse KL 7.7 -> 2.5, reward 0.03 -> 0.74
+    # observed (seed 0, 60 steps): teacher log-prob -12.3 -> -0.1, reverse KL 7.8 -> 0.1,
+    # reward 0.01 -> 0.99
     assert _mean(tl[-5:]) > _mean(tl[:5]) + 4.0, (tl[:5], tl[-5:])
     assert _mean(kl[-5:]) < 0.5 * _mean(kl[:5]), (kl[:5], kl[-5:])
     assert _mean(rw[-5:]) > _mean(rw[:5]) + 0.3, (rw[:5], rw[-5:])
