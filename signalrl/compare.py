@@ -221,6 +221,7 @@ def start_accuracy(recipe: Recipe) -> float:
     """Greedy test accuracy of the run's start model, with the run's eval settings."""
     import torch
 
+    from signalrl.data.chat import render_rows
     from signalrl.eval import evaluate
     from signalrl.models import load_model
     from signalrl.tasks import make_task
@@ -235,22 +236,13 @@ def start_accuracy(recipe: Recipe) -> float:
         seed=m.seed,
         device=device,
         attn_implementation=m.attn_implementation,
+        architecture=m.architecture,
+        tokenizer=m.tokenizer,
     )
     task = make_task(recipe.task.name, **recipe.task.kwargs())
     rows = task.test()
     rows = rows[: e.n] if e.n else rows
-    if getattr(tok, "chat_template", None):
-        rows = [
-            {
-                **r,
-                "prompt": tok.apply_chat_template(
-                    r["messages"], tokenize=False, add_generation_prompt=True
-                ),
-            }
-            if r.get("messages")
-            else r
-            for r in rows
-        ]
+    rows = render_rows(tok, rows)  # chat rows as the trainers render them
     res = evaluate(
         model,
         tok,

@@ -125,6 +125,7 @@ def test_grpo_lora_with_kl_trains_the_adapter_only_and_holds_one_copy(tmp_path):
     full = count_parameters(load_model("tiny")[0])
     assert isinstance(t.ref_model, AdapterDisabled)
     assert t.models_held["models/params_held"] == count_parameters(t.model)
+    assert t.models_held["models/held"] == 1.0  # the reference is the policy's own base
     assert t.models_held["models/params_held"] < 1.05 * full  # no second full copy
     assert 0 < t.models_held["models/params_trainable"] < 0.05 * full
     before = {n: p.detach().clone() for n, p in t.model.named_parameters()}

@@ -162,6 +162,11 @@ class RewardModelRecipe(RecipeBase):
     def _check_data(self) -> RewardModelRecipe:
         if not self.data.path:
             raise ValueError("trainer 'reward_model' needs data.path (a preference data file)")
+        if self.lora.enabled:
+            raise ValueError(
+                "lora.enabled: trainer 'reward_model' trains a sequence classifier (the whole "
+                "model and its score head); LoRA applies to causal-LM policies only"
+            )
         return self
 
 

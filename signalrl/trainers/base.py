@@ -212,9 +212,10 @@ class TrainerBase(RanksMixin, DoctorMixin, CheckpointMixin):
         return ref
 
     def held_models(self) -> list[tuple[str, torch.nn.Module]]:
-        """The models resident during training, by role (subclasses add theirs)."""
+        """The models resident during training, by role (subclasses add theirs). A LoRA
+        policy's adapter-disabled base is its reference without another copy: not counted."""
         held: list[tuple[str, torch.nn.Module]] = [("policy", self.model)]
-        if self.ref_model is not None:
+        if self.ref_model is not None and not isinstance(self.ref_model, AdapterDisabled):
             held.append(("reference", self.ref_model))
         return held
 

@@ -168,6 +168,9 @@ class DistillTrainer(OnlineRLTrainer):
             seed=m.seed,
             device=self.device,
             attn_implementation=m.attn_implementation,
+            # a preset teacher is built like a preset student (same tokenizer, same family)
+            architecture=m.architecture,
+            tokenizer=m.tokenizer,
         )
         check_same_vocab(self.tokenizer, teacher_tok, m.name_or_path, d.teacher)
         self.teacher.eval()
@@ -191,6 +194,7 @@ class DistillTrainer(OnlineRLTrainer):
             [r["prompt"] for r in self.rows],
             [r["completion"] for r in self.rows],
             source=f"task {self.task.name} (train)",
+            messages=[r.get("messages") for r in self.rows],  # chat rows end with the turn end
         )
 
     def held_models(self) -> list[tuple[str, torch.nn.Module]]:

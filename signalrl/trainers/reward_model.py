@@ -76,6 +76,8 @@ def load_reward_model(
     dtype: str | torch.dtype | None = "float32",
     device: str | torch.device = "cpu",
     seed: int = 0,
+    architecture: str = "qwen2",
+    tokenizer: str = "char",
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """`(model, tokenizer)`: a one-label `AutoModelForSequenceClassification` from a local
     checkpoint directory (a causal LM gets a new score head; a reward model keeps its own) or a
@@ -85,7 +87,9 @@ def load_reward_model(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # the new score head is initialised from the model seed
         if is_preset(name_or_path):
-            lm, tok = load_model(name_or_path, seed=seed)
+            lm, tok = load_model(
+                name_or_path, seed=seed, architecture=architecture, tokenizer=tokenizer
+            )
             with tempfile.TemporaryDirectory(prefix="signalrl-rm-") as tmp:
                 save_model(lm, tok, tmp)
                 del lm
@@ -224,7 +228,12 @@ class RewardModelTrainer(TrainerBase):
         del self.model
         gc.collect()
         self.model, self.tokenizer = load_reward_model(
-            source, dtype=m.dtype, device=self.device, seed=m.seed
+            source,
+            dtype=m.dtype,
+            device=self.device,
+            seed=m.seed,
+            architecture=m.architecture,
+            tokenizer=m.tokenizer,
         )
         d = recipe.data
         assert d.path is not None
