@@ -295,3 +295,112 @@ def test_counter_based_sampling_follows_the_distribution() -> None:
     # a pure function of the key: the same noise on a second call, other noise elsewhere
     assert torch.equal(noise.gumbel(keys[:8], 3, 5, vocab), noise.gumbel(keys[:8], 3, 5, vocab))
     assert not torch.equal(noise.gumbel(keys[:8], 3, 5, vocab), noise.gumbel(keys[:8], 4, 5, vocab))
+
+
+def _case(name: str, out: Path, base: Path) -> dict[str, Any]:
+    """The trainers the GRPO/DPO/SFT tests above do not cover, 3 steps each."""
+    tiny = {"name_or_path": "tiny", "device": "cpu", "attn_implementation": "eager"}
+    sft = {"name_or_path": str(base), "device": "cpu", "attn_implementation": "eager"}
+    steps = {"steps": 3, "lr": 0.002}
+    prefs = {"path": str(ROOT / "tests/data/prefs_sample.jsonl"), "test_fraction": 0.0}
+    if name == "kto":
+        return recipe(
+            name,
+            out,
+            trainer="preference",
+            model=tiny,
+            data={"path": str(ROOT / "tests/data/kto_sample.jsonl"), "test_fraction": 0.0},
+            preference={"loss_type": "kto"},
+            train={**steps, "batch_size": 4, "micro_batch_size": 1},
+            eval={"train_pairs": 0},
+        )
+    if name == "dpo":
+        return recipe(
+            name,
+            out,
+            trainer="preference",
+            model=tiny,
+            data=prefs,
+            preference={"loss_type": "sigmoid", "beta": 0.1},
+            train={**steps, "batch_size": 4, "micro_batch_size": 1},
+            eval={"train_pairs": 0},
+        )
+    if name == "rm":
+        return recipe(
+            name, out, trainer="reward_model", model=tiny, data=prefs,
+            train={**steps, "batch_size": 4, "micro_batch_size": 1},
+        )  # fmt: skip
+    if name == "distill":
+        return recipe(
+            name,
+            out,
+            trainer="distill",
+            model=tiny,
+            task=ONE_DIGIT,
+            distill={"teacher": str(base), "mode": "on_policy"},
+            rl={"group_size": 4},
+            train={**steps, "batch_size": 4},
+            sampling={"max_new_tokens": 4},
+        )
+    if name == "lora":
+        return recipe(
+            name,
+            out,
+            trainer="online_rl",
+            model=sft,
+            task=ONE_DIGIT,
+            lora={"enabled": True, "r": 4, "merge": True},
+            rl={"algorithm": "grpo", "group_size": 8, "kl_coef": 0.05},
+            train={"steps": 3, "lr": 0.02, "batch_size": 4},
+            sampling={"max_new_tokens": 4},
+        )
+    assert name == "ppo"
+    return recipe(
+        name,
+        out,
+        trainer="online_rl",
+        model=sft,
+        task=ONE_DIGIT,
+        rl={"algorithm": "ppo", "group_size": 4, "critic_lr": 3e-3},
+        train={**steps, "batch_size": 8},
+        sampling={"max_new_tokens": 4},
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "parallel", "bound"),
+    [
+        ("kto", "ddp", 1e-5),
+        ("rm", "ddp", 1e-5),
+        ("rm", "fsdp2", 1e-5),
+        ("dpo", "fsdp2", 1e-5),
+        ("distill", "fsdp2", 1e-4),
+        ("ppo", "ddp", 1e-4),
+        ("ppo", "fsdp2", 1e-4),
+        ("lora", "fsdp2", 1e-4),
+    ],
+)
+def test_every_trainer_two_ranks_equal_one_process(
+    tmp_path: Path, base_model: Path, name: str, parallel: str, bound: float
+) -> None:
+    """KTO and the reward model under ddp; preference, reward model, distillation, PPO (policy
+    and critic) and a LoRA policy under fsdp2: final/ after 3 steps equals one process's."""
+    r = _case(name, tmp_path / "runs", base_model)
+    train(r, tmp_path, 1)
+    two = {**r, "output_dir": str(tmp_path / "runs2")}
+    two["train"] = {**r["train"], "parallel": parallel}
+    train(two, tmp_path, 2)
+    one_dir, two_dir = tmp_path / "runs" / name, tmp_path / "runs2" / name
+    m1, m2 = rows(one_dir, "metrics.jsonl"), rows(two_dir, "metrics.jsonl")
+    assert len(m1) == len(m2)
+    assert m1[0]["loss"] == pytest.approx(m2[0]["loss"], rel=1e-4, abs=1e-6)
+    if name == "ppo":  # the critic too: its values after 3 steps decide step 3's advantages
+        assert moved(one_dir, base_model) > 1e-4
+        for key in ("value_loss", "reward/mean"):
+            assert m1[-2][key] == pytest.approx(m2[-2][key], rel=1e-4, abs=1e-6), key
+    if name == "lora":  # final/ is the adapter; final/merged the merged model
+        one_dir, two_dir = one_dir / "final", two_dir / "final"
+        assert (two_dir / "adapter_model.safetensors").is_file()
+        assert rel_diff(one_dir / "merged", two_dir / "merged") < bound
+        return
+    assert rel_diff(one_dir / "final", two_dir / "final") < bound

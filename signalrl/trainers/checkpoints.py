@@ -150,9 +150,21 @@ class CheckpointMixin:
         base, final)`) and, with `lora.merge`, the merged plain HF model in `final/merged/`."""
         from signalrl.models.lora import is_peft, merged_copy
 
-        out = self.export_model(self.run.final)
-        if is_peft(self.model) and self.recipe.lora.merge and distributed.current().is_main:
-            save_model(merged_copy(self.model), self.tokenizer, out / "merged")
+        if not (is_peft(self.model) and self.recipe.lora.merge):
+            return self.export_model(self.run.final)
+        sharded = distributed.is_sharded(self.model)
+        state = distributed.full_state_dict(self.model) if sharded else None
+        out = self.run.final
+        if distributed.current().is_main:
+            save_model(self.model, self.tokenizer, out, state_dict=state)
+            if state is None:
+                merged = merged_copy(self.model)
+            else:  # a sharded model cannot be copied: a fresh LoRA policy takes the full state
+                merged, _ = self.load_policy(self.recipe.model.name_or_path)  # type: ignore[attr-defined]
+                merged.load_state_dict(state)
+                merged = merged.merge_and_unload()
+            save_model(merged, self.tokenizer, out / "merged")
+        distributed.barrier()
         return out
 
     def maybe_checkpoint(self) -> None:

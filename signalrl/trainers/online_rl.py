@@ -476,6 +476,12 @@ class OnlineRLTrainer(TrainerBase):
     def after_update(self) -> None:
         if self.critic is None:
             return
+        if self.dist.active:  # a replica per rank: sum its gradient like the policy's
+            params = [p for p in self.critic.parameters() if p.requires_grad]
+            distributed.sync_gradients(params)
+            if self.dist.fsdp:  # the backward was scaled by the world size (see accumulate)
+                for p in params:
+                    p.grad.div_(self.dist.world)  # type: ignore[union-attr]
         if self.recipe.train.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.critic.parameters(), self.recipe.train.grad_clip)
         self.critic_optimizer.step()

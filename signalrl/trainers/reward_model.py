@@ -32,9 +32,9 @@ held-out pair accuracy as `accuracy`. `final/` loads with
 
 from __future__ import annotations
 
+import copy
 import gc
 import math
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,7 +64,6 @@ from signalrl.models import (
     load_tokenizer_checked,
     resolve_device,
     resolve_dtype,
-    save_model,
 )
 from signalrl.models.logprobs import autocast_context
 from signalrl.trainers.base import DataCursor, MicroLoss, StepResult, TrainerBase
@@ -81,7 +80,7 @@ def load_reward_model(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """`(model, tokenizer)`: a one-label `AutoModelForSequenceClassification` from a local
     checkpoint directory (a causal LM gets a new score head; a reward model keeps its own) or a
-    preset name (built with `load_model`, saved to a temp dir, loaded from there)."""
+    preset name (built with `load_model`, its body copied into the classifier in memory)."""
     torch_dtype = resolve_dtype(dtype)
     device = resolve_device(device)
     with torch.random.fork_rng(devices=[]):
@@ -90,12 +89,8 @@ def load_reward_model(
             lm, tok = load_model(
                 name_or_path, seed=seed, architecture=architecture, tokenizer=tokenizer
             )
-            with tempfile.TemporaryDirectory(prefix="signalrl-rm-") as tmp:
-                save_model(lm, tok, tmp)
-                del lm
-                model = AutoModelForSequenceClassification.from_pretrained(
-                    tmp, num_labels=1, dtype=torch_dtype, attn_implementation="sdpa"
-                )
+            model = _classifier_from(lm, torch_dtype)
+            del lm
         else:
             path = Path(name_or_path)
             if not (path / "config.json").is_file():
@@ -117,6 +112,23 @@ def load_reward_model(
     model.config.pad_token_id = tok.pad_token_id  # the reward is read at the last non-pad token
     check_tokenizer(model, tok, name_or_path)
     return model.to(device), tok
+
+
+def _classifier_from(lm: PreTrainedModel, dtype: torch.dtype) -> PreTrainedModel:
+    """A one-label sequence classifier with `lm`'s body and a new score head, built in memory:
+    under torchrun a temporary `save_pretrained` directory would be written by rank 0 only
+    (transformers writes on rank 0 when a process group is up)."""
+    config = copy.deepcopy(lm.config)
+    config.num_labels = 1
+    model = AutoModelForSequenceClassification.from_config(config, attn_implementation="sdpa")
+    missing, unexpected = model.load_state_dict(lm.state_dict(), strict=False)
+    head = {n for n, _ in lm.get_output_embeddings().named_parameters(prefix="lm_head")}
+    if any(not k.startswith("score.") for k in missing) or set(unexpected) - head:
+        raise RuntimeError(  # pragma: no cover - a preset whose body does not map
+            f"preset body does not map onto {type(model).__name__}: missing {missing}, "
+            f"unexpected {unexpected}"
+        )
+    return model.to(dtype)
 
 
 @dataclass
