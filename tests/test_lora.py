@@ -215,3 +215,26 @@ def test_preference_lora_reference_uses_the_lora_section_when_enabled(tmp_path):
     assert cfg.r == 3 and "gate_proj" in cfg.target_modules
     t.train()
     load_model(str(tmp_path / "dpo-legacy" / "final"))  # a plain HF model
+
+
+def test_load_model_reads_an_adapter_only_final_dir(tmp_path):
+    """A LoRA run's `final/` without `lora.merge` holds only the adapter: `load_model` (and
+    so `signalrl eval --model`) loads its base checkpoint with the adapter merged in; with a
+    preset base it says why it cannot."""
+    from peft import PeftModel
+
+    from signalrl.models import save_model
+
+    base_dir = save_model(*load_model("tiny", seed=1), tmp_path / "base")
+    spec = {"trainer": "sft", "lora": {"enabled": True, "r": 4, "alpha": 8}}
+    run_recipe(_recipe(tmp_path, "sft-lora", spec, model={"name_or_path": str(base_dir)}))
+    final = tmp_path / "sft-lora" / "final"
+    assert not (final / "config.json").exists()
+    got, tok = load_model(str(final))
+    want = PeftModel.from_pretrained(load_model(str(base_dir))[0], str(final)).merge_and_unload()
+    ids = torch.tensor([tok("1+2=")["input_ids"]])
+    torch.testing.assert_close(got(ids).logits, want(ids).logits, atol=1e-5, rtol=0)
+    assert not torch.allclose(got(ids).logits, load_model(str(base_dir))[0](ids).logits)
+    run_recipe(_recipe(tmp_path, "preset-lora", spec))
+    with pytest.raises(FileNotFoundError, match="not a local checkpoint directory"):
+        load_model(str(tmp_path / "preset-lora" / "final"))

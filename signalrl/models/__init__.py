@@ -262,6 +262,8 @@ def load_model(
             f"model {name_or_path!r} is neither a preset ({', '.join(PRESETS)}) nor an "
             "existing local checkpoint directory"
         )
+    if not (path / "config.json").is_file() and (path / "adapter_config.json").is_file():
+        return _load_adapter_dir(path, torch_dtype, device, attn_implementation)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path}: no config.json; not a Hugging Face checkpoint directory")
     kwargs: dict[str, Any] = {"dtype": torch_dtype}
@@ -273,6 +275,32 @@ def load_model(
         if tok.eos_token_id is None:
             raise ValueError(f"{path}: tokenizer has neither a pad nor an eos token")
         tok.pad_token = tok.eos_token
+    check_tokenizer(model, tok, str(path))
+    return model, tok
+
+
+def _load_adapter_dir(
+    path: Path, dtype: torch.dtype | None, device: torch.device, attn: str | None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A LoRA run's `final/` (or step checkpoint) holding only the adapter: its base model
+    (`base_model_name_or_path` in `adapter_config.json`, a local checkpoint) with the adapter
+    merged in, and the adapter directory's tokenizer."""
+    from peft import PeftModel
+
+    cfg = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
+    base = cfg.get("base_model_name_or_path") or ""
+    if not (Path(base) / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{path}: a LoRA adapter whose base model {base!r} is not a local checkpoint "
+            "directory (a preset base is rebuilt only by its run); train with lora.merge: true "
+            "and load final/merged, or start LoRA from a checkpoint directory"
+        )
+    model, tok = load_model(base, dtype=dtype, device=device, attn_implementation=attn)
+    model = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
+    if (path / "tokenizer_config.json").is_file():
+        tok = load_tokenizer_checked(path)
+        if tok.pad_token_id is None and tok.eos_token_id is not None:
+            tok.pad_token = tok.eos_token
     check_tokenizer(model, tok, str(path))
     return model, tok
 
