@@ -78,13 +78,19 @@ def train(
     overwrite: Annotated[bool, typer.Option(help="replace an existing run directory")] = False,
 ) -> None:
     """Train as RECIPE says; writes runs/<name>/ (config, metrics, checkpoints, final/).
-    A comparison file (`trainer: compare`) runs as `signalrl compare`."""
+    A comparison file (`trainer: compare`) runs as `signalrl compare`; a pipeline file
+    (`trainer: pipeline`) runs its stages that are not up to date (`signalrl.pipeline`)."""
     from signalrl.compare import is_compare_file
     from signalrl.config import RecipeError, load_recipe
     from signalrl.trainers import run_recipe
 
     if is_compare_file(recipe):
         compare(recipe, set_, overwrite=overwrite, resume=resume, name=None)
+        return
+    from signalrl.pipeline import is_pipeline_file
+
+    if is_pipeline_file(recipe):
+        _pipeline(recipe, set_ or [], overwrite)
         return
     try:
         r = load_recipe(recipe, set_ or [])
@@ -107,6 +113,21 @@ def train(
     distributed.shutdown()
     if is_main:
         print(json.dumps(result, indent=2))
+
+
+def _pipeline(path: Path, overrides: list[str], overwrite: bool) -> None:
+    """`trainer: pipeline`: run the stages that are not up to date (`signalrl.pipeline`)."""
+    from rich.console import Console
+
+    from signalrl.config import RecipeError
+    from signalrl.pipeline import PipelineStageError, run_pipeline
+
+    try:
+        entries, out = run_pipeline(path, overrides, overwrite=overwrite, console=Console())
+    except (RecipeError, FileExistsError, FileNotFoundError, PipelineStageError) as e:
+        _fail(str(e))
+        return
+    print(json.dumps({"pipeline": str(out), "stages": entries}, indent=2))
 
 
 def _ranked(msg: str) -> str:

@@ -32,7 +32,9 @@ Results in `<output_dir>/<name>/`:
   wall seconds of the whole run (`time/elapsed_s`, evaluations and loading included), steps;
   `compare.json` also holds every run's curve and the start accuracies;
 * `curves.csv`: every evaluation of every run (step, forward tokens, train seconds, accuracy);
-* `compare.png`: accuracy against student forward tokens and against training seconds.
+* `compare.png`: accuracy against student forward tokens and against training seconds;
+* `report.html`: the overlay report of the runs (`signalrl.report.overlay`: every run's
+  curves, the doctor's findings, links to each run's own report), linked from `compare.md`.
 
 `resume=True` reuses a finished run whose `config.yaml` matches, continues an unfinished one
 from its latest checkpoint, and starts over one that has none.
@@ -458,4 +460,12 @@ def run_compare(
         )
     out = spec.out_dir
     write_results(rows, out, spec.name, starts)
+    from signalrl.report.overlay import overlay_report
+
+    report = overlay_report([r.run_dir for _, r in recipes], out / "report.html", console)
+    if report is not None:
+        with (out / "compare.md").open("a") as f:
+            f.write(f"\nEvery run's curves and doctor findings: [{report.name}]({report.name})\n")
+        if console is not None:
+            console.print(f"report: {report} (every run's curves and findings)", highlight=False)
     return rows, out

@@ -14,7 +14,9 @@ the recipe's `output_dir`), then reads each run's `metrics.jsonl`:
 
 A metric a run does not log is NaN (blank in the CSV). The results go to
 `<output_dir>/<name>-sweep/`: `sweep.csv`, `sweep.json` and `sweep.png` (one panel per metric
-against the value, log x-axis when every value is a positive number).
+against the value, log x-axis when every value is a positive number), and `report.html`, the
+overlay report of the runs (`signalrl.report.overlay`: every run's curves, the doctor's
+findings, links to each run's own report).
 
 `train_all` (train a list of validated recipes in turn) and the metric readers are shared with
 `signalrl.compare` (several named runs plotted against the student's budget).
@@ -225,4 +227,9 @@ def run_sweep(
         rows.append({"value": v, "run": str(recipe.run_dir), **collect(recipe.run_dir, tail)})
     out = Path(base.output_dir) / f"{base.name}-sweep"
     write_results(rows, param, out)
+    from signalrl.report.overlay import overlay_report
+
+    report = overlay_report([r.run_dir for _, r in recipes], out / "report.html", console)
+    if report is not None and console is not None:
+        console.print(f"report: {report} (every run's curves and findings)", highlight=False)
     return rows, out

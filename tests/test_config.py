@@ -21,6 +21,10 @@ def test_shipped_recipes_validate(path):
         from signalrl.compare import load_compare
 
         load_compare(path)
+    elif data.get("trainer") == "pipeline":  # a pipeline: every stage resolves and validates
+        from signalrl.pipeline import load_pipeline
+
+        load_pipeline(path)
     else:
         load_recipe(path)
 

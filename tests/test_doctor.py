@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -332,14 +331,7 @@ def test_real_runs_truncation_and_dpo_no_signal(tmp_path: Path) -> None:
     assert ids2 == {"dpo.no_signal"}  # and nothing else: no RL rule runs on a DPO run
 
 
-SFT = ROOT / "runs" / "doctor-sft" / "final"
-
-
-@pytest.mark.skipif(not SFT.is_dir(), reason="run recipes/doctor-sft.yaml first")
-def test_real_healthy_grpo_is_silent(tmp_path: Path) -> None:  # pragma: no cover - slow
-    run = _train("doctor-healthy.yaml", tmp_path, "train.steps=10", "eval.every=5")
-    assert diagnose(run).findings == []
-    shutil.rmtree(run, ignore_errors=True)
+# the healthy GRPO run (from the doctor-sft start) is in tests/test_doctor_runs.py
 
 
 def test_beta_too_small_and_cannot_run(tmp_path: Path) -> None:

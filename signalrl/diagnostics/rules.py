@@ -58,7 +58,8 @@ REWARD_RISE = 0.25  # reward (or a term) up by a quarter of its 0-1 range, far o
 NO_IMPROVE_MIN_POINTS = 10  # judge "no improvement" only after 10 logged steps
 NO_IMPROVE_DELTA = 0.01  # reward moved less than 0.01 from the first to the last window
 MISMATCH_BOUND = 0.1  # sampler/trainer mean |log-prob diff| over 0.1 nats: a different policy
-EV_BOUND = 0.0  # explained variance <= 0: the critic predicts no better than a constant
+EV_BOUND = 0.01  # explained variance <= 0.01: no better than a constant (a frozen critic's
+# constant prediction gives 0 +- 1e-9, so the bound cannot be 0 exactly)
 DISTILL_DROP = 0.05  # reverse KL must fall by 5% from the first to the last window
 GRAD_SPIKE_FACTOR = 10.0  # a grad norm ten times the running median
 HUGE = 1e307  # read_metrics writes +-inf as +-1e308
@@ -190,6 +191,12 @@ def _accuracy(s: RunSeries) -> Points:
     return s.finite("eval/accuracy")
 
 
+def _reward_trains(s: RunSeries) -> bool:
+    """False for a distillation run whose reward is only watched (`distill.reward_weight`
+    0): its reward rules would judge a number the gradient never sees."""
+    return not (s.cfg("trainer") == "distill" and not s.cfg("distill.reward_weight", 0.0))
+
+
 def _flat_or_falling(acc: Points) -> bool:
     return len(acc) >= 2 and acc[-1][1] - acc[0][1] < ACC_FLAT
 
@@ -207,7 +214,12 @@ def _dpo_no_signal(s: RunSeries, r: Rule) -> Hit | None:
         return None
     dev = max(abs(v - LN2) for _, v in loss)
     acc = mean(v for _, v in s.finite("rewards/accuracies"))
-    return Hit(loss[0][0], {"n": len(loss), "dev": dev, "acc": acc, "mg": top})
+    lp = s.finite("logps/chosen")
+    moved = max(abs(v - lp[0][1]) for _, v in lp) if lp else 0.0
+    # the policy moves but its implicit rewards (beta x log-ratio) do not: beta, not the lr
+    fix = "preference.beta: higher (the policy moves, beta hides it)" if (
+        moved > BETA_FROZEN_LOGP_MOVE) else None
+    return Hit(loss[0][0], {"n": len(loss), "dev": dev, "acc": acc, "mg": top}, fix)
 
 
 def _dpo_displacement(s: RunSeries, r: Rule) -> Hit | None:
@@ -276,7 +288,7 @@ def _dpo_beta(s: RunSeries, r: Rule) -> Hit | None:
 
 def _rl_zero_variance(s: RunSeries, r: Rule) -> Hit | None:
     """Most groups have equal rewards, so their group-normalised advantage is zero."""
-    z = s.finite("frac_zero_std_groups")
+    z = s.finite("frac_zero_std_groups") if _reward_trains(s) else []
     roll = rolling(z, r.window)
     hit = first(roll, lambda v: v >= ZERO_VAR_FRAC)
     if hit is None or mean(v for _, v in roll[-r.window:]) < ZERO_VAR_FRAC:
@@ -331,7 +343,7 @@ def _rl_truncation(s: RunSeries, r: Rule) -> Hit | None:
     tf = s.finite("completion/truncated_frac")
     roll = rolling(tf, r.window)
     hit = first(roll, lambda v: v > TRUNC_FRAC)
-    n = s.cfg("sampling.max_new_tokens", "?")
+    n = s.cfg("sampling.max_new_tokens", "not in the logs")
     return Hit(hit[0], {"frac": hit[1], "n": n}) if hit else None
 
 
@@ -355,7 +367,7 @@ def _rl_length_exploitation(s: RunSeries, r: Rule) -> Hit | None:
 def _rl_reward_hacking(s: RunSeries, r: Rule) -> Hit | None:
     """Training reward (or one reward term) rises while held-out accuracy is flat or falls."""
     acc = _accuracy(s)
-    if not _flat_or_falling(acc):
+    if not _flat_or_falling(acc) or not _reward_trains(s):
         return None
     terms = ["reward/mean"] + sorted(
         n for n in s.names() if n.startswith("reward/") and n not in ("reward/mean", "reward/std")
@@ -375,7 +387,7 @@ def _rl_reward_hacking(s: RunSeries, r: Rule) -> Hit | None:
 def _rl_no_improvement(s: RunSeries, r: Rule) -> Hit | None:
     """Neither the training reward nor held-out accuracy moves over the run."""
     rw = s.finite("reward/mean")
-    if len(rw) < NO_IMPROVE_MIN_POINTS:
+    if len(rw) < NO_IMPROVE_MIN_POINTS or not _reward_trains(s):
         return None
     v0, v1 = head_tail(rw, r.window)
     acc = _accuracy(s)

@@ -18,7 +18,8 @@ def report_command(
 ) -> int:
     """Write the report of `run_dirs` and print where it is; returns the exit status (0, or 2
     with an error printed on `console`). `out` defaults to `<run>/report.html` for one run and
-    is required for several."""
+    is required for several. `findings` (run directory -> the doctor's findings) defaults to
+    the doctor's diagnosis of each run's logs."""
     if not run_dirs:
         return _error(console, "give at least one run directory")
     if out is None:
@@ -30,6 +31,10 @@ def report_command(
         out = Path(run_dirs[0]) / "report.html"
     if out.is_dir():
         return _error(console, f"--out {out} is a directory: give a file name (report.html)")
+    if findings is None:  # the doctor's findings of each run, read again from its logs
+        from signalrl.report.overlay import run_findings
+
+        findings = {str(p): run_findings(Path(p)) for p in run_dirs}
     try:
         path = write_report(list(run_dirs), out, findings)
     except ReportError as e:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import html
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -88,6 +89,7 @@ class Run:
     samples: list[dict[str, Any]] = field(default_factory=list)
     config: str = ""
     findings: list[dict[str, Any]] = field(default_factory=list)
+    link: str = ""  # in a comparison: the run's own report.html, relative to the comparison
 
 
 # -- reading a run ------------------------------------------------------------------------------
@@ -501,11 +503,12 @@ def comparison_section(runs: list[Run]) -> str:
     keys: list[str] = []
     for f in finals:
         keys += [k for k in f if k not in keys]
-    head = "".join(f"<th>{html.escape(k)}</th>" for k in ("run", "trainer", *keys))
+    head = "".join(f"<th>{html.escape(k)}</th>" for k in ("run", "trainer", *keys, "report"))
     body = "".join(
         f"<tr><td>{_cell(r.label)}</td><td>{_cell(r.trainer)}</td>"
         + "".join(f"<td>{_cell(f.get(k))}</td>" for k in keys)
-        + "</tr>"
+        + (f'<td><a href="{html.escape(r.link)}">report.html</a>' if r.link else "<td>-")
+        + "</td></tr>"
         for r, f in zip(runs, finals, strict=True)
     )
     return (
@@ -583,6 +586,10 @@ def write_report(
         fs = [asdict(f) if is_dataclass(f) and not isinstance(f, type) else f for f in fs or []]
         run.findings = [f for f in fs if isinstance(f, dict)]
     out = Path(out)
+    for run in runs if len(runs) > 1 else []:  # link each run's own report from the comparison
+        own = run.path / "report.html"
+        if own.is_file() and own.resolve() != out.resolve():
+            run.link = Path(os.path.relpath(own.resolve(), out.parent.resolve())).as_posix()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.write_text(render(runs), encoding="utf-8")
