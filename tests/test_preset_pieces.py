@@ -119,3 +119,21 @@ def test_compare_start_accuracy_uses_the_recipes_presets(tmp_path, monkeypatch):
     assert len(seen["tok"]) == len(build_tokenizer("bpe"))
     assert seen["model"].config.model_type == "llama"
     assert all("<|im_start|>assistant" in r["prompt"] for r in seen["rows"])
+
+
+@pytest.mark.parametrize(
+    ("architecture", "tokenizer"), [("qwen2", "char"), ("qwen2", "bpe"), ("llama", "bpe-llama3")]
+)
+def test_a_saved_checkpoint_tokenizes_as_it_was_trained(tmp_path, architecture, tokenizer):
+    """transformers 5 gives a `qwen2` config its own Qwen2Tokenizer pipeline whatever
+    tokenizer.json says: the character preset lost every space and newline on reload (a
+    countdown prompt went from 47 to 40 ids), so every stage after the first saw other
+    prompts than SFT trained on."""
+    from signalrl.models import load_model, save_model
+
+    model, tok = load_model("tiny", architecture=architecture, tokenizer=tokenizer)
+    out = save_model(model, tok, tmp_path / "ckpt")
+    _, back = load_model(str(out))
+    text = "Using 3, 7 and 12, make 33.\nAnswer:  (3 + 7) * 12 - 87 = 33 <|im_end|>"
+    assert back(text)["input_ids"] == tok(text)["input_ids"]
+    assert back.decode(back(text)["input_ids"]) == tok.decode(tok(text)["input_ids"])

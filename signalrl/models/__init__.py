@@ -340,14 +340,40 @@ def from_pretrained_checked(cls: Any, path: Path, **kwargs: Any) -> Any:
 
 
 def load_tokenizer_checked(path: Path) -> PreTrainedTokenizerBase:
-    """`AutoTokenizer.from_pretrained(path)`; a failure is a CheckpointError naming `path`."""
+    """`AutoTokenizer.from_pretrained(path)`; a failure is a CheckpointError naming `path`.
+
+    transformers 5 builds some families' tokenizers from the model type, not from the saved
+    `tokenizer.json` (a `qwen2` config always gets `Qwen2Tokenizer`, with its own normaliser
+    and pre-tokeniser): when the result splits text differently from the file, the file's
+    pipeline is loaded as it is (`TokenizersBackend`), so a checkpoint reads its prompts as
+    it was trained on them (the character preset lost every space and newline)."""
     try:
-        return AutoTokenizer.from_pretrained(path)
+        tok = AutoTokenizer.from_pretrained(path)
+        if not _matches_tokenizer_json(tok, path):
+            from transformers import TokenizersBackend
+
+            tok = TokenizersBackend.from_pretrained(path)
+        return tok
     except Exception as e:  # noqa: BLE001 - a broken tokenizer file, a missing vocabulary
         raise CheckpointError(
             f"{path}: could not load the tokenizer (tokenizer.json / tokenizer_config.json): "
             f"{type(e).__name__}: {e}"
         ) from e
+
+
+def _matches_tokenizer_json(tok: PreTrainedTokenizerBase, path: Path) -> bool:
+    """Whether `tok` has the normaliser, pre-tokeniser and model type of `path/tokenizer.json`
+    (True when there is no such file or no fast backend to compare)."""
+    file = path / "tokenizer.json"
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is None or not file.is_file():
+        return True
+    saved, loaded = json.loads(file.read_text(encoding="utf-8")), json.loads(backend.to_str())
+    keys = ("normalizer", "pre_tokenizer")
+    same = all(saved.get(k) == loaded.get(k) for k in keys)
+    return same and (saved.get("model") or {}).get("type") == (loaded.get("model") or {}).get(
+        "type"
+    )
 
 
 def check_tokenizer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, where: str) -> None:
