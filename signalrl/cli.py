@@ -438,6 +438,43 @@ def report(
         raise typer.Exit(rc)
 
 
+@app.command()
+def plan(
+    recipe: Annotated[Path, typer.Argument(help="recipe YAML")],
+    gpus: Annotated[str, typer.Option(help="GPU count, or a list: 1,8,64")] = "1",
+    gpu_mem: Annotated[float, typer.Option(help="memory of one GPU, GiB")] = 80.0,
+    strategy: Annotated[str, typer.Option(help="ddp, fsdp2, lora (a list) or all")] = "all",
+    prompt_len: Annotated[int, typer.Option(help="online: tokens of a prompt")] = 256,
+    seq_len: Annotated[
+        int | None, typer.Option(help="offline: tokens of a row (default: data.max_length)")
+    ] = None,
+    set_: SetOpt = None,
+    json_out: Annotated[bool, typer.Option("--json", help="print JSON instead")] = False,
+) -> None:
+    """The memory per GPU of RECIPE (weights, gradients, optimizer, reference, activations,
+    KV cache) under ddp / fsdp2 / lora, from the model's config; nothing is loaded."""
+    from signalrl.config import RecipeError
+    from signalrl.plan import PlanError, parse_gpus, parse_strategies, plan_recipe, render
+
+    try:
+        result = plan_recipe(
+            recipe,
+            gpus=parse_gpus(gpus),
+            gpu_mem_gib=gpu_mem,
+            strategies=parse_strategies(strategy),
+            prompt_len=prompt_len,
+            seq_len=seq_len,
+            overrides=set_ or [],
+        )
+    except (PlanError, RecipeError, ValueError) as e:
+        _fail(str(e))
+        return
+    if json_out:
+        print(json.dumps(result.to_json(), indent=2))
+    else:
+        Console(width=200).print(render(result))
+
+
 def main() -> None:  # pragma: no cover
     sys.exit(app())
 
