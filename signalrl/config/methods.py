@@ -144,6 +144,15 @@ class RLConfig(Section):
     entropy_top_frac: float | None = Field(
         None, gt=0, le=1, description="80/20 rule: train only the top share of tokens by entropy"
     )
+    entropy_coef: float = Field(
+        0.0, ge=0, description="entropy bonus: adds -entropy_coef * H to the loss"
+    )
+    entropy_target: float | None = Field(
+        None, ge=0, description="adaptive entropy: move entropy_coef to hold H near this (nats)"
+    )
+    entropy_coef_lr: float | None = Field(
+        None, gt=0, description="adaptive entropy: coef += lr * (target - H) per step"
+    )
     is_correction: Literal[
         "none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask"
     ] = Field("none", description="rollout/train mismatch correction (signalrl.losses.mismatch)")
@@ -195,7 +204,17 @@ class RLConfig(Section):
             raise ValueError(
                 "kl_coef > 0 with kl_placement 'off': set kl_placement to loss or reward"
             )
+        if (self.entropy_target is None) != (self.entropy_coef_lr is None):
+            raise ValueError(
+                "rl.entropy_target and rl.entropy_coef_lr go together: the adaptive entropy "
+                "coefficient needs a target (nats) and an adaptation rate"
+            )
         return self
+
+    @property
+    def uses_entropy(self) -> bool:
+        """Whether the training forward computes the policy's entropy (a bonus or a target)."""
+        return self.entropy_coef > 0 or self.entropy_target is not None
 
     @property
     def uses_reference(self) -> bool:

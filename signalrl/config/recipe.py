@@ -17,6 +17,7 @@ from signalrl.config.sections import (
     CheckpointConfig,
     DataConfig,
     DoctorConfig,
+    EnvConfig,
     EvalConfig,
     LoggingConfig,
     LoraConfig,
@@ -141,6 +142,9 @@ class OnlineRLRecipe(RecipeBase):
         description="weighted reward terms; default: the task's verifier",
     )
     reward_on_error: Literal["raise", "zero"] = "raise"
+    env: EnvConfig | None = Field(
+        None, description="multi-turn rollouts with an environment or tools (signalrl.envs)"
+    )
 
 
 class PreferenceRecipe(RecipeBase):
@@ -192,6 +196,11 @@ class DistillRecipe(OnlineRLRecipe):
     @model_validator(mode="after")
     def _check_distill(self) -> DistillRecipe:
         d = self.distill
+        if self.env is not None:
+            raise ValueError(
+                "env: trainer 'distill' does not take an environment yet (its loss would "
+                "cover the environment's tokens); use trainer online_rl"
+            )
         if not d.teacher:
             raise ValueError(
                 "trainer 'distill' needs distill.teacher (a checkpoint directory or preset)"

@@ -160,6 +160,29 @@ class DataConfig(Section):
     )
 
 
+class EnvConfig(Section):
+    """Multi-turn rollouts (`signalrl.envs`, `signalrl.rollout.multiturn`): the environment
+    each trajectory talks to, and its limits. Without an `env` section online RL samples one
+    completion per prompt as before."""
+
+    type: Literal["single_turn", "tools", "function"] = "tools"
+    tools: list[str] = Field(
+        default_factory=list,
+        description="type tools: built-in tools (calculator, python) or 'module:function'",
+    )
+    cls: str | None = Field(None, description="type function: 'module:ClassName'")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="passed to cls(...)")
+    max_turns: int = Field(4, ge=1, description="assistant turns per trajectory")
+    max_total_tokens: int = Field(
+        256, ge=1, description="sampled plus environment tokens after the prompt"
+    )
+    tool_timeout: float = Field(5.0, gt=0, description="wall-clock seconds per tool call")
+    sandbox: Literal["auto", "required", "none"] = Field(
+        "auto", description="the python tool's sandbox (signalrl.rewards.sandbox)"
+    )
+    error_reward: float = Field(0.0, description="reward added per malformed or failed call")
+
+
 def renamed(data: Any, section: str, old: str, new: str) -> Any:
     """A `before`-validator helper: accept the deprecated key `old` of `section` as `new`
     (with a FutureWarning) for one release; both at once is an error."""

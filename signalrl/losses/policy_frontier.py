@@ -9,13 +9,78 @@ docs/architecture.md ("Tensor conventions").
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from contextvars import ContextVar
+
 import torch
 from torch import Tensor
 
 from signalrl.losses.policy import LOG_RATIO_CLAMP, PolicyLossInput, _frac, importance_ratio
 from signalrl.registry import register_policy_loss
 
-__all__ = ["clip_cov", "dppo_kl", "dppo_tv", "gmpo", "gpg", "gspo_token", "kl_cov", "sapo"]
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(x: Tensor, c: int) -> Tensor:
+    lo = (x & 0xFFFF) * c
+    return (lo + ((((x >> 16) * c) & 0xFFFF) << 16)) & _M32
+
+
+def _hash32(x: Tensor) -> Tensor:
+    """Wellons' `lowbias32` on int64 lanes, as `signalrl.rollout.noise.hash32` (the same
+    integers on every device; losses/ does not import the rollout layer)."""
+    x = x & _M32
+    x = _mul32(x ^ (x >> 16), 0x7FEB352D)
+    x = _mul32(x ^ (x >> 15), 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def _mix(key: Tensor, value: Tensor | int) -> Tensor:
+    v = value if isinstance(value, Tensor) else torch.tensor(value, device=key.device)
+    return _hash32(key ^ _hash32((v + 0x9E3779B9) & _M32))
+
+
+# (seed, step, epoch, global row ids) of the micro-batch being trained: Clip-Cov's draw key
+_CLIP_COV_KEY: ContextVar[tuple[int, int, int, Tensor] | None] = ContextVar(
+    "clip_cov_key", default=None
+)
+
+
+@contextlib.contextmanager
+def clip_cov_key(seed: int, step: int, epoch: int, rows: Tensor) -> Iterator[None]:
+    """Within this block Clip-Cov's random pick is keyed by `(seed, step, epoch)` and the
+    global indices `rows` `(B,)` of the micro-batch's rows (the trainer sets it)."""
+    token = _CLIP_COV_KEY.set((seed, step, epoch, rows))
+    try:
+        yield
+    finally:
+        _CLIP_COV_KEY.reset(token)
+
+
+def token_priorities(seed: int, step: int, epoch: int, rows: Tensor, width: int) -> Tensor:
+    """`(B, width)` uniform-looking int64 priorities, a pure function of `(seed, step, epoch,
+    row index, position)` (the counter-based hash of `signalrl.rollout.noise`): a token's
+    priority does not depend on the other rows of its batch, their order or the device."""
+    base = torch.tensor(seed & _M32, dtype=torch.long, device=rows.device)
+    base = _mix(_mix(_mix(base, step & _M32), epoch & _M32), 1)
+    keys = _mix(base.expand(rows.shape), rows.long() & _M32)
+    pos = torch.arange(width, device=rows.device)
+    return _hash32(keys[:, None] ^ _hash32(pos[None, :] + 0x9E3779B9))
+
+
+__all__ = [
+    "clip_cov",
+    "clip_cov_key",
+    "dppo_kl",
+    "dppo_tv",
+    "gmpo",
+    "gpg",
+    "gspo_token",
+    "kl_cov",
+    "sapo",
+    "token_priorities",
+]
 
 Out = tuple[Tensor, dict[str, float]]
 
@@ -188,9 +253,12 @@ def clip_cov(x: PolicyLossInput) -> Out:
     The PPO surrogate ``l_t = max(-A r, -A clip(r))``, with the gradient of a few tokens of
     high covariance ``cov_t = (A_t - mean A)(logp_t - mean logp)`` removed (``l_t = 0``):
     among kept tokens not already clipped by PPO with ``clip_cov_lb < cov_t < clip_cov_ub``,
-    ``max(int(cov_frac * n_tokens), 1)`` are drawn at random (torch's RNG). Defaults as
-    verl: ``cov_frac=2e-4``, ``(lb, ub) = (1, 5)``. Metrics: PPO's clip fractions and
-    ``clip_frac/cov`` (the tokens removed).
+    ``max(int(cov_frac * n_tokens), 1)`` are drawn at random: the candidates of lowest
+    `token_priorities` (keyed by `clip_cov_key`'s seed, step, epoch and global row ids; rows
+    ``0..B-1`` of seed 0, step 0 outside it), so the draw is reproducible, whatever torch's
+    RNG state, and a row's tokens get the same priorities however the batch is split or
+    ordered. Defaults as verl: ``cov_frac=2e-4``, ``(lb, ub) = (1, 5)``. Metrics: PPO's clip
+    fractions and ``clip_frac/cov`` (the tokens removed).
     """
     if x.clip_cov_lb >= x.clip_cov_ub:
         raise ValueError(f"clip_cov_lb must be < clip_cov_ub, got {x.clip_cov_lb}, {x.clip_cov_ub}")
@@ -198,7 +266,12 @@ def clip_cov(x: PolicyLossInput) -> Out:
     cov = _covariance(x)
     window = (cov > x.clip_cov_lb) & (cov < x.clip_cov_ub)
     cand = torch.nonzero(x.keep & ~(pg2.detach() > pg1.detach()) & window)
-    cand = cand[torch.randperm(len(cand))[: _n_selected(x)].to(cand.device)]
+    key = _CLIP_COV_KEY.get() or (0, 0, 0, torch.arange(cov.shape[0], device=cov.device))
+    if key[3].shape != cov.shape[:1]:
+        raise ValueError(f"clip_cov_key: {tuple(key[3].shape)} row ids for {cov.shape[0]} rows")
+    prio = token_priorities(*key[:3], key[3].to(cov.device), cov.shape[1])
+    order = torch.argsort(prio[cand[:, 0], cand[:, 1]], stable=True)
+    cand = cand[order[: _n_selected(x)]]
     corr = torch.ones_like(per_token)
     corr[cand[:, 0], cand[:, 1]] = 0.0
     metrics = _clip_fracs(x, x.ratio)

@@ -21,6 +21,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from signalrl.data.collate import SequenceBatch, build_batch
+from signalrl.losses.entropy import hidden_token_logprobs_entropy, token_logprobs_entropy
 from signalrl.losses.policy import hidden_token_logprobs, token_logprobs
 from signalrl.models.lora import logprob_context
 
@@ -109,11 +110,15 @@ def _logps(
     ids: torch.Tensor,
     temperature: float,
     autocast_dtype: torch.dtype | None,
-) -> torch.Tensor:
-    """Per-token log-probs of `ids` from hidden states `x` through the chunked LM head
+    with_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-token log-probs of `ids` (and with `with_entropy` the full-vocabulary entropies,
+    from the same chunks of logits) from hidden states `x` through the chunked LM head
     (`parts` given) or from logits `x`."""
     if parts is None:
-        return token_logprobs(x, ids, temperature=temperature)
+        if with_entropy:
+            return token_logprobs_entropy(x, ids, temperature=temperature)
+        return token_logprobs(x, ids, temperature=temperature), None
     head = parts[1]
     weight = getattr(head, "weight", None)
     vocab = weight.shape[0] if isinstance(weight, torch.Tensor) else 1
@@ -123,7 +128,15 @@ def _logps(
         with autocast_context(h.device, autocast_dtype):
             return head(h)
 
-    return hidden_token_logprobs(x, head_fn, ids, chunk, temperature)
+    if with_entropy:
+        return hidden_token_logprobs_entropy(x, head_fn, ids, chunk, temperature)
+    return hidden_token_logprobs(x, head_fn, ids, chunk, temperature), None
+
+
+def _masked(
+    out: tuple[torch.Tensor, torch.Tensor | None], mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return out[0] * mask, (out[1] * mask if out[1] is not None else None)
 
 
 def completion_logps(
@@ -135,8 +148,32 @@ def completion_logps(
 ) -> torch.Tensor:
     """Per-token log-probs `(N, T)` of the completion tokens (0 where the mask is 0), from
     one forward pass; only the `T` positions that predict completion tokens go through the
-    LM head, a chunk at a time. (The policy's entropy comes from the sampler, which has the
-    full distributions anyway.)"""
+    LM head, a chunk at a time. (`completion_logps_entropy` also returns the entropies.)"""
+    return _completion(model, batch, temperature, autocast_dtype, False)[0]
+
+
+def completion_logps_entropy(
+    model: PreTrainedModel | nn.Module,
+    batch: SequenceBatch,
+    *,
+    temperature: float = 1.0,
+    autocast_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`completion_logps` and the policy's full-vocabulary entropy `(N, T)` at each completion
+    position (of `softmax(logits / temperature)`, differentiable, 0 where the mask is 0),
+    both from the same chunks of logits (`signalrl.losses.entropy`)."""
+    logps, ent = _completion(model, batch, temperature, autocast_dtype, True)
+    assert ent is not None
+    return logps, ent
+
+
+def _completion(
+    model: PreTrainedModel | nn.Module,
+    batch: SequenceBatch,
+    temperature: float,
+    autocast_dtype: torch.dtype | None,
+    with_entropy: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     t = batch.completion_ids.shape[1]
     parts = chunked_head(model, batch.input_ids.shape[0] * (t + 1))
     with logprob_context(model):
@@ -151,8 +188,8 @@ def completion_logps(
                 use_cache=False,
             )
         x = x[:, -(t + 1) : -1, :]
-        logps = _logps(parts, x, batch.completion_ids, temperature, autocast_dtype)
-    return logps * batch.completion_mask
+        out = _logps(parts, x, batch.completion_ids, temperature, autocast_dtype, with_entropy)
+    return _masked(out, batch.completion_mask)
 
 
 def shared_prefix_logps(
@@ -177,13 +214,64 @@ def shared_prefix_logps(
 
     Under gradient checkpointing (training mode, gradients on) HF drops the KV cache, so the
     unshared batch goes through `completion_logps` instead (the same values).
+    `shared_prefix_logps_entropy` also returns the entropies.
     """
+    return _shared_prefix(
+        model,
+        prompts,
+        row_prompt,
+        completion_ids,
+        completion_mask,
+        pad_id,
+        temperature,
+        autocast_dtype,
+        False,
+    )[0]
+
+
+def shared_prefix_logps_entropy(
+    model: PreTrainedModel | nn.Module,
+    prompts: list[list[int]],
+    row_prompt: torch.Tensor,
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    pad_id: int,
+    *,
+    temperature: float = 1.0,
+    autocast_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`shared_prefix_logps` and the policy's full-vocabulary entropy `(N, T)` at each
+    completion position (differentiable, 0 where the mask is 0), from the same logits."""
+    logps, ent = _shared_prefix(
+        model,
+        prompts,
+        row_prompt,
+        completion_ids,
+        completion_mask,
+        pad_id,
+        temperature,
+        autocast_dtype,
+        True,
+    )
+    assert ent is not None
+    return logps, ent
+
+
+def _shared_prefix(
+    model: PreTrainedModel | nn.Module,
+    prompts: list[list[int]],
+    row_prompt: torch.Tensor,
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    pad_id: int,
+    temperature: float,
+    autocast_dtype: torch.dtype | None,
+    with_entropy: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     if gradient_checkpointing_active(model):
         rows = [prompts[int(k)] for k in row_prompt.tolist()]
         batch = build_batch(rows, completion_ids, pad_id, completion_mask, completion_ids.device)
-        return completion_logps(
-            model, batch, temperature=temperature, autocast_dtype=autocast_dtype
-        )
+        return _completion(model, batch, temperature, autocast_dtype, with_entropy)
     from transformers import DynamicCache
 
     device = completion_ids.device
@@ -226,5 +314,5 @@ def shared_prefix_logps(
                     **{cache_kw: cache},
                 )
                 x = torch.cat([x, rest], dim=1)
-        logps = _logps(parts, x, completion_ids, temperature, autocast_dtype)
-    return logps * completion_mask
+        out = _logps(parts, x, completion_ids, temperature, autocast_dtype, with_entropy)
+    return _masked(out, completion_mask)

@@ -31,10 +31,24 @@ IM_END = "<|im_end|>"
 SPECIAL_TOKENS = [PAD, EOS, UNK, IM_START, IM_END]
 
 # ChatML, the format Qwen2 checkpoints use; `add_generation_prompt` opens an assistant turn.
+# With `tools=` (JSON schemas) a system turn lists them in the Hermes / Qwen2.5 form (the
+# conversation's own system message, if any, opens that turn); `tool` messages are ChatML turns.
+TOOLS_SYSTEM = (
+    "{% if tools %}<|im_start|>system\n"
+    "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] + '\n\n' }}{% endif %}"
+    "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>"
+    "{% for tool in tools %}{{ '\n' + (tool | tojson) }}{% endfor %}{{ '\\n</tools>\\n\\n' }}"
+    "For each function call, return a json object with function name and arguments within "
+    "<tool_call></tool_call> XML tags:\n<tool_call>\n"
+    '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call><|im_end|>\n'
+    "{% endif %}"
+)
 CHAT_TEMPLATE = (
-    "{% for message in messages %}"
+    TOOLS_SYSTEM + "{% for message in messages %}"
+    "{% if not (tools and loop.first and message['role'] == 'system') %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
+    "{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 

@@ -5,14 +5,18 @@ from __future__ import annotations
 from typing import Any
 
 from signalrl.tasks.arithmetic import ArithmeticTask
+from signalrl.tasks.arithmetic_tools import ArithmeticToolsTask
 from signalrl.tasks.base import Row, Task
 from signalrl.tasks.countdown import CountdownTask
 from signalrl.tasks.dataset import DatasetTask
+from signalrl.tasks.guess_number import GuessNumberTask
 
 TASKS: dict[str, type] = {
     "arithmetic": ArithmeticTask,
+    "arithmetic_tools": ArithmeticToolsTask,
     "countdown": CountdownTask,
     "dataset": DatasetTask,
+    "guess_number": GuessNumberTask,
 }
 
 
@@ -27,8 +31,10 @@ def make_task(name: str, **kwargs: Any) -> Task:
 
 __all__ = [
     "ArithmeticTask",
+    "ArithmeticToolsTask",
     "CountdownTask",
     "DatasetTask",
+    "GuessNumberTask",
     "Row",
     "TASKS",
     "Task",

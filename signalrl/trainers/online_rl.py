@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -33,6 +34,7 @@ from signalrl import distributed
 from signalrl.config import OnlineRLRecipe
 from signalrl.data.collate import SequenceBatch
 from signalrl.losses.advantages import AdvantageInput
+from signalrl.losses.entropy import adapt_entropy_coef, entropy_bonus
 from signalrl.losses.kl import kl_estimate
 from signalrl.losses.mismatch import is_weights, mismatch_metrics, off_policy_sequence_mask
 from signalrl.losses.policy import (
@@ -42,7 +44,8 @@ from signalrl.losses.policy import (
     top_entropy_mask,
     value_loss,
 )
-from signalrl.models.logprobs import shared_prefix_logps
+from signalrl.losses.policy_frontier import clip_cov_key
+from signalrl.models.logprobs import shared_prefix_logps, shared_prefix_logps_entropy
 from signalrl.models.value_head import ValueModel
 from signalrl.registry import ADVANTAGES
 from signalrl.rewards.length import overlong_penalty
@@ -50,6 +53,7 @@ from signalrl.rewards.model import RewardModelScorer
 from signalrl.rewards.registry import RewardComposer
 from signalrl.rollout.batch import RolloutBatch
 from signalrl.rollout.collect import count_forward_tokens
+from signalrl.rollout.multiturn import EnvRollouts, env_metrics, policy_token_mask
 from signalrl.rollout.sampler import SamplingParams
 from signalrl.trainers.base import DataCursor, MicroLoss, StepResult, TrainerBase
 
@@ -104,6 +108,8 @@ class OnlineRLTrainer(TrainerBase):
                 f"sampling.max_new_tokens ({s.max_new_tokens})"
             )
         self.data = DataCursor(len(self.rows), recipe.seed)
+        self.env = EnvRollouts(recipe.env, self.tokenizer, self.model) if recipe.env else None
+        self.entropy_coef = rl.entropy_coef  # trainer state: adapted towards rl.entropy_target
         self.setup_extra()
         self.finish_setup()
 
@@ -135,9 +141,21 @@ class OnlineRLTrainer(TrainerBase):
     def progress_name(self) -> str:
         return self.recipe.rl.algorithm
 
+    def _evaluate(self, with_pass_k: bool) -> Any:
+        """With an `env` section: greedy episodes on the test rows (accuracy and tool use)."""
+        if self.env is None:
+            return super()._evaluate(with_pass_k)
+        e = self.recipe.eval
+        n_new = e.max_new_tokens or self.recipe.sampling.max_new_tokens
+        return self.env.evaluate(
+            self.model, self.tokenizer, self.test_rows(), self.task.verify,
+            max_new_tokens=n_new, batch_size=e.batch_size, autocast_dtype=self.autocast_dtype,
+        )  # fmt: skip
+
     # -- state ----------------------------------------------------------------------------
     def extra_state(self) -> dict[str, Any]:
         state = super().extra_state()
+        state["entropy_coef"] = self.entropy_coef
         if self.critic is not None:
             state["critic"] = self.critic.state_dict()
             state["critic_optimizer"] = self.critic_optimizer.state_dict()
@@ -145,6 +163,7 @@ class OnlineRLTrainer(TrainerBase):
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         super().load_extra_state(state)
+        self.entropy_coef = float(state.get("entropy_coef", self.recipe.rl.entropy_coef))
         if self.critic is not None and "critic" in state:
             self.critic.load_state_dict(state["critic"])
             self.critic_optimizer.load_state_dict(state["critic_optimizer"])
@@ -164,8 +183,10 @@ class OnlineRLTrainer(TrainerBase):
         """The global `rows` sampled by `model` (default: the policy, whose generation tokens
         are added to the budget) with `params` (default: the recipe's, `group_size` per
         prompt), scored by the reward terms and the overlong shaping; each rank samples its
-        share (`TrainerBase.collect_global`)."""
-        return self.collect_global(
+        share (`TrainerBase.collect_global`); with an `env` section, multi-turn episodes
+        (`signalrl.rollout.multiturn`)."""
+        collect = self.collect_global if self.env is None else partial(self.env.collect, self)
+        return collect(
             self.model if model is None else model,
             rows,
             params or self.sampling,
@@ -208,9 +229,11 @@ class OnlineRLTrainer(TrainerBase):
         batch: SequenceBatch,
         prompt_ids: list[list[int]],
         rows: torch.Tensor,
-    ) -> torch.Tensor:
+        with_entropy: bool = False,
+    ) -> Any:
         """Log-probs `(len(rows), width)` of the completions of `rows`, each distinct prompt
-        run once (rows of one prompt are contiguous groups of `group_size`)."""
+        run once (rows of one prompt are contiguous groups of `group_size`); with
+        `with_entropy` the pair (log-probs, the policy's entropies) from the same logits."""
         g = self.sampling.n
         groups, row_prompt = torch.unique(rows // g, return_inverse=True)
         cmask = batch.completion_mask[rows]
@@ -218,7 +241,8 @@ class OnlineRLTrainer(TrainerBase):
         prompts = [prompt_ids[int(k) * g] for k in groups]
         if model is self.model:
             self.budget.forward_tokens += count_forward_tokens(prompts, int(cmask.sum()))
-        return shared_prefix_logps(
+        fn = shared_prefix_logps_entropy if with_entropy else shared_prefix_logps
+        return fn(
             model,
             prompts,
             row_prompt.to(self.device),
@@ -324,6 +348,8 @@ class OnlineRLTrainer(TrainerBase):
         if rl.mask_truncated:
             loss_mask = loss_mask * (~truncated).float()[:, None]
         width = seq.completion_ids.shape[1]
+        sampled = policy_token_mask(roll, width, self.device)  # multi-turn: not env tokens
+        loss_mask = loss_mask if sampled is None else loss_mask * sampled
         behaviour = roll.padded(roll.sampler_logps, width, self.device)
         if rl.entropy_top_frac is not None:  # the 80/20 rule, over the whole batch
             entropy = roll.padded(roll.entropy, width, self.device)
@@ -366,6 +392,7 @@ class OnlineRLTrainer(TrainerBase):
             b.adv.dim() == 1
             and self.critic is None
             and not (b.ref_logps is not None and rl.kl_placement == "loss")
+            and not rl.uses_entropy  # the entropy bonus has a gradient at A = 0
         )
         n = len(b.seq)
         trained = (b.adv != 0) if skip_zero else torch.ones(n, dtype=torch.bool)
@@ -399,7 +426,10 @@ class OnlineRLTrainer(TrainerBase):
     def micro_loss(self, b: RLBatch, chunk: int, epoch: int) -> MicroLoss:
         rl = self.recipe.rl
         s = b.chunks[chunk]
-        logps = self._grouped_logps(self.model, b.seq, b.roll.prompt_ids, s)
+        if rl.uses_entropy:
+            logps, ent = self._grouped_logps(self.model, b.seq, b.roll.prompt_ids, s, True)
+        else:
+            logps, ent = self._grouped_logps(self.model, b.seq, b.roll.prompt_ids, s), None
         width = logps.shape[1]
         mask = b.loss_mask[s, :width]
         old = b.old_logps[s, :width] if b.old_logps is not None else logps.detach()
@@ -408,26 +438,27 @@ class OnlineRLTrainer(TrainerBase):
         adv = b.adv[s] if b.adv.dim() == 1 else b.adv[s, :width]
         if rl.is_correction != "none" or rl.off_policy_mask_kl is not None:
             adv = self._corrected(adv, old, sampler, mask, extra_metrics)
-        loss, pm = policy_loss(
-            logps,
-            old,
-            adv,
-            mask,
-            clip_low=rl.clip_low,
-            clip_high=rl.clip_high,
-            agg=rl.loss_agg,
-            max_len=self.sampling.max_new_tokens,
-            ratio_level=rl.ratio_level,
-            dual_clip=rl.dual_clip,
-            loss_type=rl.loss_type,
-            sapo_tau_pos=rl.sapo_tau_pos,
-            sapo_tau_neg=rl.sapo_tau_neg,
-            cov_frac=rl.cov_frac,
-            clip_cov_lb=rl.clip_cov_lb,
-            clip_cov_ub=rl.clip_cov_ub,
-            kl_cov_coef=rl.kl_cov_coef,
-            dppo_ratio_cap=rl.dppo_ratio_cap,
-        )
+        with clip_cov_key(self.recipe.seed, self.step, epoch, s):  # Clip-Cov's draw
+            loss, pm = policy_loss(
+                logps,
+                old,
+                adv,
+                mask,
+                clip_low=rl.clip_low,
+                clip_high=rl.clip_high,
+                agg=rl.loss_agg,
+                max_len=self.sampling.max_new_tokens,
+                ratio_level=rl.ratio_level,
+                dual_clip=rl.dual_clip,
+                loss_type=rl.loss_type,
+                sapo_tau_pos=rl.sapo_tau_pos,
+                sapo_tau_neg=rl.sapo_tau_neg,
+                cov_frac=rl.cov_frac,
+                clip_cov_lb=rl.clip_cov_lb,
+                clip_cov_ub=rl.clip_cov_ub,
+                kl_cov_coef=rl.kl_cov_coef,
+                dppo_ratio_cap=rl.dppo_ratio_cap,
+            )
         metrics = {k: v / b.trained_share for k, v in {**pm, **extra_metrics}.items()}
         if b.ref_logps is not None and rl.kl_placement == "loss":
             kl = kl_estimate(logps, b.ref_logps[s, :width], kind=rl.kl_estimator)
@@ -435,6 +466,12 @@ class OnlineRLTrainer(TrainerBase):
             loss = loss + rl.kl_coef * kl_term
             if epoch == 0:
                 metrics["kl"] = float(kl_term.detach())
+        if ent is not None:
+            max_len = self.sampling.max_new_tokens
+            loss = loss + entropy_bonus(ent, mask, self.entropy_coef, rl.loss_agg, max_len)
+            if epoch == 0:  # the trained entropy, before this step's updates
+                h = aggregate(ent.detach(), mask, rl.loss_agg, max_len=max_len)
+                metrics["actor/entropy"] = float(h)
         extra = None
         if self.critic is not None:
             values = self.critic(b.seq.select(s), self.autocast_dtype)
@@ -505,6 +542,7 @@ class OnlineRLTrainer(TrainerBase):
             "completion/tokens": n_tok,
             **result.metrics(),
         }
+        metrics.update(env_metrics(roll))
         for name, values in roll.components.items():
             metrics[f"reward/{name}"] = float(values.mean())
         if "greedy_baseline" in b.extras:
@@ -529,6 +567,12 @@ class OnlineRLTrainer(TrainerBase):
 
     def train_step(self) -> tuple[dict[str, float], list[dict[str, Any]]]:
         metrics, samples = super().train_step()
+        rl = self.recipe.rl
+        if rl.uses_entropy:
+            metrics["actor/entropy_coef"] = self.entropy_coef  # the one this step used
+            h, target, lr = metrics.get("actor/entropy"), rl.entropy_target, rl.entropy_coef_lr
+            if h is not None and target is not None and lr:
+                self.entropy_coef = adapt_entropy_coef(self.entropy_coef, h, target, lr)
         if "completion/tokens" in metrics:
             tokens = metrics["completion/tokens"]
             metrics["tokens/completion_per_s"] = tokens / max(metrics["time/step_s"], 1e-9)
