@@ -48,7 +48,7 @@ def test_recipe_env_section_and_loader():
     assert factory() is not env  # a fresh environment per trajectory
     factory, tools = make_env_factory(EnvConfig(type="single_turn"))
     assert isinstance(factory(), SingleTurnEnv) and tools == []
-    cfg = EnvConfig(type="function", cls="tests.test_envs:CountingEnv", kwargs={"turns": 3})
+    cfg = EnvConfig(type="function", cls="test_envs:CountingEnv", kwargs={"turns": 3})
     factory, _ = make_env_factory(cfg)
     assert factory().turns == 3
     assert recipe_from_dict({"trainer": "online_rl"}, "test").env is None
@@ -73,7 +73,7 @@ def test_bad_env_sections_fail_early(env, message):
         (EnvConfig(type="tools"), "needs at least one tool"),
         (EnvConfig(type="tools", tools=["abacus"]), "unknown tool 'abacus'"),
         (EnvConfig(type="function"), "needs cls"),
-        (EnvConfig(type="function", cls="tests.test_envs:Nope"), "cannot load"),
+        (EnvConfig(type="function", cls="test_envs:Nope"), "cannot load"),
         (EnvConfig(type="function", cls="no_colon"), "expected 'module:name'"),
     ],
 )

@@ -205,7 +205,7 @@ def _grpo(tmp_path, env, **over):
 
 
 def test_grpo_with_an_environment_runs_end_to_end(tmp_path):
-    env = {"type": "function", "cls": "tests.test_envs:CountingEnv", "kwargs": {"turns": 2},
+    env = {"type": "function", "cls": "test_envs:CountingEnv", "kwargs": {"turns": 2},
            "max_turns": 3, "max_total_tokens": 64}  # fmt: skip
     trainer = OnlineRLTrainer(_grpo(tmp_path, env))
     roll = trainer.rollout(trainer.rows[:2])
@@ -249,7 +249,7 @@ def test_tools_env_rollout_batch_on_the_tool_task(tmp_path):
     "algorithm", ["grpo", "dr_grpo", "dapo", "gspo", "rloo", "reinforce_pp", "ppo"]
 )
 def test_every_algorithm_takes_a_step_with_an_environment(tmp_path, algorithm):
-    env = {"type": "function", "cls": "tests.test_envs:CountingEnv", "kwargs": {"turns": 2},
+    env = {"type": "function", "cls": "test_envs:CountingEnv", "kwargs": {"turns": 2},
            "max_turns": 2, "max_total_tokens": 48}  # fmt: skip
     recipe = _grpo(tmp_path, env, rl={"algorithm": algorithm, "group_size": 2})
     trainer = OnlineRLTrainer(recipe)

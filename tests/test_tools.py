@@ -131,7 +131,7 @@ def test_calculator_never_calls_eval(monkeypatch):
 
 def test_load_tools_names_and_errors():
     assert [t.name for t in load_tools(["calculator", "python"])] == ["calculator", "python"]
-    assert load_tools(["tests.test_tools:add"])[0].name == "add"
+    assert load_tools(["test_tools:add"])[0].name == "add"
     with pytest.raises(ValueError, match="unknown tool 'abacus'"):
         load_tools(["abacus"])
     with pytest.raises(ValueError, match="two tools share a name"):
