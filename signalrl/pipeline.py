@@ -56,28 +56,28 @@ _REF = re.compile(r"\$\{([A-Za-z][A-Za-z0-9_-]*)\.(model|data|dir)\}")
 Overrides = dict[str, Any] | list[str]
 
 
-class MakePreferencesSpec(BaseModel):
+class _SamplingSpec(BaseModel):
+    """What a data stage samples: prompts, temperature, length, seed."""
+
+    model_config = ConfigDict(extra="forbid")
+    n_prompts: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    max_new_tokens: int = Field(16, ge=1)
+    seed: int = 0
+
+
+class MakePreferencesSpec(_SamplingSpec):
     """`signalrl data make-preferences` from the current model: (correct, wrong) pairs."""
 
-    model_config = ConfigDict(extra="forbid")
     samples: int = Field(8, ge=2)
     pairs_per_prompt: int = Field(1, ge=1)
-    n_prompts: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, gt=0)
-    max_new_tokens: int = Field(16, ge=1)
-    seed: int = 0
 
 
-class RejectionSpec(BaseModel):
+class RejectionSpec(_SamplingSpec):
     """Rejection sampling: the current model's verifier-correct samples as SFT rows."""
 
-    model_config = ConfigDict(extra="forbid")
     samples: int = Field(8, ge=1)
     keep_per_prompt: int = Field(1, ge=1)
-    n_prompts: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, gt=0)
-    max_new_tokens: int = Field(16, ge=1)
-    seed: int = 0
 
 
 class SweepSpec(BaseModel):
