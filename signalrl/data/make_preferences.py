@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -116,6 +117,39 @@ def _prompt_field(row: dict[str, Any], tokenizer: Any) -> str | list[dict[str, A
     return row["prompt"]
 
 
+def sample_verified(
+    model: str,
+    task: Task,
+    rows: list[dict[str, Any]],
+    *,
+    samples: int,
+    temperature: float,
+    max_new_tokens: int,
+    seed: int,
+    batch_size: int,
+    device: str = "auto",
+) -> Iterator[tuple[dict[str, Any], Any, list[str], list[float]]]:
+    """Sample `samples` completions per row from `model` (chat rows rendered as the trainers
+    render them), `batch_size` prompts per generation call, scored by the task's verifier:
+    yields `(rendered row, tokenizer, completions, scores)` per row (make-preferences and
+    rejection sampling)."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    lm, tok = load_model(model, device=device)
+    lm.eval()
+    rendered = render_rows(tok, rows)  # chat rows: the prompt the trainers sample from
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, n=samples)
+    gen = torch.Generator(device=lm.device).manual_seed(seed)
+    verifier = RewardComposer([RewardSpec(type="task")], task)
+    for s in range(0, len(rendered), batch_size):
+        chunk = rendered[s : s + batch_size]
+        roll, _ = collect(lm, tok, chunk, params, verifier, generator=gen)
+        scores = roll.rewards.tolist()
+        for i, row in enumerate(chunk):
+            k = slice(i * samples, (i + 1) * samples)
+            yield row, tok, roll.texts[k], scores[k]
+
+
 def make_preferences(
     model: str,
     out: str | os.PathLike[str],
@@ -144,37 +178,27 @@ def make_preferences(
         raise ValueError("make-preferences: pairs_per_prompt must be >= 1")
     t = task or make_task(task_name, **(task_kwargs or {}))
     rows = _distinct_prompts(t, n_prompts)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    lm, tok = load_model(model, device=device)
-    lm.eval()
-    rows = render_rows(tok, rows)  # chat rows: the prompt the trainers sample from
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, n=samples)
-    gen = torch.Generator(device=lm.device).manual_seed(seed)
     pairs: list[dict[str, Any]] = []
     no_wrong = no_correct = 0
     n_correct = n_total = 0
-    verifier = RewardComposer([RewardSpec(type="task")], t)
-    for s in range(0, len(rows), batch_size):
-        chunk = rows[s : s + batch_size]
-        roll, _ = collect(lm, tok, chunk, params, verifier, generator=gen)
-        all_scores = roll.rewards.tolist()
-        for i, row in enumerate(chunk):
-            texts = roll.texts[i * samples : (i + 1) * samples]
-            scores = all_scores[i * samples : (i + 1) * samples]
-            n_correct += sum(1 for x in scores if x > 0)
-            n_total += len(scores)
-            found = pick_pairs(texts, scores, pairs_per_prompt)
-            if not found:
-                if any(x > 0 for x in scores):
-                    no_wrong += 1
-                else:
-                    no_correct += 1
-            for chosen, rejected in found:
-                item = {"prompt": _prompt_field(row, tok), "chosen": chosen, "rejected": rejected}
-                if "answer" in row:
-                    item["answer"] = row["answer"]
-                pairs.append(item)
+    sampled = sample_verified(
+        model, t, rows, samples=samples, temperature=temperature,
+        max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size, device=device,
+    )  # fmt: skip
+    for row, tok, texts, scores in sampled:
+        n_correct += sum(1 for x in scores if x > 0)
+        n_total += len(scores)
+        found = pick_pairs(texts, scores, pairs_per_prompt)
+        if not found:
+            if any(x > 0 for x in scores):
+                no_wrong += 1
+            else:
+                no_correct += 1
+        for chosen, rejected in found:
+            item = {"prompt": _prompt_field(row, tok), "chosen": chosen, "rejected": rejected}
+            if "answer" in row:
+                item["answer"] = row["answer"]
+            pairs.append(item)
     if not pairs:
         raise ValueError(
             f"make-preferences: no pairs from {len(rows)} prompts ({no_wrong} with no wrong "

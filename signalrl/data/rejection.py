@@ -10,14 +10,8 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import torch
-
-from signalrl.data.chat import has_chat_template, render_rows
-from signalrl.data.make_preferences import _distinct_prompts, write_jsonl_atomic
-from signalrl.models import load_model
-from signalrl.rewards.registry import RewardComposer, RewardSpec
-from signalrl.rollout.collect import collect
-from signalrl.rollout.sampler import SamplingParams
+from signalrl.data.chat import has_chat_template
+from signalrl.data.make_preferences import _distinct_prompts, sample_verified, write_jsonl_atomic
 from signalrl.tasks import Task
 
 
@@ -58,29 +52,19 @@ def rejection_sample(
     if samples < 1 or keep_per_prompt < 1:
         raise ValueError("rejection sampling: samples and keep_per_prompt must be >= 1")
     rows = _distinct_prompts(task, n_prompts)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    lm, tok = load_model(model, device=device)
-    lm.eval()
-    rendered, chat = render_rows(tok, rows), has_chat_template(tok)
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, n=samples)
-    gen = torch.Generator(device=lm.device).manual_seed(seed)
-    verifier = RewardComposer([RewardSpec(type="task")], task)
     kept: list[dict[str, Any]] = []
     n_correct = n_total = prompts_kept = 0
-    for s in range(0, len(rows), batch_size):
-        chunk = rendered[s : s + batch_size]
-        roll, _ = collect(lm, tok, chunk, params, verifier, generator=gen)
-        scores = roll.rewards.tolist()
-        for i, row in enumerate(rows[s : s + batch_size]):
-            texts = roll.texts[i * samples : (i + 1) * samples]
-            row_scores = scores[i * samples : (i + 1) * samples]
-            good = [t for t, x in zip(texts, row_scores, strict=True) if x > 0]
-            n_correct += len(good)
-            n_total += len(texts)
-            distinct = [t for j, t in enumerate(good) if t.strip() and t not in good[:j]]
-            prompts_kept += bool(distinct)
-            kept.extend(_row(row, t, chat) for t in distinct[:keep_per_prompt])
+    sampled = sample_verified(
+        model, task, rows, samples=samples, temperature=temperature,
+        max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size, device=device,
+    )  # fmt: skip
+    for row, tok, texts, scores in sampled:
+        good = [t for t, x in zip(texts, scores, strict=True) if x > 0]
+        n_correct += len(good)
+        n_total += len(texts)
+        distinct = [t for j, t in enumerate(good) if t.strip() and t not in good[:j]]
+        prompts_kept += bool(distinct)
+        kept.extend(_row(row, t, has_chat_template(tok)) for t in distinct[:keep_per_prompt])
     if not kept:
         raise ValueError(
             f"rejection sampling: no verifier-correct sample in {len(rows)} prompts x "
