@@ -179,6 +179,28 @@ def test_grpo_two_ranks_sample_and_train_as_one(
     AutoModelForCausalLM.from_pretrained(two_dir / "final")
 
 
+def test_clip_cov_picks_the_same_tokens_on_two_ranks(tmp_path: Path, base_model: Path) -> None:
+    """Clip-Cov's random pick is keyed by global row ids, so a micro-batch of rows 16..31
+    drops the same tokens on rank 1 as in one process: the runs agree (the covariance and
+    the count are per micro-batch, as in verl, so both runs use 16-row micro-batches)."""
+    r = _grpo(
+        tmp_path / "runs", base_model, loss_type="clip_cov", mu=2, cov_frac=0.05,
+        clip_cov_lb=-100.0, clip_cov_ub=100.0,
+    )
+    r["train"] = {**r["train"], "micro_batch_size": 16}
+    train(r, tmp_path, 1)
+    two = {**r, "output_dir": str(tmp_path / "runs2")}
+    two["train"] = {**r["train"], "parallel": "ddp"}
+    train(two, tmp_path, 2)
+    one_dir, two_dir = tmp_path / "runs" / "grpo", tmp_path / "runs2" / "grpo"
+    m1, m2 = rows(one_dir, "metrics.jsonl"), rows(two_dir, "metrics.jsonl")
+    dropped = [x["clip_frac/cov"] for x in m1]
+    assert min(dropped) > 0  # tokens were dropped at every step, so the pick matters
+    assert dropped == pytest.approx([x["clip_frac/cov"] for x in m2], rel=1e-6)
+    assert moved(one_dir, base_model) > 1e-4
+    assert rel_diff(one_dir / "final", two_dir / "final") < 1e-4
+
+
 def test_online_dpo_two_ranks_equal_one_process(tmp_path: Path, base_model: Path) -> None:
     r = recipe(
         "odpo",
