@@ -96,6 +96,11 @@ class Stage(BaseModel):
     make_preferences: MakePreferencesSpec | None = None
     rejection_sampling: RejectionSpec | None = None
     sweep: SweepSpec | None = None
+    match_budget: str | None = Field(
+        None,
+        description="an earlier stage: train until this stage's route (the stages it builds "
+        "on, data sampling included) has spent as many student forward tokens as that one's",
+    )
 
     @field_validator("name")
     @classmethod
@@ -158,12 +163,12 @@ class Planned(BaseModel):
     task: dict[str, Any] | None = None
     model_out: str | None = None
     data_out: str | None = None
+    parents: list[str] = Field(default_factory=list)  # the stages it builds on directly
 
     def fingerprint(self) -> str:
         if self.recipe is not None:
-            text = dump_recipe(self.recipe) + json.dumps(
-                self.stage.sweep.model_dump() if self.stage.sweep else None
-            )
+            sweep = self.stage.sweep.model_dump() if self.stage.sweep else None
+            text = dump_recipe(self.recipe) + json.dumps([sweep, self.stage.match_budget])
         else:
             spec = self.stage.make_preferences or self.stage.rejection_sampling
             assert spec is not None
@@ -220,6 +225,7 @@ def plan(spec: PipelineFile, extra: list[str] | None = None) -> list[Planned]:
     """Resolve every stage (models, references, recipes) before anything runs."""
     outs: dict[str, dict[str, str | None]] = {}
     model: str | None = None
+    model_stage: str | None = None  # the stage that made `model`
     task: dict[str, Any] | None = spec.task
     planned: list[Planned] = []
     for i, st in enumerate(spec.stages):
@@ -230,27 +236,86 @@ def plan(spec: PipelineFile, extra: list[str] | None = None) -> list[Planned]:
             kind = st.kind
         except ValueError as e:
             raise RecipeError(str(e)) from None
-        src = model
+        src, src_stage = model, model_stage
         if st.model is not None:
             if st.model == st.name or st.model not in outs:
                 raise RecipeError(f"{where}: model: {st.model!r} names no earlier stage")
-            src = outs[st.model]["model"]
+            src, src_stage = outs[st.model]["model"], st.model
             if src is None:
                 raise RecipeError(f"{where}: stage {st.model!r} makes no model")
+        _check_match_budget(st, kind, outs, where)
         d = spec.out_dir / st.name
         if kind == "train":
             r = _stage_recipe(spec, st, src, list(extra or []), where, outs)
             task = r.task.model_dump(mode="json", exclude_none=True)
             made = None if st.sweep else str(d / "final")
             p = Planned(stage=st, dir=d, recipe=r, model_out=made)
-            model = made if made is not None else model
+            if made is not None:
+                model, model_stage = made, st.name
         else:
             if src is None or task is None:
                 raise RecipeError(f"{where}: a {kind} stage needs a model and a task before it")
             p = Planned(stage=st, dir=d, source=src, task=task, data_out=str(d / "data.jsonl"))
+        refs = _REF.findall(json.dumps([spec.overrides, extra, st.overrides, st.inline]))
+        first = [] if src_stage is None else [src_stage]
+        p.parents = list(dict.fromkeys(first + [n for n, _ in refs]))
         outs[st.name] = {"model": p.model_out, "data": p.data_out, "dir": str(d)}
         planned.append(p)
     return planned
+
+
+def _check_match_budget(st: Stage, kind: str, outs: dict[str, Any], where: str) -> None:
+    if st.match_budget is None:
+        return
+    if kind != "train" or st.sweep is not None:
+        raise RecipeError(f"{where}: match_budget is for a training stage (not a sweep)")
+    if st.match_budget not in outs:
+        raise RecipeError(f"{where}: match_budget: {st.match_budget!r} names no earlier stage")
+
+
+def ancestors(planned: list[Planned], name: str) -> list[str]:
+    """Every stage `name` builds on (its model's stage, the stages its values name, and
+    theirs), nearest first, each once."""
+    by = {p.stage.name: p for p in planned}
+    out: list[str] = []
+    todo = list(by[name].parents)
+    while todo:
+        n = todo.pop(0)
+        if n not in out:
+            out.append(n)
+            todo += by[n].parents
+    return out
+
+
+def route_tokens(planned: list[Planned], entries: list[dict[str, Any]]) -> dict[str, float]:
+    """Each finished stage's route: its student forward tokens plus those of every stage it
+    builds on (a data stage's sampling included), the budget a route spent in all."""
+    own = {e["name"]: (e.get("metrics") or {}).get("forward_tokens") for e in entries}
+    names = {p.stage.name for p in planned}
+    return {
+        n: float(t) + sum(float(own.get(a) or 0.0) for a in ancestors(planned, n))
+        for n, t in own.items()
+        if t is not None and n in names
+    }
+
+
+def _set_budget(p: Planned, planned: list[Planned], entries: list[dict[str, Any]]) -> None:
+    """`match_budget`: this stage may spend what the named route spent, less its own route's
+    stages before it."""
+    assert p.recipe is not None and p.stage.match_budget is not None
+    routes = route_tokens(planned, entries)
+    target = routes.get(p.stage.match_budget)
+    if target is None:
+        raise RecipeError(f"stage {p.stage.name!r}: match_budget stage "
+                          f"{p.stage.match_budget!r} has no forward-token count")  # fmt: skip
+    own = {e["name"]: (e.get("metrics") or {}).get("forward_tokens") for e in entries}
+    left = target - sum(float(own.get(a) or 0.0) for a in ancestors(planned, p.stage.name))
+    if left < 1:
+        raise RecipeError(
+            f"stage {p.stage.name!r}: its route has already spent {target - left:,.0f} "
+            f"forward tokens, {p.stage.match_budget!r}'s whole route {target:,.0f}"
+        )
+    p.recipe.train.max_forward_tokens = int(left)
 
 
 def load_pipeline(
@@ -311,14 +376,16 @@ def _run_data_stage(p: Planned) -> dict[str, Any]:
         mp = p.stage.make_preferences
         stats = make_preferences(p.source, p.data_out, task=task, **mp.model_dump())
         return {"prompts": stats.prompts, "pairs": stats.pairs,
-                "sample_accuracy": stats.sample_accuracy}  # fmt: skip
+                "sample_accuracy": stats.sample_accuracy,
+                "forward_tokens": stats.forward_tokens}  # fmt: skip
     from signalrl.data.rejection import rejection_sample
 
     rs = p.stage.rejection_sampling
     assert rs is not None
     res = rejection_sample(p.source, p.data_out, task, **rs.model_dump())
     return {"prompts": res.prompts, "rows": res.rows, "prompts_kept": res.prompts_kept,
-            "sample_accuracy": res.sample_accuracy}  # fmt: skip
+            "sample_accuracy": res.sample_accuracy,
+            "forward_tokens": res.forward_tokens}  # fmt: skip
 
 
 def _run_train_stage(p: Planned, cont: bool, console: Any) -> dict[str, Any]:
@@ -386,6 +453,8 @@ def run_pipeline(
         _write_state(spec, entries + rest)
         _say(console, f"[bold]{st.name}[/bold] ({st.kind}): {p.dir}")
         try:
+            if st.match_budget is not None:
+                _set_budget(p, planned, entries[:-1])
             metrics = (
                 _run_train_stage(p, same, console) if st.kind == "train" else _run_data_stage(p)
             )
@@ -422,12 +491,17 @@ COLUMNS = [
     ("reward_accuracy", "preference accuracy"),
     ("data", "data rows"),
     ("forward_tokens", "student forward tokens"),
+    ("route_tokens", "route forward tokens"),
     ("train_s", "train s"),
 ]
 
 
-def table_rows(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per stage: the columns of `COLUMNS` (None where a stage has no such number)."""
+def table_rows(
+    entries: list[dict[str, Any]], planned: list[Planned] | None = None
+) -> list[dict[str, Any]]:
+    """One row per stage: the columns of `COLUMNS` (None where a stage has no such number);
+    `route_tokens` (with `planned`) counts the stages a stage builds on too (`route_tokens`)."""
+    routes = route_tokens(planned, entries) if planned else {}
     out = []
     for e in entries:
         m = e.get("metrics") or {}
@@ -441,6 +515,7 @@ def table_rows(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "reward_accuracy": m.get("reward_accuracy", m.get("accuracies")),
                 "data": m.get("pairs", m.get("rows")),
                 "forward_tokens": m.get("forward_tokens"),
+                "route_tokens": routes.get(e["name"]),
                 "train_s": m.get("train_s"),
             }
         )
@@ -460,7 +535,7 @@ def write_report(
 ) -> None:
     import csv
 
-    rows = table_rows(entries)
+    rows = table_rows(entries, planned)
     out = spec.out_dir
     with (out / "pipeline.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=[k for k, _ in COLUMNS])
@@ -490,7 +565,7 @@ def write_report(
 
 
 def _plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
-    """Test accuracy after each training stage and the student forward tokens spent so far."""
+    """Test accuracy after each training stage and the forward tokens of its whole route."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -503,13 +578,9 @@ def _plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
         ax.bar(names, [r["accuracy"] for r in trained], color="tab:blue")
         ax.set_ylabel("test accuracy (greedy)")
         ax.set_ylim(0, 1)
-        tokens, total = [], 0.0
-        for r in trained:
-            total += r["forward_tokens"] or 0.0
-            tokens.append(total)
         ax2 = ax.twinx()
-        ax2.plot(names, tokens, "o-", color="tab:orange")
-        ax2.set_ylabel("student forward tokens, cumulative")
+        ax2.plot(names, [r["route_tokens"] or 0.0 for r in trained], "o", color="tab:orange")
+        ax2.set_ylabel("route forward tokens (data sampling included)")
     ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -184,6 +184,8 @@ def test_a_failing_stage_stops_and_the_next_run_resumes_there(
         (lambda s: s[5].update(name="sft"), "two stages are named 'sft'"),
         (lambda s: s[1].update(recipe="x.yaml"), "exactly one of recipe, inline"),
         (lambda s: s.insert(0, {"name": "p0", "make_preferences": {}}), "needs a model and a task"),
+        (lambda s: s[4].update(match_budget="grpo"), "match_budget: 'grpo' names no earlier"),
+        (lambda s: s[1].update(match_budget="sft"), "match_budget is for a training stage"),
         (lambda s: s[4]["set"].update({"data.path": "${sft.data}"}), "stage 'sft' makes no data"),
     ],
 )
@@ -205,3 +207,54 @@ def test_the_cli_runs_a_pipeline_file(done: Path) -> None:
     assert res.exit_code == 0, res.output
     assert "up to date" in res.output
     assert '"status": "done"' in res.output
+
+
+def test_routes_count_the_data_stages_sampling(done: Path) -> None:
+    """Each stage's route: its own student forward tokens and those of every stage it builds
+    on, a data stage's sampling included (prefs and rs sampled from sft)."""
+    from signalrl.pipeline import route_tokens
+
+    spec, planned = load_pipeline(done)
+    state = read_state(spec)
+    own = {n: e["metrics"]["forward_tokens"] for n, e in state.items()}
+    # each of 24 prompts (4 to 6 tokens) once, then 4 samples of 1 to 4 sampled tokens
+    assert 24 * (4 + 4) <= own["prefs"] <= 24 * (6 + 4 * 4) and own["rs"] > 0
+    routes = route_tokens(planned, list(state.values()))
+    assert routes["sft"] == own["sft"]
+    assert routes["sft2"] == own["sft2"] + own["rs"] + own["sft"]
+    assert routes["dpo"] == own["dpo"] + own["prefs"] + own["sft"]
+    assert routes["grpo"] == own["grpo"] + routes["dpo"]
+    md = (spec.out_dir / "pipeline.md").read_text()
+    assert "route forward tokens" in md and f"{routes['grpo']:,.0f}" in md
+
+
+def test_match_budget_trains_until_the_routes_spent_the_same(done: Path, tmp_path: Path) -> None:
+    """Route a (GRPO alone) gets the budget of route c (rejection sampling, SFT on it, then
+    GRPO): it stops at the first step at which its route has spent as much; a stage whose
+    route already spent more than its match is refused with the numbers."""
+    from signalrl.pipeline import route_tokens
+
+    sft_final = load_pipeline(done)[0].out_dir / "sft" / "final"
+    sft = {**COMMON, "trainer": "sft", "train": {"lr": 0.003, "batch_size": 8}}
+    grpo = {**COMMON, "trainer": "online_rl", "rl": {"algorithm": "grpo", "group_size": 4}}
+    stages = [
+        {"name": "start", "inline": sft, "set": {**SHORT, "model.name_or_path": str(sft_final)}},
+        {"name": "rs", "rejection_sampling": {"samples": 4, "n_prompts": 24, "max_new_tokens": 4}},
+        {"name": "b", "inline": {**sft, "data": {"path": "${rs.data}"}}, "set": SHORT},
+        {"name": "c", "inline": grpo, "set": SHORT},
+        {"name": "a", "inline": grpo, "model": "start", "match_budget": "c",
+         "set": {"train.steps": 60, "train.batch_size": 4}},  # fmt: skip
+        {"name": "d", "inline": grpo, "match_budget": "b", "set": SHORT},
+    ]
+    path = _write(tmp_path, stages, "budget")
+    with pytest.raises(PipelineStageError, match="stage 'd'.*already spent"):
+        run_pipeline(path)
+    spec, planned = load_pipeline(path)
+    state = read_state(spec)
+    routes = route_tokens(planned, [e for e in state.values() if e["status"] == "done"])
+    cfg = load_recipe(spec.out_dir / "a" / "config.yaml")
+    assert cfg.train.max_forward_tokens == routes["c"] - routes["start"]
+    rows = [json.loads(x) for x in (spec.out_dir / "a" / "metrics.jsonl").read_text().splitlines()]
+    spent = sorted({r["student/forward_tokens"] for r in rows if "loss" in r})  # per step
+    assert state["a"]["metrics"]["steps"] < 60
+    assert routes["a"] >= routes["c"] > routes["a"] - (spent[-1] - spent[-2])

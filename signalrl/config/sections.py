@@ -49,6 +49,12 @@ class TaskConfig(BaseModel):
 
 class TrainConfig(Section):
     steps: int = Field(100, ge=1, description="optimizer steps")
+    max_forward_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="also stop (then the final evaluation and final/) after the step at which "
+        "student/forward_tokens reaches this: a budget in tokens instead of steps",
+    )
     lr: float = Field(1e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)

@@ -46,6 +46,7 @@ class PreferenceStats:
     skipped_no_correct: int
     sample_accuracy: float
     out: str
+    forward_tokens: int = 0  # the sampling's student forward tokens (count_forward_tokens)
 
     @property
     def skipped(self) -> int:
@@ -117,6 +118,13 @@ def _prompt_field(row: dict[str, Any], tokenizer: Any) -> str | list[dict[str, A
     return row["prompt"]
 
 
+@dataclass
+class SampleCount:
+    """What `sample_verified` spent: student forward tokens of its generation calls."""
+
+    forward_tokens: int = 0
+
+
 def sample_verified(
     model: str,
     task: Task,
@@ -128,11 +136,14 @@ def sample_verified(
     seed: int,
     batch_size: int,
     device: str = "auto",
+    count: SampleCount | None = None,
 ) -> Iterator[tuple[dict[str, Any], Any, list[str], list[float]]]:
     """Sample `samples` completions per row from `model` (chat rows rendered as the trainers
     render them), `batch_size` prompts per generation call, scored by the task's verifier:
     yields `(rendered row, tokenizer, completions, scores)` per row (make-preferences and
-    rejection sampling)."""
+    rejection sampling). `count.forward_tokens` adds up the generation's student forward
+    tokens as the trainers count them (`signalrl.rollout.collect.count_forward_tokens`), so a
+    pipeline can charge a data stage's sampling to the routes built on it."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     lm, tok = load_model(model, device=device)
@@ -143,7 +154,9 @@ def sample_verified(
     verifier = RewardComposer([RewardSpec(type="task")], task)
     for s in range(0, len(rendered), batch_size):
         chunk = rendered[s : s + batch_size]
-        roll, _ = collect(lm, tok, chunk, params, verifier, generator=gen)
+        roll, tokens = collect(lm, tok, chunk, params, verifier, generator=gen)
+        if count is not None:
+            count.forward_tokens += tokens
         scores = roll.rewards.tolist()
         for i, row in enumerate(chunk):
             k = slice(i * samples, (i + 1) * samples)
@@ -181,9 +194,11 @@ def make_preferences(
     pairs: list[dict[str, Any]] = []
     no_wrong = no_correct = 0
     n_correct = n_total = 0
+    count = SampleCount()
     sampled = sample_verified(
         model, t, rows, samples=samples, temperature=temperature,
         max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size, device=device,
+        count=count,
     )  # fmt: skip
     for row, tok, texts, scores in sampled:
         n_correct += sum(1 for x in scores if x > 0)
@@ -213,4 +228,5 @@ def make_preferences(
         skipped_no_correct=no_correct,
         sample_accuracy=n_correct / max(n_total, 1),
         out=str(path),
+        forward_tokens=count.forward_tokens,
     )

@@ -11,7 +11,12 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from signalrl.data.chat import has_chat_template
-from signalrl.data.make_preferences import _distinct_prompts, sample_verified, write_jsonl_atomic
+from signalrl.data.make_preferences import (
+    SampleCount,
+    _distinct_prompts,
+    sample_verified,
+    write_jsonl_atomic,
+)
 from signalrl.tasks import Task
 
 
@@ -22,6 +27,7 @@ class RejectionStats:
     prompts_kept: int
     sample_accuracy: float
     out: str
+    forward_tokens: int = 0  # the sampling's student forward tokens
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -54,9 +60,11 @@ def rejection_sample(
     rows = _distinct_prompts(task, n_prompts)
     kept: list[dict[str, Any]] = []
     n_correct = n_total = prompts_kept = 0
+    count = SampleCount()
     sampled = sample_verified(
         model, task, rows, samples=samples, temperature=temperature,
         max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size, device=device,
+        count=count,
     )  # fmt: skip
     for row, tok, texts, scores in sampled:
         good = [t for t, x in zip(texts, scores, strict=True) if x > 0]
@@ -77,4 +85,5 @@ def rejection_sample(
         prompts_kept=prompts_kept,
         sample_accuracy=n_correct / max(n_total, 1),
         out=str(path),
+        forward_tokens=count.forward_tokens,
     )

@@ -552,7 +552,9 @@ class TrainerBase(RanksMixin, DoctorMixin, CheckpointMixin):
                     info += f"  acc {metrics['eval/accuracy']:.3f}"
                 bar.update(task, completed=self.step, info=info)
                 self.maybe_checkpoint()
-                if stop:
+                if spent := self.budget.exhausted(t.max_forward_tokens):
+                    self.console.print(f"train.max_forward_tokens reached at step {self.step}")
+                if stop or spent:
                     self.save_checkpoint()
                     break
         return self.finish(metrics)

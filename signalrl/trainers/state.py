@@ -104,6 +104,10 @@ class Budget:
             "time/train_s": self.train_seconds,
         }
 
+    def exhausted(self, cap: int | None) -> bool:
+        """`train.max_forward_tokens` reached (the counter is global: every rank agrees)."""
+        return cap is not None and self.forward_tokens >= cap
+
     def state(self) -> dict[str, Any]:
         return {"forward_tokens": self.forward_tokens, "train_seconds": self.train_seconds}
 
@@ -115,6 +119,7 @@ class Budget:
 #: What a resumed run may change: how long it runs and how it logs, evaluates and saves.
 RESUME_MAY_CHANGE: tuple[str, ...] = (
     "train.steps",
+    "train.max_forward_tokens",
     "logging.",
     "eval.",
     "checkpoint.",
