@@ -201,6 +201,36 @@ def test_clip_cov_picks_the_same_tokens_on_two_ranks(tmp_path: Path, base_model:
     assert rel_diff(one_dir / "final", two_dir / "final") < 1e-4
 
 
+def test_multi_turn_episodes_two_ranks_equal_one_process(tmp_path: Path) -> None:
+    """Environments under torchrun: each rank runs the episodes of its share of the prompts
+    (noise keyed by global row ids), the ranks gather them, and REINFORCE++ on the per-turn
+    rewards trains the same weights as one process."""
+    r = recipe(
+        "env",
+        tmp_path / "runs",
+        trainer="online_rl",
+        model={"name_or_path": "tiny", "tokenizer": "bpe", "attn_implementation": "eager"},
+        task={"name": "arithmetic_tools", "n_train": 16, "n_test": 4},
+        env={"type": "function", "cls": "test_envs:CountingEnv", "kwargs": {"turns": 2},
+             "max_turns": 3, "max_total_tokens": 64},  # fmt: skip
+        rl={"algorithm": "reinforce_pp", "group_size": 2, "kl_coef": 0.0},
+        train={"steps": 2, "lr": 0.002, "batch_size": 4},
+        sampling={"max_new_tokens": 8, "stop_strings": ["e"]},
+        eval={"n": 4, "every": 0},
+    )
+    train(r, tmp_path, 1)
+    two = {**r, "output_dir": str(tmp_path / "runs2")}
+    two["train"] = {**r["train"], "parallel": "ddp"}
+    train(two, tmp_path, 2)
+    one_dir, two_dir = tmp_path / "runs" / "env", tmp_path / "runs2" / "env"
+    s1, s2 = rows(one_dir, "samples.jsonl"), rows(two_dir, "samples.jsonl")
+    assert len(s1) == 16 and [x["completion"] for x in s1] == [x["completion"] for x in s2]
+    m1, m2 = rows(one_dir, "metrics.jsonl"), rows(two_dir, "metrics.jsonl")
+    assert m1[0]["env/turns"] > 1 and m1[0]["env/turns"] == pytest.approx(m2[0]["env/turns"])
+    assert m1[0]["grad_norm"] > 1e-3
+    assert rel_diff(one_dir / "final", two_dir / "final") < 1e-4
+
+
 def test_online_dpo_two_ranks_equal_one_process(tmp_path: Path, base_model: Path) -> None:
     r = recipe(
         "odpo",

@@ -161,7 +161,11 @@ def test_guess_number_env_feedback_and_demonstrations():
     assert task.verify(r, r["completion"].rsplit("\n", 1)[-1]) == 1.0
 
 
-def test_distill_refuses_an_env_section():
-    data = {"trainer": "distill", "distill": {"teacher": "tiny"}, "env": {"tools": ["calculator"]}}
-    with pytest.raises(ValueError, match="does not take an environment"):
-        recipe_from_dict(data, "test")
+def test_distill_takes_an_env_section_on_policy_only():
+    env = {"tools": ["calculator"]}
+    for mode in ("off_policy", "gkd"):
+        data = {"trainer": "distill", "distill": {"teacher": "tiny", "mode": mode}, "env": env}
+        with pytest.raises(ValueError, match=f"distill.mode {mode} does not take an environment"):
+            recipe_from_dict(data, "test")
+    data = {"trainer": "distill", "distill": {"teacher": "tiny"}, "env": env}
+    assert recipe_from_dict(data, "test").env is not None

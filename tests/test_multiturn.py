@@ -211,9 +211,8 @@ def test_grpo_with_an_environment_runs_end_to_end(tmp_path):
     roll = trainer.rollout(trainer.rows[:2])
     b = trainer.prepare(roll)
     width = b.seq.completion_ids.shape[1]
-    sampled = torch.zeros(len(roll), width)
-    for i, r in enumerate(roll.rows):
-        sampled[i, : len(r["policy_mask"])] = torch.tensor(r["policy_mask"], dtype=torch.float)
+    sampled = roll.sampled_mask(width, "cpu")
+    assert sampled is not None and "policy_mask" not in roll.rows[0]  # a field, not a row key
     assert 0 < sampled.sum() < b.seq.completion_mask.sum()  # environment tokens exist...
     expect = b.seq.completion_mask * sampled
     if trainer.recipe.rl.mask_truncated:
@@ -258,3 +257,101 @@ def test_every_algorithm_takes_a_step_with_an_environment(tmp_path, algorithm):
     assert all(v == v for k, v in metrics.items() if k.startswith(("loss", "grad_norm"))), metrics
     if algorithm == "dapo":  # the overlong penalty is per turn, not per trajectory
         assert metrics.get("reward/overlong", 0.0) <= 0.0
+
+
+@pytest.mark.parametrize("algorithm", ["reinforce_pp", "ppo"])
+def test_per_turn_rewards_reach_the_token_level_estimators(tmp_path, algorithm):
+    """CountingEnv pays 1 per turn: `token_rewards` holds each turn's 1 on that turn's last
+    sampled token (the rows sum to the rewards), and REINFORCE++/GAE see only the sampled
+    tokens: the environment's tokens get advantage 0 (they were steps of the recursion, with
+    a nonzero return, when the estimators got the whole completion mask)."""
+    from signalrl.losses.advantages import reinforce_pp_advantages
+
+    env = {"type": "function", "cls": "test_envs:CountingEnv", "kwargs": {"turns": 2},
+           "max_turns": 3, "max_total_tokens": 64}  # fmt: skip
+    rl = {"algorithm": algorithm, "group_size": 2, "kl_coef": 0.0}
+    trainer = OnlineRLTrainer(_grpo(tmp_path, env, rl=rl))
+    roll = trainer.rollout(trainer.rows[:2])
+    assert roll.token_rewards is not None and roll.policy_mask is not None
+    for i, (tr, pm) in enumerate(zip(roll.token_rewards, roll.policy_mask, strict=True)):
+        assert torch.isclose(tr.sum(), roll.rewards[i]), i
+        ends = [t for t in range(len(pm)) if pm[t] == 1 and (t + 1 == len(pm) or pm[t + 1] == 0)]
+        turns = roll.rows[i]["env"]["turns"]
+        assert len(ends) == turns  # one run of sampled tokens per turn
+        assert torch.count_nonzero(tr) <= turns and set(tr.nonzero()[:, 0].tolist()) <= set(ends)
+        if turns == 2:  # the first turn's 1 sits at the end of the first turn
+            assert tr[ends[0]] == 1.0
+    b = trainer.prepare(roll)
+    width = b.seq.completion_ids.shape[1]
+    sampled = roll.sampled_mask(width, "cpu")
+    env_tokens = b.seq.completion_mask * (1 - sampled)
+    assert env_tokens.sum() > 0
+    assert torch.equal(b.adv * env_tokens, torch.zeros_like(b.adv))
+    if algorithm == "reinforce_pp":
+        mask = b.seq.completion_mask * sampled
+        want = reinforce_pp_advantages(roll.padded_token_rewards(width, "cpu"), mask)
+        assert torch.allclose(b.adv, want)
+
+
+def test_summed_turn_rewards_leave_no_token_rewards(tmp_path):
+    env = {"type": "function", "cls": "test_envs:CountingEnv", "kwargs": {"turns": 2},
+           "max_turns": 3, "max_total_tokens": 64, "turn_rewards": "sum"}  # fmt: skip
+    rl = {"algorithm": "reinforce_pp", "group_size": 2, "kl_coef": 0.0}
+    trainer = OnlineRLTrainer(_grpo(tmp_path, env, rl=rl))
+    roll = trainer.rollout(trainer.rows[:2])
+    assert roll.token_rewards is None and roll.policy_mask is not None
+    b = trainer.prepare(roll)
+    # the whole reward on the last sampled token of each episode
+    sampled = roll.sampled_mask(b.seq.completion_ids.shape[1], "cpu")
+    assert torch.equal(b.adv * (1 - sampled), torch.zeros_like(b.adv))
+
+
+def test_rollout_batch_checks_its_per_token_fields():
+    from signalrl.rollout.batch import RolloutBatch
+
+    def batch(**kw):
+        return RolloutBatch(
+            rows=[{}], prompt_ids=[[1]], completion_ids=[[2, 3]], texts=["x"],
+            sampler_logps=[torch.zeros(2)], entropy=[torch.zeros(2)],
+            truncated=[False], group_size=1, rewards=torch.zeros(1), **kw,
+        )  # fmt: skip
+
+    with pytest.raises(ValueError, match=r"policy_mask\[0\]: shape \(3,\) for a completion of 2"):
+        batch(policy_mask=[torch.ones(3)])
+    with pytest.raises(ValueError, match="token_rewards: 2 rows for 1 completions"):
+        batch(token_rewards=[torch.ones(2), torch.ones(2)])
+    one, two = batch(policy_mask=[torch.ones(2)]), batch()
+    with pytest.raises(ValueError, match="multi-turn and single-turn rollouts do not mix"):
+        RolloutBatch.concat([one, two])
+
+
+def test_agentic_distillation_scores_the_students_trajectories(tmp_path):
+    """On-policy distillation with an environment: the teacher scores the student's whole
+    multi-turn trajectories (environment tokens as context), and the reverse-KL advantage and
+    the loss cover only the tokens the student sampled."""
+    from signalrl.trainers.distill import DistillTrainer
+
+    env = {"type": "function", "cls": "test_envs:CountingEnv", "kwargs": {"turns": 2},
+           "max_turns": 3, "max_total_tokens": 64}  # fmt: skip
+    teacher, tok = load_model("tiny", tokenizer="bpe", seed=7)  # another model, same vocab
+    teacher.save_pretrained(tmp_path / "teacher")
+    tok.save_pretrained(tmp_path / "teacher")
+    recipe = _grpo(
+        tmp_path, env, name="distill-env", trainer="distill",
+        distill={"teacher": str(tmp_path / "teacher")}, rl={"group_size": 2},
+    )  # fmt: skip
+    trainer = DistillTrainer(recipe)
+    roll = trainer.rollout(trainer.rows[:2])
+    b = trainer.prepare(roll)
+    width = b.seq.completion_ids.shape[1]
+    sampled = roll.sampled_mask(width, "cpu")
+    assert sampled is not None
+    env_tokens = b.seq.completion_mask * (1 - sampled)
+    assert env_tokens.sum() > 0
+    assert torch.equal(b.adv * env_tokens, torch.zeros_like(b.adv))  # context only
+    assert torch.count_nonzero(b.adv * sampled) > 0  # the student's tokens are scored
+    assert torch.equal(b.loss_mask * env_tokens, torch.zeros_like(b.loss_mask))
+    trainer.train()
+    rows = read_metrics(tmp_path / "distill-env")
+    assert [r["step"] for r in rows] == [1, 2]
+    assert rows[-1]["distill/reverse_kl"] > 0 and rows[-1]["env/turns"] >= 1

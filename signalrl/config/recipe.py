@@ -196,10 +196,11 @@ class DistillRecipe(OnlineRLRecipe):
     @model_validator(mode="after")
     def _check_distill(self) -> DistillRecipe:
         d = self.distill
-        if self.env is not None:
+        if self.env is not None and d.mode != "on_policy":
             raise ValueError(
-                "env: trainer 'distill' does not take an environment yet (its loss would "
-                "cover the environment's tokens); use trainer online_rl"
+                f"env: distill.mode {d.mode} does not take an environment (its loss would "
+                "cover the environment's tokens); use distill.mode on_policy, where the "
+                "teacher scores the student's multi-turn trajectories"
             )
         if not d.teacher:
             raise ValueError(

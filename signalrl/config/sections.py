@@ -83,6 +83,11 @@ class SamplingConfig(Section):
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0)
     stop_strings: list[str] = Field(default_factory=list)
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto",
+        description="rollout generation: auto (as training: train.precision), fp32, or bf16 "
+        "(bf16 autocast, as a bf16 inference engine samples for an fp32 trainer)",
+    )
 
 
 class EvalConfig(Section):
@@ -187,6 +192,11 @@ class EnvConfig(Section):
         "auto", description="the python tool's sandbox (signalrl.rewards.sandbox)"
     )
     error_reward: float = Field(0.0, description="reward added per malformed or failed call")
+    turn_rewards: Literal["per_turn", "sum"] = Field(
+        "per_turn",
+        description="per_turn: GAE and REINFORCE++ get each turn's reward on its last sampled "
+        "token; sum: the episode's total on its last one (group estimators always use the total)",
+    )
 
 
 def renamed(data: Any, section: str, old: str, new: str) -> Any:

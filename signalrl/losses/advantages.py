@@ -276,6 +276,10 @@ class AdvantageInput:
         baseline_rewards: ``(N // group_size,)`` reward of one extra greedy rollout per
             prompt, for estimators registered with ``needs_greedy_baseline=True``
             (``remax``); ``None`` otherwise.
+        token_rewards: ``(N, T)`` per-token rewards of multi-turn episodes (each turn's
+            reward on its last sampled token; row sums are ``rewards``), used by the
+            estimators on token-level rewards (``reinforce_pp``, ``gae``) in place of the
+            sequence reward on the last token; ``None`` (single-turn): ``rewards`` there.
 
     Completion lengths are ``mask.sum(-1)`` (used by ``opo``).
     """
@@ -293,6 +297,7 @@ class AdvantageInput:
     components: dict[str, Tensor] | None = None
     weights: dict[str, float] | None = None
     baseline_rewards: Tensor | None = None
+    token_rewards: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -306,11 +311,17 @@ class AdvantageOutput:
 
 
 def _shaped_rewards(x: AdvantageInput) -> Tensor:
-    """Per-token rewards: the sequence reward on the last completion token minus
-    ``kl_coef * kl`` (when ``kl`` is given), see :func:`token_level_rewards`."""
-    return token_level_rewards(
-        x.rewards, x.mask, kl=x.kl, kl_coef=x.kl_coef if x.kl is not None else 0.0
-    )
+    """Per-token rewards: the sequence reward on the last completion token (or, given,
+    ``token_rewards``: each turn's reward on its last sampled token) minus ``kl_coef * kl``
+    (when ``kl`` is given), 0 where ``mask`` is 0; see :func:`token_level_rewards`."""
+    kl_coef = x.kl_coef if x.kl is not None else 0.0
+    if x.token_rewards is None:
+        return token_level_rewards(x.rewards, x.mask, kl=x.kl, kl_coef=kl_coef)
+    _check_same_2d(mask=x.mask, token_rewards=x.token_rewards)
+    out = _float(x.token_rewards.detach()).to(torch.float32)
+    if x.kl is not None and kl_coef != 0.0:
+        out = out - kl_coef * x.kl.detach().to(out.dtype)
+    return torch.where(x.mask > 0, out, 0.0)
 
 
 @register_advantage("group", needs_groups=True)
@@ -333,17 +344,19 @@ def rloo(x: AdvantageInput) -> AdvantageOutput:
 @register_advantage("reinforce_pp")
 def reinforce_pp(x: AdvantageInput) -> AdvantageOutput:
     """REINFORCE++ (Hu 2025), ``(N, T)``: the discounted return-to-go (``gamma``) of the
-    shaped per-token rewards (:func:`token_level_rewards`: reward on the last token, minus
-    ``kl_coef * kl``), whitened over the batch (:func:`reinforce_pp_advantages`)."""
+    shaped per-token rewards (:func:`token_level_rewards`: reward on the last token, or
+    multi-turn ``token_rewards`` on each turn's last sampled token, minus ``kl_coef * kl``),
+    whitened over the batch (:func:`reinforce_pp_advantages`)."""
     return AdvantageOutput(reinforce_pp_advantages(_shaped_rewards(x), x.mask, gamma=x.gamma))
 
 
 @register_advantage("gae", needs_values=True)
 def gae_advantages(x: AdvantageInput) -> AdvantageOutput:
     """PPO's GAE (Schulman et al. 2016), ``(N, T)``, on the shaped per-token rewards
-    (:func:`token_level_rewards`) and the critic's ``values``, with ``gamma`` and ``lam``
-    (:func:`gae`); with ``whiten``, ``A = whiten(A, mask) * mask``. ``returns`` are the value
-    targets ``A_raw + V`` (from the raw, unwhitened advantages)."""
+    (:func:`token_level_rewards`, or multi-turn ``token_rewards``) and the critic's
+    ``values``, with ``gamma`` and ``lam`` (:func:`gae`); with ``whiten``,
+    ``A = whiten(A, mask) * mask``. ``returns`` are the value targets ``A_raw + V`` (from the
+    raw, unwhitened advantages)."""
     if x.values is None:
         raise ValueError("advantage 'gae' needs the critic's values (AdvantageInput.values)")
     adv, returns = gae(_shaped_rewards(x), x.values, x.mask, gamma=x.gamma, lam=x.lam)

@@ -16,6 +16,7 @@ import torch
 from signalrl.data.collate import SequenceBatch, build_batch
 
 Row = dict[str, Any]
+_PER_TOKEN = ("policy_mask", "token_rewards")  # optional per-token lists (multi-turn)
 
 
 @dataclass
@@ -28,6 +29,14 @@ class RolloutBatch:
       sampler's log-prob of the token under `softmax(logits / T)`, and that distribution's
       entropy);
     - `truncated[i]`: the completion hit `max_new_tokens` without EOS or a stop string;
+    - `policy_mask[i]` (multi-turn only, else `None`): 1-D float32, one value per completion
+      token, 1.0 on the tokens the policy sampled and 0.0 on the environment's (tool results,
+      the template's turn markup): the loss covers only the former (`sampled_mask`);
+    - `token_rewards[i]` (multi-turn only, else `None`): 1-D float32, one value per
+      completion token: each turn's environment reward on that turn's last sampled token,
+      the reward terms and shaping on the last sampled token of the episode, zeros elsewhere
+      (its sum is `rewards[i]`); the estimators on token-level rewards (GAE, REINFORCE++)
+      take it in place of the sequence reward on the last token (`padded_token_rewards`);
     - `rewards` `(N,)`: the total reward used for training (weighted terms + shaping);
       `components[name]` `(N,)`: each reward term's raw value; `shaping` `(N,)`: the part of
       `rewards` that came from length shaping (DAPO's overlong penalty), zeros otherwise;
@@ -46,6 +55,25 @@ class RolloutBatch:
     components: dict[str, torch.Tensor] = field(default_factory=dict)
     shaping: torch.Tensor | None = None
     errors: int = 0
+    policy_mask: list[torch.Tensor] | None = None
+    token_rewards: list[torch.Tensor] | None = None
+
+    def __post_init__(self) -> None:
+        for name in _PER_TOKEN:
+            values = getattr(self, name)
+            if values is None:
+                continue
+            if len(values) != len(self.completion_ids):
+                raise ValueError(
+                    f"RolloutBatch.{name}: {len(values)} rows for {len(self.completion_ids)} "
+                    "completions"
+                )
+            for i, (v, c) in enumerate(zip(values, self.completion_ids, strict=True)):
+                if v.dim() != 1 or v.shape[0] != len(c):
+                    raise ValueError(
+                        f"RolloutBatch.{name}[{i}]: shape {tuple(v.shape)} for a completion "
+                        f"of {len(c)} tokens"
+                    )
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -83,6 +111,13 @@ class RolloutBatch:
         out: dict[str, Any] = {}
         for f in fields(first):
             v = getattr(first, f.name)
+            if f.name in _PER_TOKEN and any(
+                (getattr(p, f.name) is None) != (v is None) for p in parts
+            ):
+                raise ValueError(
+                    f"RolloutBatch.concat: some parts have {f.name} and some do not "
+                    "(multi-turn and single-turn rollouts do not mix)"
+                )
             if isinstance(v, torch.Tensor):
                 out[f.name] = torch.cat([getattr(p, f.name) for p in parts])
             elif isinstance(v, list):
@@ -96,12 +131,41 @@ class RolloutBatch:
         return RolloutBatch(**out)
 
     def to_sequence_batch(self, pad_id: int, device: torch.device | str) -> SequenceBatch:
+        """The collated batch. Its `completion_mask` is 1.0 on every completion token, the
+        environment's included: the forward attends to them (they are the context of the
+        next turn); `sampled_mask` is what the loss counts."""
         return build_batch(self.prompt_ids, self.completion_ids, pad_id, device=device)
+
+    def sampled_mask(self, width: int, device: torch.device | str) -> torch.Tensor | None:
+        """`(N, width)` `policy_mask`, zero-padded; `None` for a single-turn batch (every
+        completion token was sampled)."""
+        if self.policy_mask is None:
+            return None
+        return self.padded(self.policy_mask, width, device)
+
+    def estimator_mask_and_rewards(
+        self, completion_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What the advantage estimators see: `completion_mask` `(N, T)` times the policy
+        mask (environment tokens are neither rewarded, nor in an in-reward KL, nor steps of
+        GAE's recursion) and the `(N, T)` `token_rewards`; for a single-turn batch the
+        `completion_mask` itself and `None`."""
+        width, device = completion_mask.shape[1], completion_mask.device
+        sampled = self.sampled_mask(width, device)
+        mask = completion_mask if sampled is None else completion_mask * sampled
+        return mask, self.padded_token_rewards(width, device)
+
+    def padded_token_rewards(self, width: int, device: torch.device | str) -> torch.Tensor | None:
+        """`(N, width)` `token_rewards`, zero-padded; `None` for a single-turn batch."""
+        if self.token_rewards is None:
+            return None
+        return self.padded(self.token_rewards, width, device)
 
     def padded(
         self, values: list[torch.Tensor], width: int, device: torch.device | str
     ) -> torch.Tensor:
-        """`(N, width)` of per-token `values` (`sampler_logps` or `entropy`), zero-padded."""
+        """`(N, width)` of per-token `values` (`sampler_logps`, `entropy`, `policy_mask`,
+        `token_rewards`), zero-padded."""
         out = torch.zeros((len(self), width), device=device)
         for i, v in enumerate(values):
             out[i, : v.shape[0]] = v

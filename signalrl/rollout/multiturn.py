@@ -13,17 +13,20 @@ an observation adds only its own tokens, the *delta* of the template:
 so after a sampled turn that ended with the end-of-turn token (`<|im_end|>`) the appended
 tokens are the rest of the template's turn closing (`"\\n"` in ChatML), the observation turns
 and the next generation prompt; a turn that ended on a stop string or another EOS gets the
-end-of-turn token first (as an environment token). `policy_mask` is 1 exactly on the
-sampled tokens; the environment's tokens are context (`sampler_logps`/`entropy` 0 there) and
-never in the loss.
+end-of-turn token first (as an environment token). `RolloutBatch.policy_mask` is 1 exactly
+on the sampled tokens; the environment's tokens are context (`sampler_logps`/`entropy` 0
+there) and never in the loss.
 
 Limits: `max_turns` assistant turns and `max_total_tokens` tokens after the prompt; a
 trajectory that hits either (or a turn that hits `max_new_tokens` without ending) is
-`truncated`. Per-turn environment rewards are summed, and the reward terms score the final
-assistant message. All active trajectories sample together (one batched `generate` per
-turn); their environment steps run in a thread pool, so a slow tool holds the batch at most
-its timeout. Noise is counter-based: turn `t` of sample `j` of a prompt uses
-`mix(row_key, t)`, so a trajectory's tokens do not depend on the rest of the batch.
+`truncated`. Per-turn environment rewards are summed into the trajectory's reward, and the
+reward terms score the final assistant message; `RolloutBatch.token_rewards` places each
+turn's reward on its last sampled token (and the reward terms' on the episode's last one) for
+the estimators on token-level rewards (GAE, REINFORCE++). All active trajectories sample
+together (one batched `generate` per turn); their environment steps run in a thread pool,
+so a slow tool holds the batch at most its timeout. Noise is counter-based: turn `t` of
+sample `j` of a prompt uses `mix(row_key, t)`, so a trajectory's tokens do not depend on
+the rest of the batch.
 """
 
 from __future__ import annotations
@@ -44,7 +47,6 @@ from signalrl.rollout import noise
 from signalrl.rollout.batch import RolloutBatch, Row
 from signalrl.rollout.sampler import SamplingParams, generate
 
-POLICY_MASK = "policy_mask"  # row key: 1 on sampled tokens, 0 on environment tokens
 ENV_INFO = "env"  # row key: the trajectory's counters (turns, tool calls, truncated)
 _PROBE = [{"role": "user", "content": "probe"}, {"role": "assistant", "content": "probe"}]
 
@@ -122,6 +124,8 @@ class Trajectory:
     last_text: str = ""
     last_ids: list[int] = field(default_factory=list)
     turn_lengths: list[int] = field(default_factory=list)
+    last_sampled: int = -1  # index in `ids` of the last sampled token so far
+    turn_rewards: list[tuple[int, float]] = field(default_factory=list)  # (token, reward)
     tool_calls: dict[str, int] = field(default_factory=dict)
     tool_attempts: int = 0
     tool_errors: int = 0
@@ -188,6 +192,8 @@ def _record(traj: Trajectory, r: Any, j: int, room: int, eos_hit: bool) -> tuple
     traj.entropy += r.entropy[j, :n].tolist()
     traj.turns += 1
     traj.turn_lengths.append(n)
+    if n:
+        traj.last_sampled = len(traj.ids) - 1
     ended = eos_hit and not cut
     if not ended:
         traj.truncated, traj.done = True, True
@@ -199,6 +205,7 @@ def _apply_step(
 ) -> None:
     obs, reward, done, info = step
     traj.env_reward += float(reward)
+    traj.turn_rewards.append((traj.last_sampled, float(reward)))
     for name, c in (info or {}).get("tool_calls", {}).items():
         traj.tool_calls[name] = traj.tool_calls.get(name, 0) + int(c)
     traj.tool_errors += int((info or {}).get("tool_errors", 0))
@@ -290,21 +297,28 @@ def to_rollout_batch(
     group_size: int,
     scorer: Scorer,
     shaping: Callable[[list[int]], list[float]] | None = None,
+    per_turn: bool = True,
 ) -> RolloutBatch:
-    """The trajectories as a `RolloutBatch`: the completion is everything after the prompt
-    (the loss mask rides in each row's `policy_mask`); the reward is the environment's
-    summed rewards plus the reward terms on the final assistant message, plus `shaping` of
-    each trajectory's longest sampled turn (DAPO's overlong penalty is per response, and a
-    turn is what `max_new_tokens` bounds)."""
-    rows = [{**t.row, POLICY_MASK: list(t.mask), ENV_INFO: t.info()} for t in trajs]
+    """The trajectories as a `RolloutBatch`: the completion is everything after the prompt,
+    `policy_mask` 1 on its sampled tokens; the reward is the environment's summed rewards
+    plus the reward terms on the final assistant message, plus `shaping` of each
+    trajectory's longest sampled turn (DAPO's overlong penalty is per response, and a turn is
+    what `max_new_tokens` bounds). With `per_turn`, `token_rewards` (`turn_token_rewards`)."""
+    rows = [{**t.row, ENV_INFO: t.info()} for t in trajs]
     lengths = [len(t.ids) for t in trajs]
     scored = scorer([t.row["prompt"] for t in trajs], [t.last_text for t in trajs], rows, lengths)
-    total = torch.tensor(scored.total, dtype=torch.float32)
-    total = total + torch.tensor([t.env_reward for t in trajs], dtype=torch.float32)
+    final = torch.tensor(scored.total, dtype=torch.float32)
+    total = final + torch.tensor([t.env_reward for t in trajs], dtype=torch.float32)
     shaped = torch.zeros_like(total)
     if shaping is not None:
         longest = [max(t.turn_lengths, default=0) for t in trajs]
         shaped = torch.tensor(shaping(longest), dtype=torch.float32)
+    token_rewards = None
+    if per_turn:
+        token_rewards = [
+            turn_token_rewards(t, float(f + s))
+            for t, f, s in zip(trajs, final, shaped, strict=True)
+        ]
     return RolloutBatch(
         rows=rows,
         prompt_ids=[list(t.prompt_ids) for t in trajs],
@@ -318,20 +332,20 @@ def to_rollout_batch(
         components={k: torch.tensor(v) for k, v in scored.components.items()},
         shaping=shaped,
         errors=int(scored.errors),
+        policy_mask=[torch.tensor(t.mask, dtype=torch.float32) for t in trajs],
+        token_rewards=token_rewards,
     )
 
 
-def policy_token_mask(
-    roll: RolloutBatch, width: int, device: torch.device | str
-) -> torch.Tensor | None:
-    """`(N, width)` 1.0 on the policy's sampled tokens of a multi-turn batch (None for a
-    single-turn batch: every completion token is sampled)."""
-    if not roll.rows or POLICY_MASK not in roll.rows[0]:
-        return None
-    out = torch.zeros((len(roll), width), device=device)
-    for i, row in enumerate(roll.rows):
-        m = row[POLICY_MASK]
-        out[i, : len(m)] = torch.tensor(m, dtype=torch.float32, device=device)
+def turn_token_rewards(traj: Trajectory, final: float) -> torch.Tensor:
+    """`(len(traj.ids),)` float32: each environment step's reward on the last token the
+    policy sampled before it, `final` (the reward terms on the last message, and shaping)
+    on the episode's last sampled token, zeros elsewhere; all zeros when the policy sampled
+    nothing (as `signalrl.losses.advantages.token_level_rewards` gives an empty row)."""
+    out = torch.zeros(len(traj.ids), dtype=torch.float32)
+    for at, r in [*traj.turn_rewards, (traj.last_sampled, final)]:
+        if at >= 0:
+            out[at] += r
     return out
 
 
@@ -376,6 +390,7 @@ class EnvRollouts:
         self.renderer = Renderer(tokenizer, [t.schema for t in tools])
         positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
         self.limits = Limits(env_cfg.max_turns, env_cfg.max_total_tokens, positions)
+        self.per_turn = env_cfg.turn_rewards == "per_turn"
 
     def collect(
         self,
@@ -405,9 +420,11 @@ class EnvRollouts:
                     self.renderer,
                     self.limits,
                     keys=keys,
-                    autocast_dtype=trainer.autocast_dtype,
+                    autocast_dtype=trainer.sampler_autocast(),
                 )
-            part = to_rollout_batch(trajs, trainer.tokenizer, params.n, scorer, shaping)
+            part = to_rollout_batch(
+                trajs, trainer.tokenizer, params.n, scorer, shaping, self.per_turn
+            )
             if model is trainer.model:
                 trainer.budget.forward_tokens += tokens
         if not trainer.dist.active:

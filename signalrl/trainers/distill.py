@@ -223,10 +223,14 @@ class DistillTrainer(OnlineRLTrainer):
         roll: RolloutBatch | None = None,
         baseline: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(N, T) advantages `-(logp_student - logp_teacher)` on the sampled tokens."""
+        """(N, T) advantages `-(logp_student - logp_teacher)` on the sampled tokens. In a
+        multi-turn episode the teacher scores the whole trajectory (its context holds the
+        environment's tokens), and only the student's sampled tokens count (policy mask)."""
         rl, d = self.recipe.rl, self.recipe.distill
         assert self.teacher is not None
         mask = batch.completion_mask
+        if roll is not None:  # multi-turn: the environment's tokens are context only
+            mask, _ = roll.estimator_mask_and_rewards(mask)
         teacher = self._logps_no_grad(self.teacher, batch, prompt_ids, slices)
         rkl = reverse_kl_per_token(behaviour, teacher).detach() * mask
         adv = -rkl

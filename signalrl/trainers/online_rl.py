@@ -53,7 +53,7 @@ from signalrl.rewards.model import RewardModelScorer
 from signalrl.rewards.registry import RewardComposer
 from signalrl.rollout.batch import RolloutBatch
 from signalrl.rollout.collect import count_forward_tokens
-from signalrl.rollout.multiturn import EnvRollouts, env_metrics, policy_token_mask
+from signalrl.rollout.multiturn import EnvRollouts, env_metrics
 from signalrl.rollout.sampler import SamplingParams
 from signalrl.trainers.base import DataCursor, MicroLoss, StepResult, TrainerBase
 
@@ -300,10 +300,13 @@ class OnlineRLTrainer(TrainerBase):
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(N,) or (N, T) advantages from the recipe's estimator; extras holds values/returns
         (critic estimators) and the in-reward KL. `prompt_ids` are the rows' prompts, for
-        subclasses that score with another model; `roll` gives the reward terms (GDPO) and
-        `baseline` the greedy rewards (ReMax)."""
+        subclasses that score with another model; `roll` gives the reward terms (GDPO), and
+        for multi-turn episodes the policy mask (the estimator and the KL see only sampled
+        tokens) and the per-turn token rewards; `baseline` the greedy rewards (ReMax)."""
         rl = self.recipe.rl
-        mask = batch.completion_mask
+        mask, token_rewards = batch.completion_mask, None
+        if roll is not None:  # multi-turn: only the sampled tokens, rewarded per turn
+            mask, token_rewards = roll.estimator_mask_and_rewards(mask)
         extras: dict[str, torch.Tensor] = {}
         kl = None
         if ref_logps is not None and rl.kl_placement == "reward":
@@ -325,6 +328,7 @@ class OnlineRLTrainer(TrainerBase):
                 components=roll.components if roll is not None else None,
                 weights={spec.label: spec.weight for spec in self.recipe.rewards},
                 baseline_rewards=baseline,
+                token_rewards=token_rewards,
             )
         )
         if values is not None and out.returns is not None:
@@ -348,7 +352,7 @@ class OnlineRLTrainer(TrainerBase):
         if rl.mask_truncated:
             loss_mask = loss_mask * (~truncated).float()[:, None]
         width = seq.completion_ids.shape[1]
-        sampled = policy_token_mask(roll, width, self.device)  # multi-turn: not env tokens
+        sampled = roll.sampled_mask(width, self.device)  # multi-turn: not env tokens
         loss_mask = loss_mask if sampled is None else loss_mask * sampled
         behaviour = roll.padded(roll.sampler_logps, width, self.device)
         if rl.entropy_top_frac is not None:  # the 80/20 rule, over the whole batch

@@ -52,6 +52,15 @@ class RanksMixin:
         FSDP2 generation and no-grad scoring; a no-op otherwise."""
         return distributed.gathered(self.model if model is None else model)
 
+    def sampler_autocast(self) -> torch.dtype | None:
+        """The rollout sampler's autocast dtype (`sampling.precision`): the training one
+        (auto), none (fp32) or bfloat16 (bf16: the sampler/trainer gap of a bf16 inference
+        engine feeding an fp32 trainer, logged as `sampling/logp_diff`)."""
+        precision = self.recipe.sampling.precision
+        if precision == "auto":
+            return self.autocast_dtype
+        return torch.bfloat16 if precision == "bf16" else None
+
     def collect_global(
         self,
         model: torch.nn.Module,
@@ -79,7 +88,7 @@ class RanksMixin:
                     rows[own],
                     params,
                     scorer,
-                    autocast_dtype=self.autocast_dtype,
+                    autocast_dtype=self.sampler_autocast(),
                     shaping=shaping,
                     keys=keys,
                 )
