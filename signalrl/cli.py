@@ -11,6 +11,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 app = typer.Typer(
     help="signalrl: LLM post-training where every method is a choice of training signal.",
@@ -41,7 +42,8 @@ def _task_overrides(overrides: list[str] | None, command: str) -> dict[str, obje
 
 def _fail(msg: str) -> None:
     # soft_wrap: a long path is never broken across lines (it stays copy-pasteable)
-    err.print(f"[red]error:[/red] {msg}", highlight=False, soft_wrap=True)
+    # escape: a message's own brackets ("pip install 'signalrl[wandb]'") are not markup
+    err.print(f"[red]error:[/red] {escape(msg)}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 

@@ -56,6 +56,26 @@ def test_nan_real_run_and_healthy_lr(tmp_path: Path) -> None:
     assert "train.nan" not in healthy
 
 
+def test_rollout_mismatch_real_run_and_healthy_sampler(tmp_path: Path) -> None:
+    """A sampler 4 optimizer steps stale (sampling.policy_lag) samples another policy than
+    the trainer scores: the gap passes 0.1 nats from step 2; without the lag it is float
+    rounding (about 1e-7) and the rule stays silent."""
+    run = _train("doctor-rollout-mismatch.yaml", tmp_path)
+    ids = _ids(run)
+    assert "rl.rollout_mismatch" in ids, ids
+    assert ids["rl.rollout_mismatch"]["step"] <= 4
+    gaps = [r["sampling/logp_diff/mean"] for r in _rows(run)]
+    assert gaps[0] < 1e-5 and min(gaps[2:]) > 0.1  # step 1: the sampler is still current
+    healthy = _train("doctor-rollout-mismatch.yaml", tmp_path, "sampling.policy_lag=0", "name=ok")
+    assert "rl.rollout_mismatch" not in _ids(healthy)
+    assert max(r["sampling/logp_diff/mean"] for r in _rows(healthy)) < 1e-5
+
+
+def _rows(run: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "sampling/logp_diff/mean" in r]  # not the final eval row
+
+
 # -- a real TRL GRPOTrainer run -------------------------------------------------------------------
 
 TRL_GRPO = ROOT / "tests" / "data" / "trl_grpo_trainer_state.json"

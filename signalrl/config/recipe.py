@@ -146,6 +146,15 @@ class OnlineRLRecipe(RecipeBase):
         None, description="multi-turn rollouts with an environment or tools (signalrl.envs)"
     )
 
+    @model_validator(mode="after")
+    def _check_policy_lag(self) -> OnlineRLRecipe:
+        if self.sampling.policy_lag and self.train.parallel == "fsdp2":
+            raise ValueError(
+                "sampling.policy_lag needs train.parallel none or ddp (its frozen copy of the "
+                "policy would need the full weights on every rank under fsdp2)"
+            )
+        return self
+
 
 class PreferenceRecipe(RecipeBase):
     trainer: Literal["preference"] = "preference"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import warnings
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class Section(BaseModel):
@@ -88,6 +88,12 @@ class SamplingConfig(Section):
         description="rollout generation: auto (as training: train.precision), fp32, or bf16 "
         "(bf16 autocast, as a bf16 inference engine samples for an fp32 trainer)",
     )
+    policy_lag: int = Field(
+        0,
+        ge=0,
+        description="online RL: sample with the policy of this many optimizer steps ago "
+        "(asynchronous RL's staleness; signalrl.rollout.stale); 0: the current policy",
+    )
 
 
 class EvalConfig(Section):
@@ -106,12 +112,58 @@ class EvalConfig(Section):
     )
 
 
+SINKS = ("tensorboard", "wandb", "trackio")  # metric sinks beside metrics.jsonl
+SINK_MODULES = {"wandb": "wandb", "trackio": "trackio"}  # the optional ones: import name
+
+
 class LoggingConfig(Section):
+    """Where the metrics go: `metrics.jsonl` always (the source of truth), and each of
+    `sinks` (`signalrl.logging.sinks`): TensorBoard events in the run directory, a Weights &
+    Biases run (its files under `<run>/wandb/`), a trackio run (trackio's local database, or
+    its Space). `tensorboard: false` removes tensorboard from `sinks`."""
+
     every: int = Field(1, ge=1)
     samples_every: int = Field(10, ge=0, description="0: never")
     samples_n: int = Field(4, ge=1)
     tensorboard: bool = True
+    sinks: list[str] = Field(
+        default_factory=lambda: ["tensorboard"],
+        description="metric sinks beside metrics.jsonl: tensorboard, wandb, trackio",
+    )
+    project: str = Field("signalrl", min_length=1, description="wandb / trackio project")
+    wandb_mode: Literal["online", "offline", "disabled"] | None = Field(
+        None, description="default: wandb's own (WANDB_MODE, else online)"
+    )
     progress: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _tensorboard_in_sinks(cls, data: Any) -> Any:
+        """`tensorboard: false` drops tensorboard from `sinks`; `tensorboard` then says
+        whether `sinks` holds it (a dumped recipe loads back the same)."""
+        if not isinstance(data, dict) or not isinstance(data.get("sinks", []), list):
+            return data
+        sinks = list(data.get("sinks", ["tensorboard"]))
+        if data.get("tensorboard", True) is False:
+            sinks = [s for s in sinks if s != "tensorboard"]
+        return {**data, "sinks": sinks, "tensorboard": "tensorboard" in sinks}
+
+    @field_validator("sinks")
+    @classmethod
+    def _known_installed_sinks(cls, sinks: list[str]) -> list[str]:
+        """An unknown or repeated sink is an error; so is a sink whose package is not
+        installed (checked without importing it, before any model loads or file is written)."""
+        import importlib.util
+
+        for s in sinks:
+            if s not in SINKS:
+                raise ValueError(f"unknown sink {s!r}; available: {', '.join(SINKS)}")
+            if sinks.count(s) > 1:
+                raise ValueError(f"{s!r} is listed twice")
+            module = SINK_MODULES.get(s)
+            if module and importlib.util.find_spec(module) is None:
+                raise ValueError(f"logging.sinks has {s}; pip install 'signalrl[{s}]'")
+        return sinks
 
 
 class DoctorConfig(Section):

@@ -3,7 +3,9 @@ recipe knob to turn.
 
 Input: a signalrl run directory (`metrics.jsonl` + `config.yaml`), a `metrics.jsonl` file,
 or a Hugging Face Trainer `trainer_state.json` (a file, or a checkpoint / output directory
-holding one), whose `log_history` uses TRL's metric names; `TRL_NAMES` maps them to ours.
+holding one), whose `log_history` uses TRL's metric names; `TRL_NAMES` maps them to ours;
+or a Weights & Biases run directory (`wandb/offline-run-*`, `wandb/run-*`: its
+`run-<id>.wandb` history, `wandb_log`), e.g. what signalrl's wandb sink wrote.
 
 `diagnose(path)` runs every rule once over the whole run; `LiveDoctor(rules).update(rows)` is
 the incremental form for a trainer's loop: it returns only the findings not reported before
@@ -177,12 +179,49 @@ def _read_signalrl(path: Path, notes: list[str]) -> list[dict[str, Any]]:
     return rows
 
 
+def _hf_wandb_entry(row: Mapping[str, Any]) -> dict[str, Any]:
+    """A HF Trainer's W&B history row as its `log_history` entry (`train/loss` -> `loss`,
+    `eval/loss` -> `eval_loss`, `train/global_step` -> `step`)."""
+    out: dict[str, Any] = {}
+    for k, v in row.items():
+        if k == "train/global_step":
+            out["step"] = v
+        elif k.startswith(("train/", "eval/")):
+            head, rest = k.split("/", 1)
+            out[rest if head == "train" else f"eval_{rest}"] = v
+    return out
+
+
+def _read_wandb(path: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """A W&B run's history and config (`wandb_log`): signalrl's names as they are; a Hugging
+    Face Trainer's (`report_to="wandb"`: `train/<TRL name>`, step `train/global_step`)
+    mapped like its trainer_state.json."""
+    try:
+        from signalrl.diagnostics.wandb_log import read_wandb_run
+
+        rows, config, _ = read_wandb_run(path)
+    except ImportError:
+        raise DoctorError(f"{path}: reading a W&B run needs wandb: pip install "
+                          "'signalrl[wandb]'") from None
+    except (OSError, ValueError) as e:
+        raise DoctorError(str(e)) from None
+    if any(k.startswith("train/") for r in rows for k in r):  # HF Trainer -> log_history
+        rows = trl_rows([h for h in map(_hf_wandb_entry, rows) if "step" in h])
+    if not rows:
+        raise DoctorError(f"{path}: the W&B run holds no logged step")
+    return rows, config if "trainer" in config else {}
+
+
 def load_run(path: str | Path) -> tuple[list[dict[str, Any]], dict[str, Any], list[str]]:
     """(metric rows in signalrl's names, the resolved config or {}, notes) of a run."""
+    from signalrl.diagnostics.wandb_log import find_wandb_file
+
     p = Path(path)
     notes: list[str] = []
     if not p.exists():
         raise DoctorError(f"{p}: no such file or directory")
+    if find_wandb_file(p) is not None:  # a W&B run directory (wandb/offline-run-*, run-*)
+        return (*_read_wandb(p), notes)
     if p.is_dir():
         if (p / "metrics.jsonl").is_file():
             return _read_signalrl(p / "metrics.jsonl", notes), _read_config(p), notes

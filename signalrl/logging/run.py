@@ -152,6 +152,8 @@ def _leftover(p: Path) -> bool:
         return True
     if name.startswith("events.out.tfevents.") or (name.startswith(".") and ".tmp-" in name):
         return True
+    if name == "wandb" and p.is_dir():  # the wandb sink's files: nothing logged without metrics
+        return True
     if name in RUN_CONTENT:
         return (p.is_file() and p.stat().st_size == 0) or (p.is_dir() and not holds_run(p.parent))
     return False
@@ -221,9 +223,21 @@ def _stale_temps(path: Path) -> list[Path]:
 
 
 class RunDir:
+    """Rank 0's run directory: metrics.jsonl and samples.jsonl, and the metric sinks of
+    `logging.sinks` (`signalrl.logging.sinks`: TensorBoard, wandb, trackio), which get every
+    logged row and the doctor's findings."""
+
     def __init__(
-        self, path: str | Path, *, tensorboard: bool = True, purge_step: int | None = None
+        self,
+        path: str | Path,
+        *,
+        tensorboard: bool = True,
+        purge_step: int | None = None,
+        logging: Any = None,
+        config: dict[str, Any] | None = None,
     ) -> None:
+        from signalrl.logging.sinks import Sink, open_sinks
+
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.path / "metrics.jsonl"
@@ -231,17 +245,30 @@ class RunDir:
         self.checkpoints = self.path / "checkpoints"
         self.final = self.path / "final"
         self.replaced: Path | None = None
-        self._tb = None
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._tb = SummaryWriter(log_dir=str(self.path), purge_step=purge_step)
+        names = list(logging.sinks) if logging is not None else ["tensorboard"] * tensorboard
+        self.sinks: list[Sink] = open_sinks(
+            names,
+            self.path,
+            config=config,
+            project=getattr(logging, "project", "signalrl"),
+            wandb_mode=getattr(logging, "wandb_mode", None),
+            resume_step=purge_step,
+        )
 
     @classmethod
-    def open(cls, plan: RunPlan, *, tensorboard: bool, resume_step: int | None) -> RunDir:
+    def open(
+        cls,
+        plan: RunPlan,
+        *,
+        tensorboard: bool = True,
+        resume_step: int | None,
+        logging: Any = None,
+        config: dict[str, Any] | None = None,
+    ) -> RunDir:
         """Make the planned run directory: move a replaced run aside, remove a failed start
-        and stale temporary directories, then open it (TensorBoard purges steps past
-        `resume_step`)."""
+        and stale temporary directories, then open it and its sinks (`logging`, a
+        `LoggingConfig`; default TensorBoard alone, if `tensorboard`; `config`: the resolved
+        recipe; TensorBoard purges steps past `resume_step`)."""
         p = plan.path
         replaced = None
         if plan.mode == "replace":
@@ -253,7 +280,9 @@ class RunDir:
                     shutil.rmtree(c) if c.is_dir() else c.unlink()
         for stale in _stale_temps(p):
             shutil.rmtree(stale, ignore_errors=True)
-        run = cls(p, tensorboard=tensorboard, purge_step=resume_step)
+        run = cls(
+            p, tensorboard=tensorboard, purge_step=resume_step, logging=logging, config=config
+        )
         run.replaced = replaced
         return run
 
@@ -289,10 +318,13 @@ class RunDir:
         row = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(row) + "\n")
-        if self._tb is not None:
-            for k, v in row.items():
-                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
-                    self._tb.add_scalar(k, v, step)
+        for sink in self.sinks:
+            sink.log(step, row)
+
+    def log_finding(self, finding: dict[str, Any]) -> None:
+        """A new doctor finding (`Finding.to_dict()`), for the sinks."""
+        for sink in self.sinks:
+            sink.finding(finding)
 
     def log_samples(self, step: int, rows: list[dict[str, Any]]) -> None:
         with self.samples_path.open("a") as f:
@@ -300,10 +332,9 @@ class RunDir:
                 f.write(json.dumps({"step": step, **{k: _clean(v) for k, v in r.items()}}) + "\n")
 
     def close(self) -> None:
-        if self._tb is not None:
-            self._tb.flush()
-            self._tb.close()
-            self._tb = None
+        sinks, self.sinks = self.sinks, []
+        for sink in sinks:
+            sink.close()
 
 
 class FollowerRun:
@@ -324,4 +355,5 @@ class FollowerRun:
     def truncate_metrics(self, step: int) -> None: ...
     def log_metrics(self, step: int, metrics: dict[str, Any]) -> None: ...
     def log_samples(self, step: int, rows: list[dict[str, Any]]) -> None: ...
+    def log_finding(self, finding: dict[str, Any]) -> None: ...
     def close(self) -> None: ...

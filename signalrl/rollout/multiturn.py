@@ -425,7 +425,7 @@ class EnvRollouts:
             part = to_rollout_batch(
                 trajs, trainer.tokenizer, params.n, scorer, shaping, self.per_turn
             )
-            if model is trainer.model:
+            if trainer.is_policy(model):
                 trainer.budget.forward_tokens += tokens
         if not trainer.dist.active:
             assert part is not None

@@ -248,8 +248,9 @@ class TrainerBase(RanksMixin, DoctorMixin, CheckpointMixin):
         self.lock.acquire()
         try:
             resumed = self.step if self.resume_from is not None else None
+            config = self.recipe.model_dump(mode="json")  # also the sinks' run config
             self.run = RunDir.open(
-                self.plan, tensorboard=self.recipe.logging.tensorboard, resume_step=resumed
+                self.plan, logging=self.recipe.logging, config=config, resume_step=resumed
             )
             self.run.write_config(dump_recipe(self.recipe))
             if resumed is not None:

@@ -22,6 +22,7 @@ class DoctorMixin:
             return False
         stop = False
         for f in self.doctor.update([{"step": self.step, **metrics}]):
+            self.run.log_finding(f.to_dict())  # to the metric sinks (wandb, trackio, ...)
             color = {"critical": "red", "warning": "yellow"}.get(f.severity, "cyan")
             self.console.print(
                 f"[{color}]doctor: {f.id} ({f.severity}) at step {f.step}:[/{color}] "

@@ -55,6 +55,7 @@ from signalrl.rollout.batch import RolloutBatch
 from signalrl.rollout.collect import count_forward_tokens
 from signalrl.rollout.multiturn import EnvRollouts, env_metrics
 from signalrl.rollout.sampler import SamplingParams
+from signalrl.rollout.stale import StalePolicy
 from signalrl.trainers.base import DataCursor, MicroLoss, StepResult, TrainerBase
 
 __all__ = ["OnlineRLTrainer", "RLBatch", "count_forward_tokens"]
@@ -110,6 +111,7 @@ class OnlineRLTrainer(TrainerBase):
         self.data = DataCursor(len(self.rows), recipe.seed)
         self.env = EnvRollouts(recipe.env, self.tokenizer, self.model) if recipe.env else None
         self.entropy_coef = rl.entropy_coef  # trainer state: adapted towards rl.entropy_target
+        self.stale = StalePolicy(self.model, s.policy_lag) if s.policy_lag else None
         self.setup_extra()
         self.finish_setup()
 
@@ -132,6 +134,8 @@ class OnlineRLTrainer(TrainerBase):
         held = super().held_models()
         if self.critic is not None:
             held.append(("critic", self.critic))
+        if self.stale is not None:
+            held.append(("stale_sampler", self.stale.model))
         for term in self.rewards.terms:
             scorer = getattr(term, "scorer", None)
             if isinstance(scorer, RewardModelScorer):
@@ -156,6 +160,8 @@ class OnlineRLTrainer(TrainerBase):
     def extra_state(self) -> dict[str, Any]:
         state = super().extra_state()
         state["entropy_coef"] = self.entropy_coef
+        if self.stale is not None:
+            state["stale_policy"] = self.stale.state()
         if self.critic is not None:
             state["critic"] = self.critic.state_dict()
             state["critic_optimizer"] = self.critic_optimizer.state_dict()
@@ -164,6 +170,8 @@ class OnlineRLTrainer(TrainerBase):
     def load_extra_state(self, state: dict[str, Any]) -> None:
         super().load_extra_state(state)
         self.entropy_coef = float(state.get("entropy_coef", self.recipe.rl.entropy_coef))
+        if self.stale is not None and "stale_policy" in state:
+            self.stale.load(state["stale_policy"])
         if self.critic is not None and "critic" in state:
             self.critic.load_state_dict(state["critic"])
             self.critic_optimizer.load_state_dict(state["critic_optimizer"])
@@ -186,6 +194,8 @@ class OnlineRLTrainer(TrainerBase):
         share (`TrainerBase.collect_global`); with an `env` section, multi-turn episodes
         (`signalrl.rollout.multiturn`)."""
         collect = self.collect_global if self.env is None else partial(self.env.collect, self)
+        if model is None and self.stale is not None:  # sampling.policy_lag: a stale sampler
+            model = self.stale.sampler(self.model, self.step)
         return collect(
             self.model if model is None else model,
             rows,

@@ -61,6 +61,12 @@ class RanksMixin:
             return self.autocast_dtype
         return torch.bfloat16 if precision == "bf16" else None
 
+    def is_policy(self, model: torch.nn.Module) -> bool:
+        """`model` is the policy or its stale sampler (`sampling.policy_lag`): its generation
+        tokens are the policy's budget."""
+        stale = getattr(self, "stale", None)
+        return model is self.model or (stale is not None and model is stale.model)
+
     def collect_global(
         self,
         model: torch.nn.Module,
@@ -92,7 +98,7 @@ class RanksMixin:
                     shaping=shaping,
                     keys=keys,
                 )
-            if model is self.model:
+            if self.is_policy(model):
                 self.budget.forward_tokens += tokens
         if not self.dist.active:
             assert part is not None
