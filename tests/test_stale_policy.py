@@ -59,3 +59,14 @@ def test_stale_sampling_is_counted_and_resumes_exactly(tmp_path: Path):
 def test_policy_lag_is_refused_under_fsdp2():
     with pytest.raises(RecipeError, match="sampling.policy_lag needs train.parallel none or ddp"):
         load_recipe(RECIPE, ["train.parallel=fsdp2"])
+
+
+def test_bf16_sampling_opens_a_small_gap(tmp_path: Path):
+    """sampling.precision: bf16 samples under bf16 autocast for the fp32 trainer: a gap far
+    above fp32's rounding (about 1e-7) but, on the tiny preset, far under the doctor's 0.1."""
+    sets = ["train.steps=2", "sampling.policy_lag=0"]
+    bf16 = _run(tmp_path / "a", *sets, "sampling.precision=bf16")
+    fp32 = _run(tmp_path / "b", *sets)
+    gap = "sampling/logp_diff/mean"
+    assert all(m[gap] < 1e-5 for m in fp32)
+    assert all(1e-4 < m[gap] < 0.1 for m in bf16)
