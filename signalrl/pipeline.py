@@ -247,6 +247,8 @@ def plan(spec: PipelineFile, extra: list[str] | None = None) -> list[Planned]:
         d = spec.out_dir / st.name
         if kind == "train":
             r = _stage_recipe(spec, st, src, list(extra or []), where, outs)
+            if src is not None and r.model.name_or_path != src:
+                src_stage = None  # its recipe names its own start: not built on that stage
             task = r.task.model_dump(mode="json", exclude_none=True)
             made = None if st.sweep else str(d / "final")
             p = Planned(stage=st, dir=d, recipe=r, model_out=made)

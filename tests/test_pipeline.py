@@ -228,6 +228,21 @@ def test_routes_count_the_data_stages_sampling(done: Path) -> None:
     assert "route forward tokens" in md and f"{routes['grpo']:,.0f}" in md
 
 
+def test_a_stage_that_names_its_own_start_is_not_on_the_previous_route(tmp_path: Path) -> None:
+    """A training stage whose `set` names its own model (a fresh preset after the teacher's
+    stages) does not build on the stage before it, so that stage's tokens are not on its
+    route; one that refers to an earlier model through ${stage.model} does."""
+    sft = _stages()[0]
+    own = {**SHORT, "model.name_or_path": "tiny"}
+    fresh = {"name": "fresh", "inline": sft["inline"], "set": own}
+    ref = {"model.name_or_path": "${sft.model}"}
+    again = {"name": "again", "inline": sft["inline"], "set": ref}
+    _, planned = load_pipeline(_write(tmp_path, [sft, fresh, again]))
+    assert {p.stage.name: p.parents for p in planned} == {
+        "sft": [], "fresh": [], "again": ["sft"]
+    }
+
+
 def test_match_budget_trains_until_the_routes_spent_the_same(done: Path, tmp_path: Path) -> None:
     """Route a (GRPO alone) gets the budget of route c (rejection sampling, SFT on it, then
     GRPO): it stops at the first step at which its route has spent as much; a stage whose
