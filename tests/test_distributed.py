@@ -51,6 +51,15 @@ def train(recipe: dict[str, Any], tmp: Path, ranks: int, *args: str, check: bool
     return out
 
 
+def one_and_two(r: dict[str, Any], tmp: Path, parallel: str = "ddp") -> tuple[Path, Path]:
+    """Train `r` in one process and on 2 ranks under `train.parallel: parallel`; the run dirs."""
+    train(r, tmp, 1)
+    two = {**r, "output_dir": str(tmp / "runs2")}
+    two["train"] = {**r["train"], "parallel": parallel}
+    train(two, tmp, 2)
+    return Path(r["output_dir"]) / r["name"], tmp / "runs2" / r["name"]
+
+
 def recipe(name: str, out: Path, **sections: Any) -> dict[str, Any]:
     r: dict[str, Any] = {"name": name, "output_dir": str(out), **COMMON}
     for k, v in sections.items():
@@ -158,11 +167,7 @@ def test_grpo_two_ranks_sample_and_train_as_one(
     tmp_path: Path, base_model: Path, agg: str, parallel: str
 ) -> None:
     r = _grpo(tmp_path / "runs", base_model, loss_agg=agg)
-    train(r, tmp_path, 1)
-    two = {**r, "output_dir": str(tmp_path / "runs2")}
-    two["train"] = {**r["train"], "parallel": parallel}
-    train(two, tmp_path, 2)
-    one_dir, two_dir = tmp_path / "runs" / "grpo", tmp_path / "runs2" / "grpo"
+    one_dir, two_dir = one_and_two(r, tmp_path, parallel)
     s1 = [x for x in rows(one_dir, "samples.jsonl") if x["step"] == 1]
     s2 = [x for x in rows(two_dir, "samples.jsonl") if x["step"] == 1]
     assert len(s1) == 32
@@ -188,11 +193,7 @@ def test_clip_cov_picks_the_same_tokens_on_two_ranks(tmp_path: Path, base_model:
         clip_cov_lb=-100.0, clip_cov_ub=100.0,
     )
     r["train"] = {**r["train"], "micro_batch_size": 16}
-    train(r, tmp_path, 1)
-    two = {**r, "output_dir": str(tmp_path / "runs2")}
-    two["train"] = {**r["train"], "parallel": "ddp"}
-    train(two, tmp_path, 2)
-    one_dir, two_dir = tmp_path / "runs" / "grpo", tmp_path / "runs2" / "grpo"
+    one_dir, two_dir = one_and_two(r, tmp_path)
     m1, m2 = rows(one_dir, "metrics.jsonl"), rows(two_dir, "metrics.jsonl")
     dropped = [x["clip_frac/cov"] for x in m1]
     assert min(dropped) > 0  # tokens were dropped at every step, so the pick matters
@@ -218,11 +219,7 @@ def test_multi_turn_episodes_two_ranks_equal_one_process(tmp_path: Path) -> None
         sampling={"max_new_tokens": 8, "stop_strings": ["e"]},
         eval={"n": 4, "every": 0},
     )
-    train(r, tmp_path, 1)
-    two = {**r, "output_dir": str(tmp_path / "runs2")}
-    two["train"] = {**r["train"], "parallel": "ddp"}
-    train(two, tmp_path, 2)
-    one_dir, two_dir = tmp_path / "runs" / "env", tmp_path / "runs2" / "env"
+    one_dir, two_dir = one_and_two(r, tmp_path)
     s1, s2 = rows(one_dir, "samples.jsonl"), rows(two_dir, "samples.jsonl")
     assert len(s1) == 16 and [x["completion"] for x in s1] == [x["completion"] for x in s2]
     m1, m2 = rows(one_dir, "metrics.jsonl"), rows(two_dir, "metrics.jsonl")

@@ -26,7 +26,10 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from signalrl.config.sections import LoggingConfig
 
 
 def _clean(v: Any) -> Any:
@@ -231,9 +234,8 @@ class RunDir:
         self,
         path: str | Path,
         *,
-        tensorboard: bool = True,
         purge_step: int | None = None,
-        logging: Any = None,
+        logging: LoggingConfig | None = None,
         config: dict[str, Any] | None = None,
     ) -> None:
         from signalrl.logging.sinks import Sink, open_sinks
@@ -245,13 +247,13 @@ class RunDir:
         self.checkpoints = self.path / "checkpoints"
         self.final = self.path / "final"
         self.replaced: Path | None = None
-        names = list(logging.sinks) if logging is not None else ["tensorboard"] * tensorboard
+        names = list(logging.sinks) if logging is not None else ["tensorboard"]
         self.sinks: list[Sink] = open_sinks(
             names,
             self.path,
             config=config,
-            project=getattr(logging, "project", "signalrl"),
-            wandb_mode=getattr(logging, "wandb_mode", None),
+            project=logging.project if logging is not None else "signalrl",
+            wandb_mode=logging.wandb_mode if logging is not None else None,
             resume_step=purge_step,
         )
 
@@ -260,15 +262,14 @@ class RunDir:
         cls,
         plan: RunPlan,
         *,
-        tensorboard: bool = True,
         resume_step: int | None,
-        logging: Any = None,
+        logging: LoggingConfig | None = None,
         config: dict[str, Any] | None = None,
     ) -> RunDir:
         """Make the planned run directory: move a replaced run aside, remove a failed start
         and stale temporary directories, then open it and its sinks (`logging`, a
-        `LoggingConfig`; default TensorBoard alone, if `tensorboard`; `config`: the resolved
-        recipe; TensorBoard purges steps past `resume_step`)."""
+        `LoggingConfig`; default TensorBoard alone; `config`: the resolved recipe;
+        TensorBoard purges steps past `resume_step`)."""
         p = plan.path
         replaced = None
         if plan.mode == "replace":
@@ -280,9 +281,7 @@ class RunDir:
                     shutil.rmtree(c) if c.is_dir() else c.unlink()
         for stale in _stale_temps(p):
             shutil.rmtree(stale, ignore_errors=True)
-        run = cls(
-            p, tensorboard=tensorboard, purge_step=resume_step, logging=logging, config=config
-        )
+        run = cls(p, purge_step=resume_step, logging=logging, config=config)
         run.replaced = replaced
         return run
 
