@@ -129,6 +129,22 @@ def test_wandb_log_reader_rejects_a_corrupt_file(tmp_path: Path, offline: None) 
         diagnose(f.parent)
 
 
+def test_wait_for_exit_needs_the_logs_last_record(tmp_path: Path, offline: None) -> None:
+    """The sink returns only once the W&B log holds its exit record (wandb's service may
+    still be writing after finish() returns): a log cut before that record is not done."""
+    pytest.importorskip("wandb")
+    from signalrl.diagnostics.wandb_log import find_wandb_file, read_records, wait_for_exit
+
+    run = _train(tmp_path, "[wandb]", "name=wb-exit", "train.steps=2")
+    (wb,) = (run / "wandb").glob("offline-run-*")
+    assert wait_for_exit(wb, timeout=0.0)
+    f = find_wandb_file(wb)
+    assert f is not None
+    data, last = f.read_bytes(), read_records(f)[-1]
+    f.write_bytes(data[: data.rindex(last) - 7])  # drop the exit record and its chunk header
+    assert not wait_for_exit(wb, timeout=0.3)
+
+
 def test_sink_keys_are_checked(monkeypatch: pytest.MonkeyPatch) -> None:
     recipe = ROOT / "recipes" / "doctor-nan.yaml"
     with pytest.raises(RecipeError, match=r"logging\.sinks.*unknown sink 'mlflow'"):

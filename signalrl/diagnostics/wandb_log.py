@@ -63,6 +63,29 @@ def read_records(path: Path) -> list[bytes]:
     return records
 
 
+def wait_for_exit(run_dir: Path, timeout: float = 30.0, poll: float = 0.1) -> bool:
+    """Wait until the `.wandb` log of `run_dir` ends with its `exit` record (wandb's service
+    may still be writing it after `run.finish()` returns); False after `timeout` seconds."""
+    import time
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    deadline = time.monotonic() + timeout
+    while True:
+        f = find_wandb_file(run_dir)
+        if f is not None:
+            try:
+                records = read_records(f)
+            except (OSError, ValueError):
+                records = []
+            rec = pb.Record()
+            if records and rec.ParseFromString(records[-1]) and rec.HasField("exit"):
+                return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(poll)
+
+
 def _key(item: Any) -> str:
     return ".".join(item.nested_key) if item.nested_key else item.key
 

@@ -27,6 +27,7 @@ import contextlib
 import math
 import secrets
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -91,6 +92,7 @@ class WandbSink:
             settings=wandb.Settings(console="off", save_code=False),
         )
         id_file.write_text(run_id + "\n")
+        self.run_dir = Path(self.run.dir).parent  # wandb/offline-run-*/ (or run-*/)
         self.findings: list[dict[str, Any]] = []
 
     def log(self, step: int, row: dict[str, Any]) -> None:
@@ -108,6 +110,12 @@ class WandbSink:
             table = wandb.Table(columns=cols, data=[[f[c] for c in cols] for f in self.findings])
             self.run.summary["doctor/findings_table"] = table
         self.run.finish()
+        from signalrl.diagnostics.wandb_log import wait_for_exit
+
+        # finish() can return before wandb's service has written the log's end: a run
+        # directory is complete (readable by `signalrl doctor`) when the trainer returns
+        if not wait_for_exit(self.run_dir):
+            warnings.warn(f"{self.run_dir}: the W&B log has no exit record yet", stacklevel=2)
 
 
 class TrackioSink:
