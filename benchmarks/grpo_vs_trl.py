@@ -99,6 +99,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from machine import cpu_snapshot, other_cpu_fraction, versions, wait_for_idle
+
 # --------------------------------------------------------------------------- settings
 
 QUICK = {"steps": 5, "warmup": 1, "eval_n": 50, "sft_steps": 50}
@@ -210,41 +212,6 @@ class StepLog:
             "completion_tokens_per_step": self.tokens,
             "rewards": self.rewards,
         }
-
-
-def cpu_snapshot() -> tuple[float, float, float] | None:
-    """(wall, busy CPU seconds of the whole machine, CPU seconds of this process); Linux."""
-    try:
-        with open("/proc/stat") as f:
-            fields = [int(x) for x in f.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    busy = sum(fields) - fields[3] - (fields[4] if len(fields) > 4 else 0)  # minus idle, iowait
-    t = os.times()
-    return time.perf_counter(), busy / os.sysconf("SC_CLK_TCK"), t.user + t.system
-
-
-def other_cpu_fraction(start: tuple | None, end: tuple | None) -> float | None:
-    """Share of all CPUs' time that other processes used between two snapshots: tells
-    whether something else ran during a timed section."""
-    if start is None or end is None or end[0] <= start[0]:
-        return None
-    other = (end[1] - start[1]) - (end[2] - start[2])
-    return max(0.0, other) / ((end[0] - start[0]) * (os.cpu_count() or 1))
-
-
-def wait_for_idle(max_seconds: float, console, threshold: float = 0.10) -> None:
-    """Block until other processes use under `threshold` of the CPUs over 5 s (at most
-    `max_seconds`), so a timed section does not start while something else runs."""
-    deadline = time.perf_counter() + max_seconds
-    while time.perf_counter() < deadline:
-        a = cpu_snapshot()
-        time.sleep(5)
-        busy = other_cpu_fraction(a, cpu_snapshot())
-        if busy is None or busy < threshold:
-            return
-        console.print(f"waiting for an idle machine: other processes use {busy:.0%} of the CPUs")
-    console.print("[yellow]machine still busy; timing anyway")
 
 
 # --------------------------------------------------------------------------- stages
@@ -481,24 +448,6 @@ def print_report(out: dict[str, Any]) -> None:
         f"signalrl/TRL steps per second: [bold]{out['ratio_steps_per_s_signalrl_over_trl']:.2f}x"
         f"[/]  (same prompts per step: {out['same_prompts_per_step']})"
     )
-
-
-def versions() -> dict[str, str]:
-    import accelerate
-    import torch
-    import transformers
-    import trl
-
-    import signalrl
-
-    return {
-        "signalrl": signalrl.__version__,
-        "trl": trl.__version__,
-        "transformers": transformers.__version__,
-        "accelerate": accelerate.__version__,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-    }
 
 
 # --------------------------------------------------------------------------- main
