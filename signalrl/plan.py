@@ -18,7 +18,9 @@ is the arithmetic of what signalrl holds (see docs/scaling.md for each term):
   its gathered KV cache (training-time prefix sharing) or, under gradient checkpointing, each
   decoder layer's input plus one layer recomputed; the LM head by `LOGIT_CHUNK_ELEMENTS`;
 - generation holds the KV cache of all the rank's samples at prompt + `max_new_tokens`,
-  and under `fsdp2` the all-gathered policy (`distributed.gathered`).
+  and under `fsdp2` the all-gathered policy (`distributed.gathered`);
+- a lagging sampler (`sampling.policy_lag: k`, `rollout.stale`) holds a frozen copy of the
+  policy on the GPU and `k + 1` weight snapshots in host memory (reported apart).
 
 The peak is the largest of three phases: generation, training (with a single micro-batch
 the gradients replace the activations as backward frees them) and the optimizer step.
@@ -210,6 +212,7 @@ class Plan:
     terms: dict[str, float] = field(default_factory=dict)
     phases: dict[str, float] = field(default_factory=dict)
     note: str = ""
+    host: dict[str, float] = field(default_factory=dict)  # bytes in host (CPU) memory
 
     @property
     def total(self) -> float:
@@ -385,6 +388,13 @@ def plan_one(
     t["reference"] = 4.0 * s.params if uses_reference(recipe) and not lora else 0.0
     for name, size in extra.models:
         t[name] = size
+    host: dict[str, float] = {}
+    lag = recipe.sampling.policy_lag if recipe.trainer == "online_rl" else 0
+    if lag:  # rollout.stale: a frozen copy of the policy samples; k + 1 snapshots on the CPU
+        t["stale sampler (sampling.policy_lag)"] = t["policy weights"] * shard
+        host[f"policy snapshots ({lag + 1}, sampling.policy_lag)"] = (
+            (lag + 1) * t["policy weights"] * shard
+        )
     persistent = sum(t.values()) - t["gradients (fp32)"]
     # this rank's share of the step (online: whole groups of prompts)
     gen_rows = _own(w.prompts, gpus) * w.group if w.generates else 0
@@ -433,7 +443,7 @@ def plan_one(
     if w.generates:
         phases["generation"] = persistent + sum(t[k] for k in gen)
     phases["optimizer step"] = persistent + t["gradients (fp32)"] + t["optimizer step temporaries"]
-    return Plan(strategy, gpus, t, phases, _checks(recipe, strategy, gpus))
+    return Plan(strategy, gpus, t, phases, _checks(recipe, strategy, gpus), host)
 
 
 @dataclass
@@ -462,6 +472,7 @@ class Report:
                     "total_gib": p.total / GIB,
                     "fits": p.fits(self.gpu_mem_gib),
                     "note": p.note,
+                    "host_bytes": p.host,
                 }
                 for p in self.plans
             ],
@@ -551,7 +562,11 @@ def render(report: Report) -> Any:
         for p in plans
     ]
     table.add_row(f"fits in {report.gpu_mem_gib:g} GiB?", *fits)
-    if notes:
-        table.caption = "; ".join(f"({i + 1}) {n}" for i, n in enumerate(notes))
+    lines = ["; ".join(f"({i + 1}) {n}" for i, n in enumerate(notes))] if notes else []
+    for k in {k: 0 for p in plans for k in p.host}:
+        sizes = ", ".join(f"{p.host.get(k, 0.0) / div:.2f}" for p in plans)
+        lines.append(f"host memory per process, {k}: {sizes} {unit}")
+    if lines:
+        table.caption = "\n".join(lines)
         table.caption_justify = "left"
     return table

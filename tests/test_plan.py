@@ -198,3 +198,44 @@ def test_plan_within_25_percent_of_a_measured_tiny_grpo_run(tmp_path):
     plan = bench.planned(data, got)
     assert got["peak_bytes"] > 10 * 2**20  # the weights, the reference, the KV cache, ...
     assert abs(plan / got["peak_bytes"] - 1) <= bench.TOLERANCE, (plan, got)
+
+
+def test_policy_lag_plans_the_stale_sampler_and_its_snapshots():
+    """`sampling.policy_lag: k` holds a frozen copy of the policy on the device and k + 1
+    weight snapshots on the CPU (`rollout.stale`): the plan counts the copy in every phase and
+    reports the snapshots as host memory, the sizes StalePolicy really holds."""
+    from signalrl.models import load_model
+    from signalrl.rollout.stale import StalePolicy
+
+    sets = ["model.name_or_path=tiny", "rl.kl_coef=0.0"]
+    plain = plan_recipe(ROOT / "recipes" / "grpo-arithmetic.yaml", gpus=[1], overrides=sets)
+    lagged = plan_recipe(ROOT / "recipes" / "grpo-arithmetic.yaml", gpus=[1],
+                         overrides=[*sets, "sampling.policy_lag=2"])
+    a, b = _by(plain, "ddp", 1), _by(lagged, "ddp", 1)
+    copy = b.terms["stale sampler (sampling.policy_lag)"]
+    assert copy == b.terms["policy weights"] == 4 * lagged.shape.params
+    for phase in a.phases:
+        assert b.phases[phase] == pytest.approx(a.phases[phase] + copy)
+    (host,) = b.host.values()
+    assert host == 3 * copy and not a.host
+    model, _ = load_model("tiny", seed=0)
+    stale = StalePolicy(model, lag=2)
+    for step in range(4):
+        stale.sampler(model, step)
+    held = _unique_bytes(stale.model.state_dict().values())
+    snaps = sum(_unique_bytes(s.values()) for s in stale.history)  # tied weights: one copy
+    assert sum(p.numel() for p in model.parameters()) == lagged.shape.params
+    assert (held, snaps) == (pytest.approx(copy, rel=0.01), pytest.approx(host, rel=0.01))
+    assert "host memory per process" in str(_caption(lagged))
+    assert json.loads(json.dumps(lagged.to_json()))["plans"][0]["host_bytes"]
+
+
+def _caption(report) -> str:
+    from signalrl.plan import render
+
+    return str(render(report).caption)
+
+
+def _unique_bytes(tensors) -> int:
+    seen = {t.data_ptr(): t.numel() * t.element_size() for t in tensors}
+    return sum(seen.values())

@@ -38,8 +38,7 @@ class StalePolicy:
         call of a step snapshots the policy's weights; later calls (dynamic sampling rounds,
         a greedy baseline) reuse the same sampler."""
         if self.synced_step != step:
-            snap = {k: v.detach().to("cpu", copy=True) for k, v in policy.state_dict().items()}
-            self.history.append(snap)
+            self.history.append(_snapshot(policy))
             self.model.load_state_dict(self.history[0])
             self.synced_step = step
         return self.model
@@ -52,3 +51,16 @@ class StalePolicy:
         self.synced_step = state.get("synced_step")
         if self.history:
             self.model.load_state_dict(self.history[0])
+
+
+def _snapshot(policy: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The policy's state dict copied to the CPU, each tensor once: tied weights (an LM head
+    tied to the embeddings is two entries of one tensor) share one copy, as in the model."""
+    copies: dict[tuple[int, tuple[int, ...], torch.dtype], torch.Tensor] = {}
+    out: dict[str, torch.Tensor] = {}
+    for name, v in policy.state_dict().items():
+        key = (v.data_ptr(), tuple(v.shape), v.dtype)
+        if v.numel() == 0 or key not in copies:
+            copies[key] = v.detach().to("cpu", copy=True)
+        out[name] = copies[key]
+    return out
