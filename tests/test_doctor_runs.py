@@ -2,10 +2,9 @@
 the failure it names, and its healthy counterpart (one key changed) does not; a real TRL
 GRPOTrainer trainer_state.json is read with TRL's metric names.
 
-The runs that start from recipes/doctor-sft.yaml (an SFT of the tiny preset, about 2 minutes
-on 2 cores, too slow for every CI run) use `runs/doctor-sft/final` (or the checkpoint named by
-SIGNALRL_DOCTOR_SFT) when it exists, or train it once for the module when SIGNALRL_SLOW=1,
-and are skipped otherwise."""
+The runs that start from recipes/doctor-sft.yaml (an SFT of the tiny preset, about 25 s on 2
+cores) use `runs/doctor-sft/final` (or the checkpoint named by SIGNALRL_DOCTOR_SFT) when it
+exists, or train it once for the test session."""
 
 from __future__ import annotations
 
@@ -98,18 +97,26 @@ def test_real_trl_grpo_trainer_state() -> None:
     assert "rl.rollout_mismatch" in report.cannot_run()  # no vLLM: TRL logs no sampler gap
 
 
-# -- runs from the doctor-sft start (slow) --------------------------------------------------------
+# -- runs from the doctor-sft start ---------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def sft_start(tmp_path_factory: pytest.TempPathFactory) -> Path:
+@pytest.fixture(scope="session")
+def sft_start(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Path:
+    """runs/doctor-sft/final (or SIGNALRL_DOCTOR_SFT) when it exists, else recipes/doctor-sft.yaml
+    trained once for the whole session (about 25 s on 2 cores): under pytest-xdist the first
+    worker trains it into the run's shared temporary directory and the others wait for it."""
+    from filelock import FileLock
+
     done = Path(os.environ.get("SIGNALRL_DOCTOR_SFT") or ROOT / "runs" / "doctor-sft" / "final")
     if done.is_dir():
         return done
-    if not os.environ.get("SIGNALRL_SLOW"):
-        pytest.skip("needs runs/doctor-sft/final: `signalrl train recipes/doctor-sft.yaml` "
-                    "(about 2 min on 2 cores), or SIGNALRL_SLOW=1 to train it here")
-    return _train("doctor-sft.yaml", tmp_path_factory.mktemp("sft")) / "final"
+    base = tmp_path_factory.getbasetemp()
+    root = base if worker_id == "master" else base.parent  # the parent: this run's, shared
+    final = root / "doctor-sft-start" / "doctor-sft" / "final"
+    with FileLock(str(root / "doctor-sft-start.lock")):
+        if not final.is_dir():
+            _train("doctor-sft.yaml", root / "doctor-sft-start")
+    return final
 
 
 def test_real_healthy_grpo_is_silent(sft_start: Path, tmp_path: Path) -> None:
@@ -127,14 +134,20 @@ def test_clip_saturation_real_run(sft_start: Path, tmp_path: Path) -> None:
     assert "rl.clip_saturation" not in healthy
 
 
-def test_critic_not_learning_real_run(sft_start: Path, tmp_path: Path) -> None:
-    """A frozen critic predicts a constant: explained variance 0 +- 1e-9. No healthy
-    counterpart this short: with rl.critic_lr 1e-3 or 1e-2 the 12-step run still ends with
-    explained variance -0.045 / -0.020 (the rule fires there too, rightly)."""
-    run = _train("doctor-critic.yaml", tmp_path, f"model.name_or_path={sft_start}",
-                 "train.steps=6")
+def test_critic_not_learning_real_run_and_healthy_critic(sft_start: Path, tmp_path: Path) -> None:
+    """A frozen critic predicts a constant: explained variance 0 +- 1e-9. With rl.critic_lr
+    1e-3 the critic learns which prompts (`+` or `*`) the policy solves: explained variance
+    0.065 over steps 8-12 here, and the rule is silent."""
+    start = f"model.name_or_path={sft_start}"
+    run = _train("doctor-critic.yaml", tmp_path, start, "train.steps=6")
     f = _ids(run)["ppo.critic_not_learning"]
     assert f["step"] == 1 and abs(float(f["evidence"].split()[2])) < 1e-6
+    healthy = _train("doctor-critic.yaml", tmp_path, start, "train.steps=12",
+                     "rl.critic_lr=1e-3", "name=ok")
+    assert "ppo.critic_not_learning" not in _ids(healthy)
+    ev = [json.loads(line).get("explained_variance")
+          for line in (healthy / "metrics.jsonl").read_text().splitlines()]
+    assert max(e for e in ev if e is not None) > 0.1
 
 
 def test_distill_no_progress_real_run(sft_start: Path, tmp_path: Path) -> None:
