@@ -86,12 +86,9 @@ This file is a script, never imported by the library or its tests.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import gc
 import json
 import math
-import os
-import platform
 import statistics
 import sys
 import time
@@ -100,6 +97,17 @@ from pathlib import Path
 from typing import Any
 
 from machine import cpu_snapshot, other_cpu_fraction, versions, wait_for_idle
+from trl_common import (
+    StepLog,
+    machine_info,
+    require_trl,
+    time_signalrl_steps,
+    timing_summary,
+    trl_step_timer,
+    trl_train_settings,
+    warn_threads_and_load,
+    without_checkpointing,
+)
 
 # --------------------------------------------------------------------------- settings
 
@@ -170,48 +178,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 # --------------------------------------------------------------------------- timing
 
 
-class StepLog:
-    """End-of-step timestamps and per-step completion tokens / mean reward."""
-
-    def __init__(self) -> None:
-        self.ends: list[float] = []
-        self.tokens: list[int] = []
-        self.rewards: list[float] = []
-        self.threads: int | None = None
-        self.extra: dict[str, Any] = {}
-
-    def summary(self, warmup: int, completions_per_step: int) -> dict[str, Any]:
-        n = len(self.ends)
-        if n <= warmup or len(self.tokens) != n:
-            raise RuntimeError(
-                f"recorded {n} step ends and {len(self.tokens)} token counts; need > {warmup}"
-            )
-        seconds = self.ends[-1] - self.ends[warmup - 1]
-        timed = n - warmup
-        tokens = sum(self.tokens[warmup:])
-        durations = [
-            b - a for a, b in zip(self.ends[warmup - 1 : -1], self.ends[warmup:], strict=True)
-        ]
-        tail = self.rewards[-min(10, n) :]
-        return {
-            "steps": n,
-            "warmup_steps": warmup,
-            "timed_steps": timed,
-            "timed_seconds": seconds,
-            "seconds_per_step": seconds / timed,
-            "steps_per_second": timed / seconds,
-            "median_step_seconds": statistics.median(durations),
-            "completion_tokens_timed": tokens,
-            "completion_tokens_per_second": tokens / seconds,
-            "mean_completion_length": tokens / (timed * completions_per_step),
-            "train_reward_first10": statistics.fmean(self.rewards[: min(10, n)]),
-            "train_reward_last10": statistics.fmean(tail),
-            "torch_threads": self.threads,
-            **self.extra,
-            "step_seconds": durations,
-            "completion_tokens_per_step": self.tokens,
-            "rewards": self.rewards,
-        }
+def grpo_summary(log: StepLog, warmup: int, completions_per_step: int) -> dict[str, Any]:
+    """The shared timing (`trl_common.timing_summary`) under this script's names, with the
+    mean completion length and the first/last-10 mean train rewards."""
+    t = timing_summary(log.ends, log.tokens, warmup)
+    rewards = log.values.get("reward", [])
+    keys = ("steps", "warmup_steps", "timed_steps", "timed_seconds", "seconds_per_step")
+    return {
+        **{k: t[k] for k in keys},
+        "steps_per_second": t["steps_per_second"],
+        "median_step_seconds": t["median_step_seconds"],
+        "completion_tokens_timed": t["tokens_timed"],
+        "completion_tokens_per_second": t["tokens_per_second"],
+        "mean_completion_length": t["tokens_timed"] / (t["timed_steps"] * completions_per_step),
+        "train_reward_first10": statistics.fmean(rewards[:10]),
+        "train_reward_last10": statistics.fmean(rewards[-10:]),
+        "torch_threads": log.threads,
+        **log.extra,
+        "step_seconds": t["step_seconds"],
+        "completion_tokens_per_step": log.tokens,
+        "rewards": rewards,
+    }
 
 
 # --------------------------------------------------------------------------- stages
@@ -245,27 +232,19 @@ def build_sft(cfg: dict[str, Any], args: argparse.Namespace, work: Path, console
 def run_signalrl(recipe, console) -> tuple[StepLog, dict[str, Any], list[dict[str, Any]]]:
     """Train with signalrl's online-RL trainer (what `run_recipe` does, keeping the instance so
     its `train_step` can be timed). Returns the step log, the summary and per-step rows."""
-    import torch
-
     from signalrl.trainers import trainer_class
 
     log = StepLog()
     per_step_rows: list[dict[str, Any]] = []
     trainer = trainer_class(recipe.trainer)(recipe, overwrite=True, console=console)
-    inner = trainer.train_step
     g = recipe.rl.group_size
 
-    def timed_step():
-        metrics, samples = inner()
-        log.ends.append(time.perf_counter())
+    def record(metrics: dict[str, float], samples: list[dict[str, Any]]) -> None:
         log.tokens.append(round(metrics["completion/mean_length"] * len(samples)))
-        log.rewards.append(float(metrics["reward/mean"]))
-        if log.threads is None:
-            log.threads = torch.get_num_threads()
+        log.add("reward", metrics["reward/mean"])
         per_step_rows.extend({"prompt": s["prompt"], "answer": s["answer"]} for s in samples[::g])
-        return metrics, samples
 
-    trainer.train_step = timed_step
+    time_signalrl_steps(trainer, log, record)
     result = trainer.train()
     del trainer
     gc.collect()
@@ -285,7 +264,7 @@ def run_trl(
     the final model directory and the effective TRL settings."""
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
 
     t, rl, s = recipe.train, recipe.rl, recipe.sampling
@@ -295,25 +274,13 @@ def run_trl(
         raise SystemExit("sampling.stop_strings has no equivalent in TRL's generate path")
     log = StepLog()
 
-    class StepTimer(TrainerCallback):
-        def on_train_begin(self, targs, state, control, model=None, **kw):
-            log.threads = torch.get_num_threads()
-            # accelerate wraps forward in autocast for bf16 (kept by TRL's generation unwrap)
-            log.extra["autocast_wrapped_forward"] = hasattr(model, "_original_forward")
-            log.extra["activation_checkpointing"] = bool(
-                getattr(model, "is_activation_checkpointing", False)
-            )
-
-        def on_step_end(self, targs, state, control, **kw):
-            log.ends.append(time.perf_counter())
-
     def exact_match(prompts, completions, answer, completion_ids, **kw):
         log.tokens.append(sum(len(c) for c in completion_ids))
         rewards = [
             float(task.verify({"prompt": p, "answer": a}, c))
             for p, c, a in zip(prompts, completions, answer, strict=True)
         ]
-        log.rewards.append(statistics.fmean(rewards))
+        log.add("reward", statistics.fmean(rewards))
         return rewards
 
     model = AutoModelForCausalLM.from_pretrained(
@@ -324,24 +291,14 @@ def run_trl(
         {"prompt": [r["prompt"] for r in rows], "answer": [r["answer"] for r in rows]}
     )
     settings: dict[str, Any] = {
+        **trl_train_settings(t, args.steps, recipe.seed),
         "per_device_train_batch_size": t.batch_size * rl.group_size,
         "num_generations": rl.group_size,
-        "gradient_accumulation_steps": 1,
         "steps_per_generation": 1,
-        "max_steps": args.steps,
         "max_completion_length": s.max_new_tokens,
         "temperature": s.temperature,
         "top_p": s.top_p,
         "top_k": s.top_k,
-        "learning_rate": t.lr,
-        "lr_scheduler_type": "constant",
-        "warmup_steps": 0,
-        "optim": "adamw_torch",
-        "weight_decay": t.weight_decay,
-        "adam_beta1": t.betas[0],
-        "adam_beta2": t.betas[1],
-        "adam_epsilon": t.adam_eps,
-        "max_grad_norm": t.grad_clip if t.grad_clip is not None else 0.0,
         "beta": rl.kl_coef,
         "num_iterations": rl.mu,
         "epsilon": rl.clip_low,
@@ -350,24 +307,10 @@ def run_trl(
         "scale_rewards": rl.adv_scale,
         "mask_truncated_completions": False,
         "shuffle_dataset": shuffle,
-        "bf16": t.precision == "bf16",
-        "fp16": False,
-        "use_cpu": True,
         "use_vllm": False,
-        "dataloader_num_workers": 0,
-        "report_to": "none",
-        "logging_strategy": "no",
-        "save_strategy": "no",
-        "eval_strategy": "no",
-        "disable_tqdm": True,
         "log_completions": False,
-        "seed": recipe.seed,
     }
-    # transformers 5 renamed gradient_checkpointing (TRL defaults it to True) to
-    # activation_checkpointing; switch it off under whichever name this version has
-    names = {f.name for f in dataclasses.fields(GRPOConfig)}
-    ckpt = "activation_checkpointing" if "activation_checkpointing" in names else None
-    settings[ckpt or "gradient_checkpointing"] = False
+    settings = without_checkpointing(GRPOConfig, settings)
     config = GRPOConfig(output_dir=str(work / "trl"), **settings)
     trainer = GRPOTrainer(
         model=model,
@@ -375,7 +318,7 @@ def run_trl(
         args=config,
         train_dataset=dataset,
         processing_class=tokenizer,
-        callbacks=[StepTimer()],
+        callbacks=[trl_step_timer(log)],
     )
     trainer.train()
     final = work / "trl" / "final"
@@ -455,13 +398,7 @@ def print_report(out: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        import trl  # noqa: F401
-    except ImportError:
-        print(
-            'benchmarks/grpo_vs_trl.py needs TRL: pip install -e ".[bench]" (or pip install trl)',
-            file=sys.stderr,
-        )
+    if not require_trl("benchmarks/grpo_vs_trl.py"):
         return 2
     import torch
     from rich.console import Console
@@ -534,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
     trl_eval = score(trl_final, test_rows, task, recipe)
 
     sl = {
-        **sl_log.summary(args.warmup, per_step),
+        **grpo_summary(sl_log, args.warmup, per_step),
         **sl_eval,
         "wall_seconds_incl_setup_and_final_eval": sl_wall,
         "other_processes_cpu_fraction": sl_other,
@@ -542,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": sl_result["model"],
     }
     tr = {
-        **trl_log.summary(args.warmup, per_step),
+        **grpo_summary(trl_log, args.warmup, per_step),
         **trl_eval,
         "wall_seconds_incl_setup": trl_wall,
         "other_processes_cpu_fraction": trl_other,
@@ -578,26 +515,10 @@ def main(argv: list[str] | None = None) -> int:
         "ratio_steps_per_s_signalrl_over_trl": sl["steps_per_second"] / tr["steps_per_second"],
         "not_equalized": NOT_EQUALIZED,
         "versions": versions(),
-        "machine": {
-            "platform": platform.platform(),
-            "cpu_count": os.cpu_count(),
-            "processor": platform.processor(),
-        },
+        "machine": machine_info(),
         "total_seconds": time.perf_counter() - started,
     }
-    for name in ("signalrl", "trl"):
-        if out[name]["torch_threads"] != args.threads:
-            console.print(
-                f"[yellow]{name} ran with {out[name]['torch_threads']} torch threads, "
-                f"not {args.threads}"
-            )
-    for name in ("signalrl", "trl"):
-        other = out[name]["other_processes_cpu_fraction"]
-        if other is not None and other > 0.05:
-            console.print(
-                f"[yellow]other processes used {other:.0%} of the machine's CPU time while "
-                f"{name} trained: its timings are skewed (compare the median column)"
-            )
+    warn_threads_and_load(out, args.threads, console)
     if not math.isfinite(out["ratio_steps_per_s_signalrl_over_trl"]):
         raise SystemExit("non-finite timing ratio")
     out_path.parent.mkdir(parents=True, exist_ok=True)
