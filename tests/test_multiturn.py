@@ -6,6 +6,7 @@ environment end to end."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ from signalrl.rollout.multiturn import EnvRollouts, Limits, Renderer, run_episod
 from signalrl.rollout.sampler import SamplingParams
 from signalrl.tasks import make_task
 from signalrl.trainers.online_rl import OnlineRLTrainer
+from signalrl.trainers.sft import SFTTrainer
 
 
 @pytest.fixture(scope="module")
@@ -183,6 +185,19 @@ def test_sft_demonstration_is_what_a_perfect_rollout_samples(policy):
     rollout = turn1 + delta + turn2
     assert c_ids[: len(rollout)] == rollout
     assert tok.decode(c_ids[len(rollout) :]) == "\n<|endoftext|>"
+
+    # trainer: sft on the task trains its `sft_messages`: the same ids, and the loss mask is
+    # the rollout's (the policy's two turns trained, the tool's turn masked) but for the
+    # newline the template writes after a turn's end (an assistant message's, in SFT)
+    data = SFTTrainer._conversations(SimpleNamespace(tokenizer=tok), [row], "task")
+    assert data.prompt_ids[0] == p_ids and data.completion_ids[0] == c_ids
+    mask = data.completion_masks[0]
+    assert tok.decode(delta[:1]) == "\n"
+    tool_turn = [1.0] + [0.0] * (len(delta) - 1)
+    assert mask[: len(rollout)] == [1.0] * len(turn1) + tool_turn + [1.0] * len(turn2)
+    assert tok.decode([t for t, m in zip(c_ids, mask, strict=True) if not m]).startswith(
+        "<|im_start|>tool\n" + row["answer"]
+    )
 
 
 def _grpo(tmp_path, env, **over):

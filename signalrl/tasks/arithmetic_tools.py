@@ -13,8 +13,9 @@ and of Qwen checkpoints): the call, the tool's result turn and the answer turn
     <tool_call>{"name": "calculator", "arguments": {"expression": "12345*678"}}</tool_call>
     <|im_end|>\\n<|im_start|>tool\\n8369910<|im_end|>\\n<|im_start|>assistant\\n8369910
 
-(the SFT loss covers the tool turn's tokens too: the task's SFT path trains on the whole
-completion; in RL they are environment tokens and never in the loss). With `tools: false`
+(the row's `sft_messages` is that whole conversation, so `trainer: sft` on the task trains
+the two assistant turns and masks the tool's turn: environment tokens, as in RL, where they
+are never in the loss). With `tools: false`
 the prompt is the question alone and the completion the answer: the no-tools baseline.
 
 The verifier reads the final integer of the final assistant message (`extract`), so a call
@@ -94,6 +95,12 @@ class ArithmeticToolsTask:
         }
         if self.tools:
             row["tools_in_messages"] = True
+            row["sft_messages"] = [
+                *messages,
+                {"role": "assistant", "content": call},
+                {"role": "tool", "content": str(value)},
+                {"role": "assistant", "content": str(value)},
+            ]
         return row
 
     def _split(self, want_test: bool, n: int, seed: int) -> list[Row]:

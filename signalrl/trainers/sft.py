@@ -20,7 +20,7 @@ import torch
 
 from signalrl.config import SFTRecipe
 from signalrl.data.collate import SequenceBatch, build_batch, tokenize_sft
-from signalrl.data.sft import SFTExamples, load_sft_data, split_examples
+from signalrl.data.sft import SFTExamples, load_sft_data, split_examples, tokenize_rows
 from signalrl.models.logprobs import completion_logps
 from signalrl.trainers.base import DataCursor, MicroLoss, StepResult, TrainerBase
 
@@ -36,6 +36,11 @@ class SFTTrainer(TrainerBase):
         else:
             rows = self.train_rows()
             source = f"task {self.task.name} (train)"
+            if rows and all("sft_messages" in r for r in rows):
+                self.train_data = self._conversations(rows, source)
+                self.data = DataCursor(len(self.train_data), recipe.seed)
+                self.finish_setup()
+                return
             p_ids, c_ids = tokenize_sft(
                 self.tokenizer,
                 [r["prompt"] for r in rows],
@@ -47,6 +52,13 @@ class SFTTrainer(TrainerBase):
             self.train_data = SFTExamples(p_ids, c_ids, masks, "prompt_completion", source)
         self.data = DataCursor(len(self.train_data), recipe.seed)
         self.finish_setup()
+
+    def _conversations(self, rows: list[dict[str, Any]], source: str) -> SFTExamples:
+        """A task's whole demonstrations (`sft_messages`: e.g. a tool call, the tool's result,
+        the answer) as `messages` rows: the loss covers every assistant turn and none of the
+        environment's (tool) turns, as in RL, where those are observation tokens."""
+        pairs = [(f"{source} row {i}", {"messages": r["sft_messages"]}) for i, r in enumerate(rows)]
+        return tokenize_rows(self.tokenizer, pairs, "messages", source=source)
 
     def _load_file(self) -> tuple[SFTExamples, SFTExamples | None]:
         d = self.recipe.data
