@@ -567,21 +567,30 @@ def write_report(
 
 
 def _plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
-    """Test accuracy after each training stage and the forward tokens of its whole route."""
+    """Every stage in order: test accuracy after each training stage (bars), each data stage
+    as a hatched bar with its rows, and the forward tokens of each stage's whole route."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    trained = [r for r in rows if r["accuracy"] is not None]
-    fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(trained) + 2), 3.5))
-    if trained:
-        names = [r["stage"] for r in trained]
-        ax.bar(names, [r["accuracy"] for r in trained], color="tab:blue")
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(rows) + 2), 3.5))
+    if rows:
+        names = [r["stage"] for r in rows]
+        trained = [r["accuracy"] is not None for r in rows]
+        ax.bar(names, [r["accuracy"] if t else 0.0 for r, t in zip(rows, trained, strict=True)],
+               color="tab:blue", label="test accuracy")  # fmt: skip
+        for i, (r, t) in enumerate(zip(rows, trained, strict=True)):
+            if not t:  # a data stage (or a stage without an accuracy): what it made
+                ax.bar(i, 1.0, color="none", edgecolor="tab:gray", hatch="//", linewidth=0.5)
+                text = f"{r['kind']}\n{r['data']} rows" if r.get("data") else str(r["kind"])
+                ax.text(i, 0.03, text, ha="center", va="bottom", rotation=90, fontsize=7,
+                        color="dimgray", backgroundcolor="white")  # fmt: skip
         ax.set_ylabel("test accuracy (greedy)")
         ax.set_ylim(0, 1)
+        ax.tick_params(axis="x", labelrotation=30)
         ax2 = ax.twinx()
-        ax2.plot(names, [r["route_tokens"] or 0.0 for r in trained], "o", color="tab:orange")
+        ax2.plot(names, [r["route_tokens"] or 0.0 for r in rows], "o", color="tab:orange")
         ax2.set_ylabel("route forward tokens (data sampling included)")
     ax.set_title(title)
     fig.tight_layout()
