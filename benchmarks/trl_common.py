@@ -370,6 +370,32 @@ def base_recipe(
     }
 
 
+def greedy_accuracy(
+    path: Path, rows: list[dict[str, Any]], task: Any, recipe: Any
+) -> dict[str, Any]:
+    """Greedy accuracy (and mean length) of the checkpoint at `path`, reloaded with
+    `from_pretrained`, by `signalrl.eval.evaluate` with the recipe's max tokens, eval batch
+    size, stop strings and autocast: the same scoring for every model a GRPO benchmark
+    compares."""
+    import torch
+
+    from signalrl.eval import evaluate
+    from signalrl.models import load_model
+
+    model, tok = load_model(str(path))
+    res = evaluate(
+        model,
+        tok,
+        rows,
+        task.verify,
+        max_new_tokens=recipe.eval.max_new_tokens or recipe.sampling.max_new_tokens,
+        batch_size=recipe.eval.batch_size,
+        stop_strings=recipe.sampling.stop_strings,
+        autocast_dtype=torch.bfloat16 if recipe.train.precision == "bf16" else None,
+    )
+    return {"accuracy": res.accuracy, "mean_length": res.mean_length, "n": res.n}
+
+
 # --------------------------------------------------------------------------- generated data
 
 MIN_TOKENS, MAX_TOKENS = 20, 200
@@ -485,4 +511,42 @@ def completion_logps_of(
             counts = batch.completion_mask.sum(-1).tolist()
             out += [(float(a), int(b)) for a, b in zip(sums, counts, strict=True)]
     del model
+    return out
+
+
+def _countdown_steps(node: Any, out: list[str]) -> int:
+    """Evaluate a parsed countdown tree bottom-up, writing each step as `a op b = v`."""
+    if isinstance(node, int):
+        return node
+    op, left, right = node
+    a, b = _countdown_steps(left, out), _countdown_steps(right, out)
+    value = {"+": a + b, "-": a - b, "*": a * b, "/": a // b if b else 0}[op]
+    out.append(f"{a}{op}{b}={value}")
+    return value
+
+
+def countdown_r1_rows(rows: list[dict[str, Any]], seed: int) -> list[dict[str, Any]]:
+    """{prompt, completion} SFT rows for countdown task rows (the task's own prompt), with an
+    R1-style completion ` <think> ... </think> <answer> EXPR </answer>` that the task's
+    verifier reads (its last `<answer>` block): 0-4 failed tries with two of the given numbers
+    (`try 3+9=12, no.`, seeded), then the row's expression evaluated step by step. With 3
+    numbers from 1..20 this is 63-152 characters (the char tokenizer's tokens) with EOS,
+    about 20% over 128."""
+    from signalrl.tasks.countdown import parse_expression
+
+    rng = random.Random(seed)
+    out: list[dict[str, Any]] = []
+    for row in rows:
+        tree, _ = parse_expression(row["expr"])
+        steps: list[str] = []
+        _countdown_steps(tree, steps)
+        tries = []
+        for _ in range(rng.randint(0, 4)):
+            a, b = rng.sample(row["numbers"], 2)
+            op = rng.choice("+-*")
+            value = a + b if op == "+" else a - b if op == "-" else a * b
+            tries.append(f"try {a}{op}{b}={value}, no.")
+        think = " ".join([*tries, ", ".join(steps) + f", so {row['target']}."])
+        completion = f" <think> {think} </think> <answer> {row['expr']} </answer>"
+        out.append({"prompt": row["prompt"], "completion": completion})
     return out
