@@ -591,7 +591,7 @@ def _plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
         ax.tick_params(axis="x", labelrotation=30)
         ax2 = ax.twinx()
         ax2.plot(names, [r["route_tokens"] or 0.0 for r in rows], "o", color="tab:orange")
-        ax2.set_ylabel("route forward tokens (data sampling included)")
+        ax2.set_ylabel("route forward tokens (o)")
     ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
