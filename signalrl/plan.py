@@ -360,6 +360,16 @@ def _checks(recipe: Any, strategy: str, gpus: int) -> str:
     return ""
 
 
+def _stale_sampler(recipe: Any, t: dict[str, float], shard: int) -> dict[str, float]:
+    """`sampling.policy_lag: k` (`rollout.stale`): a frozen copy of the policy samples (a GPU
+    term added to `t`); its k + 1 weight snapshots are on the CPU (returned, host memory)."""
+    lag = recipe.sampling.policy_lag if recipe.trainer == "online_rl" else 0
+    if not lag:
+        return {}
+    copy = t["stale sampler (sampling.policy_lag)"] = t["policy weights"] * shard
+    return {f"policy snapshots ({lag + 1}, sampling.policy_lag)": (lag + 1) * copy}
+
+
 def plan_one(
     recipe: Any,
     s: Shape,
@@ -388,13 +398,7 @@ def plan_one(
     t["reference"] = 4.0 * s.params if uses_reference(recipe) and not lora else 0.0
     for name, size in extra.models:
         t[name] = size
-    host: dict[str, float] = {}
-    lag = recipe.sampling.policy_lag if recipe.trainer == "online_rl" else 0
-    if lag:  # rollout.stale: a frozen copy of the policy samples; k + 1 snapshots on the CPU
-        t["stale sampler (sampling.policy_lag)"] = t["policy weights"] * shard
-        host[f"policy snapshots ({lag + 1}, sampling.policy_lag)"] = (
-            (lag + 1) * t["policy weights"] * shard
-        )
+    host = _stale_sampler(recipe, t, shard)
     persistent = sum(t.values()) - t["gradients (fp32)"]
     # this rank's share of the step (online: whole groups of prompts)
     gen_rows = _own(w.prompts, gpus) * w.group if w.generates else 0
