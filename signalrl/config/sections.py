@@ -75,6 +75,12 @@ class TrainConfig(Section):
     gradient_checkpointing: bool = Field(
         False, description="recompute activations in backward (HF's, use_reentrant=False)"
     )
+    padding_free: bool = Field(
+        True,
+        description="SFT, preference and distillation forwards: pack a batch's sequences into "
+        "fewer rows (position ids restarting per sequence) where that saves padding; off where "
+        "the model fails the packed-vs-separate check (signalrl.models.packing)",
+    )
 
 
 class SamplingConfig(Section):

@@ -24,6 +24,7 @@ from signalrl.data.collate import SequenceBatch, build_batch
 from signalrl.losses.entropy import hidden_token_logprobs_entropy, token_logprobs_entropy
 from signalrl.losses.policy import hidden_token_logprobs, token_logprobs
 from signalrl.models.lora import logprob_context
+from signalrl.models.packing import PackedBatch, pack_batch
 
 #: Elements of one chunk's logits in the chunked LM head (64 MiB of float32 logits; at a
 #: 151936-token vocabulary: 110 positions at a time; a backward pass holds about 5 such tensors).
@@ -145,11 +146,16 @@ def completion_logps(
     *,
     temperature: float = 1.0,
     autocast_dtype: torch.dtype | None = None,
+    padding_free: bool = False,
 ) -> torch.Tensor:
     """Per-token log-probs `(N, T)` of the completion tokens (0 where the mask is 0), from
     one forward pass; only the `T` positions that predict completion tokens go through the
-    LM head, a chunk at a time. (`completion_logps_entropy` also returns the entropies.)"""
-    return _completion(model, batch, temperature, autocast_dtype, False)[0]
+    LM head, a chunk at a time. (`completion_logps_entropy` also returns the entropies.)
+
+    `padding_free`: run the batch's sequences packed into fewer rows where that saves
+    padding (`signalrl.models.packing`; check `packing_supported(model)` first); the same
+    values up to float rounding."""
+    return _completion(model, batch, temperature, autocast_dtype, False, padding_free)[0]
 
 
 def completion_logps_entropy(
@@ -158,11 +164,12 @@ def completion_logps_entropy(
     *,
     temperature: float = 1.0,
     autocast_dtype: torch.dtype | None = None,
+    padding_free: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`completion_logps` and the policy's full-vocabulary entropy `(N, T)` at each completion
     position (of `softmax(logits / temperature)`, differentiable, 0 where the mask is 0),
     both from the same chunks of logits (`signalrl.losses.entropy`)."""
-    logps, ent = _completion(model, batch, temperature, autocast_dtype, True)
+    logps, ent = _completion(model, batch, temperature, autocast_dtype, True, padding_free)
     assert ent is not None
     return logps, ent
 
@@ -173,7 +180,11 @@ def _completion(
     temperature: float,
     autocast_dtype: torch.dtype | None,
     with_entropy: bool,
+    padding_free: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    packed = pack_batch(batch) if padding_free else None
+    if packed is not None:
+        return _packed(model, batch, packed, temperature, autocast_dtype, with_entropy)
     t = batch.completion_ids.shape[1]
     parts = chunked_head(model, batch.input_ids.shape[0] * (t + 1))
     with logprob_context(model):
@@ -190,6 +201,41 @@ def _completion(
         x = x[:, -(t + 1) : -1, :]
         out = _logps(parts, x, batch.completion_ids, temperature, autocast_dtype, with_entropy)
     return _masked(out, batch.completion_mask)
+
+
+def _packed(
+    model: PreTrainedModel | nn.Module,
+    batch: SequenceBatch,
+    packed: PackedBatch,
+    temperature: float,
+    autocast_dtype: torch.dtype | None,
+    with_entropy: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`_completion` through one forward of the packed rows (`signalrl.models.packing`):
+    the states that predict completion tokens are gathered, their log-probs (and entropies)
+    computed and scattered back to the batch's `(N, T)` layout."""
+    parts = chunked_head(model, packed.targets.numel())
+    with logprob_context(model):
+        with autocast_context(batch.input_ids.device, autocast_dtype):
+            x = _run(
+                model,
+                parts,
+                None,
+                input_ids=packed.input_ids,
+                position_ids=packed.position_ids,
+                attention_mask=None,
+                use_cache=False,
+            )
+        x = x.reshape(-1, x.shape[-1])[packed.predict_at][None]
+        lp, ent = _logps(parts, x, packed.targets[None], temperature, autocast_dtype, with_entropy)
+    shape = batch.completion_ids.shape
+    out = lp.new_zeros(shape).index_put((packed.rows, packed.cols), lp[0])
+    ent_out = (
+        ent.new_zeros(shape).index_put((packed.rows, packed.cols), ent[0])
+        if ent is not None
+        else None
+    )
+    return _masked((out, ent_out), batch.completion_mask)
 
 
 def shared_prefix_logps(

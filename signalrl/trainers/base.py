@@ -22,7 +22,6 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -43,6 +42,7 @@ from signalrl.eval import EvalResult, evaluate
 from signalrl.logging.memory import peak_memory_mb, reset_peak_memory
 from signalrl.logging.run import FollowerRun, RunDir, RunLock
 from signalrl.models import count_parameters, load_model, resolve_device
+from signalrl.models.logprobs import completion_logps
 from signalrl.models.lora import (
     AdapterDisabled,
     apply_lora,
@@ -51,6 +51,7 @@ from signalrl.models.lora import (
     is_peft,
     load_adapter,
 )
+from signalrl.models.packing import packing_supported, padding_free
 from signalrl.rollout.sampler import SamplingParams
 from signalrl.tasks import Task, make_task
 from signalrl.trainers.checkpoints import CheckpointMixin
@@ -60,6 +61,8 @@ from signalrl.trainers.state import (
     STATE_FILE,
     Budget,
     DataCursor,
+    MicroLoss,
+    StepResult,
     latest_checkpoint,
     lr_lambda,
     seed_everything,
@@ -75,39 +78,6 @@ __all__ = [
     "lr_lambda",
     "seed_everything",
 ]
-
-
-@dataclass
-class MicroLoss:
-    """One micro-batch's loss: a mean over its `units` (tokens, sequences or pairs); its
-    `metrics` are averaged with the same weights; `aux` is handed back in order;
-    `extra_loss` is backpropagated with the same weight but not logged as `loss` (e.g. a
-    critic's value loss)."""
-
-    loss: torch.Tensor
-    units: float
-    metrics: dict[str, float] = field(default_factory=dict)
-    aux: Any = None
-    extra_loss: torch.Tensor | None = None
-
-
-@dataclass
-class StepResult:
-    """What the update of one step produced: per-epoch weighted metric sums (`loss` and the
-    micro-batches' metrics), the first epoch's `aux` values, and the optimizer step's
-    `grad_norm` and `lr`."""
-
-    epochs: list[dict[str, float]]
-    aux: list[Any]
-    opt: dict[str, float]
-
-    def metrics(self) -> dict[str, float]:
-        """Each key's mean over the epochs that logged it."""
-        out: dict[str, float] = {}
-        for key in {k for e in self.epochs for k in e}:
-            vals = [e[key] for e in self.epochs if key in e]
-            out[key] = sum(vals) / len(vals)
-        return {**out, **self.opt}
 
 
 class TrainerBase(RanksMixin, DoctorMixin, CheckpointMixin):
@@ -147,6 +117,7 @@ class TrainerBase(RanksMixin, DoctorMixin, CheckpointMixin):
         self.device = next(self.model.parameters()).device
         bf16 = recipe.train.precision == "bf16"
         self.autocast_dtype = torch.bfloat16 if bf16 else self.master_autocast
+        self.padding_free = padding_free(self.model, recipe.train.padding_free, self.console)
         self.ref_model: torch.nn.Module | None = None
         self.budget = Budget()
         self.models_held: dict[str, float] = {}
@@ -156,6 +127,14 @@ class TrainerBase(RanksMixin, DoctorMixin, CheckpointMixin):
         self.elapsed_before = 0.0
 
     # -- models -------------------------------------------------------------------------------
+    def seq_logps(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
+        """`model`'s completion log-probs `(N, T)` of `batch` at the run's precision, packed
+        where `train.padding_free` holds (`signalrl.models.packing`)."""
+        packed = self.padding_free and (model is self.model or packing_supported(model))
+        return completion_logps(
+            model, batch, autocast_dtype=self.autocast_dtype, padding_free=packed
+        )
+
     def load_policy(self, source: str, *, reference: bool = False) -> tuple[Any, Any]:
         """The policy from `source` (the start model, or a step checkpoint on resume; a LoRA
         run's checkpoint holds only the adapter: base from `model.name_or_path` + adapter):

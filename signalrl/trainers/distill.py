@@ -61,7 +61,7 @@ from signalrl.losses.distill import generalized_jsd, reverse_kl_per_token
 from signalrl.losses.kl import kl_estimate
 from signalrl.losses.policy import token_logprobs
 from signalrl.models import load_model
-from signalrl.models.logprobs import autocast_context, completion_logps
+from signalrl.models.logprobs import autocast_context
 from signalrl.rollout.batch import RolloutBatch, Row
 from signalrl.trainers.base import MicroLoss, StepResult
 from signalrl.trainers.online_rl import OnlineRLTrainer, RLBatch
@@ -302,7 +302,7 @@ class DistillTrainer(OnlineRLTrainer):
         n = float(mask.sum())
         self.budget.forward_tokens += int(mb.attention_mask.sum())
         if self.recipe.distill.mode == "off_policy":  # SFT on the teacher's samples
-            logps = completion_logps(self.model, mb, autocast_dtype=self.autocast_dtype)
+            logps = self.seq_logps(self.model, mb)
             return MicroLoss(-(logps * mask).sum() / max(n, 1e-12), n)
         return self._jsd_loss(mb, n)
 

@@ -77,7 +77,6 @@ from signalrl.data.make_preferences import pick_pair_indices
 from signalrl.data.preference import PreferenceData, load_preference_data, split_data
 from signalrl.losses.preference import PreferenceInput, preference_loss, preference_metrics
 from signalrl.models import save_model
-from signalrl.models.logprobs import completion_logps
 from signalrl.rewards.registry import RewardComposer, RewardSpec
 from signalrl.trainers.base import DataCursor, MicroLoss, StepResult
 from signalrl.trainers.preference_eval import PreferenceEvalMixin
@@ -194,11 +193,11 @@ class PreferenceTrainer(PreferenceEvalMixin):
                 was_training = self.model.training
                 self.model.eval()
                 with self.model.disable_adapter():
-                    out = completion_logps(self.model, batch, autocast_dtype=self.autocast_dtype)
+                    out = self.seq_logps(self.model, batch)
                 self.model.train(was_training)
                 return out
             assert self.ref_model is not None
-            return completion_logps(self.ref_model, batch, autocast_dtype=self.autocast_dtype)
+            return self.seq_logps(self.ref_model, batch)
 
     def _seq_logps_nograd(self, model_fn, data: PreferenceData, which: str) -> torch.Tensor:  # noqa: ANN001
         """Sequence log-probs (sum) of every row's `which` completion, in chunks."""
@@ -328,7 +327,7 @@ class PreferenceTrainer(PreferenceEvalMixin):
             for s in self.micro_slices(len(idx)):
                 mb = idx[s]
                 batch = self._rows_batch(data, mb, "kl")
-                pol = completion_logps(self.model, batch, autocast_dtype=self.autocast_dtype)
+                pol = self.seq_logps(self.model, batch)
                 if count:
                     self.budget.forward_tokens += int(batch.attention_mask.sum())
                 diff = pol.sum(-1) - self._seq_ref(split, "kl", mb, batch)
@@ -341,7 +340,7 @@ class PreferenceTrainer(PreferenceEvalMixin):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         pc = self.recipe.preference
         batch = self._rows_batch(data, mb, "chosen")
-        pol = completion_logps(self.model, batch, autocast_dtype=self.autocast_dtype)
+        pol = self.seq_logps(self.model, batch)
         ref = self._seq_ref(split, "chosen", mb, batch)
         assert data.labels is not None
         desirable = torch.tensor([data.labels[i] for i in mb], device=self.device)
@@ -384,7 +383,7 @@ class PreferenceTrainer(PreferenceEvalMixin):
             return MicroLoss(losses.sum() / len(chunk), len(chunk), aux=(rewards, logps, desirable))
         seq = self._rows_batch(data, chunk, "pair")
         ref = self._pair_ref("train", data, chunk)
-        pol = completion_logps(self.model, seq, autocast_dtype=self.autocast_dtype)
+        pol = self.seq_logps(self.model, seq)
         self.budget.forward_tokens += int(seq.attention_mask.sum())
         losses, cr, rr, lc, lr = self._pair_losses(pol, ref, seq.completion_mask)
         return MicroLoss(losses.sum() / len(chunk), len(chunk), aux=(cr, rr, lc, lr))

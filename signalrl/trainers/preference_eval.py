@@ -18,7 +18,6 @@ from signalrl.data.collate import build_batch
 from signalrl.data.preference import PreferenceData
 from signalrl.losses.kl import kl_estimate
 from signalrl.losses.preference import preference_metrics
-from signalrl.models.logprobs import completion_logps
 from signalrl.rollout.sampler import SamplingParams, generate
 from signalrl.trainers.base import TrainerBase
 
@@ -84,7 +83,7 @@ class PreferenceEvalMixin(TrainerBase):
             parts, ratio_sum, ratio_tokens = [], 0.0, 0.0
             for mb in chunks:
                 batch = self._rows_batch(data, mb, "pair")
-                pol = completion_logps(self.model, batch, autocast_dtype=self.autocast_dtype)
+                pol = self.seq_logps(self.model, batch)
                 ref = self._pair_ref(split, data, mb)
                 parts.append(self._pair_losses(pol, ref, batch.completion_mask))
                 if ref is not None:
@@ -123,7 +122,7 @@ class PreferenceEvalMixin(TrainerBase):
             completion_mask=roll.completion_mask,
             device=self.device,
         )
-        pol = completion_logps(self.model, batch, autocast_dtype=self.autocast_dtype)
+        pol = self.seq_logps(self.model, batch)
         ref = self._ref_logps(batch)
         mask = batch.completion_mask
         k3 = kl_estimate(pol, ref, "k3") * mask

@@ -21,7 +21,6 @@ import torch
 from signalrl.config import SFTRecipe
 from signalrl.data.collate import SequenceBatch, build_batch, tokenize_sft
 from signalrl.data.sft import SFTExamples, load_sft_data, split_examples, tokenize_rows
-from signalrl.models.logprobs import completion_logps
 from signalrl.trainers.base import DataCursor, MicroLoss, StepResult, TrainerBase
 
 
@@ -113,7 +112,7 @@ class SFTTrainer(TrainerBase):
     def micro_loss(self, batch: SequenceBatch, chunk: slice, epoch: int) -> MicroLoss:
         mb = batch.select(chunk)
         self.budget.forward_tokens += int(mb.attention_mask.sum())
-        logps = completion_logps(self.model, mb, autocast_dtype=self.autocast_dtype)
+        logps = self.seq_logps(self.model, mb)
         loss, n = self._nll(logps, mb)
         return MicroLoss(loss, float(n))
 
@@ -136,9 +135,7 @@ class SFTTrainer(TrainerBase):
             batch = self._batch(test_data, list(range(start, min(start + size, len(test_data)))))
             for s in self.micro_slices(len(batch), share=False):
                 mb = batch.select(s)
-                loss, n = self._nll(
-                    completion_logps(self.model, mb, autocast_dtype=self.autocast_dtype), mb
-                )
+                loss, n = self._nll(self.seq_logps(self.model, mb), mb)
                 nll += float(loss) * float(n)
                 tokens += float(n)
         return nll / max(tokens, 1.0)

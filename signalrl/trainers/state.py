@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -157,3 +157,36 @@ def resume_differences(saved: Path, recipe: RecipeBase) -> list[str]:
         for k in keys
         if not any(k == p or (p.endswith(".") and k.startswith(p)) for p in RESUME_MAY_CHANGE)
     ]
+
+
+@dataclass
+class MicroLoss:
+    """One micro-batch's loss: a mean over its `units` (tokens, sequences or pairs); its
+    `metrics` are averaged with the same weights; `aux` is handed back in order;
+    `extra_loss` is backpropagated with the same weight but not logged as `loss` (e.g. a
+    critic's value loss)."""
+
+    loss: torch.Tensor
+    units: float
+    metrics: dict[str, float] = field(default_factory=dict)
+    aux: Any = None
+    extra_loss: torch.Tensor | None = None
+
+
+@dataclass
+class StepResult:
+    """What the update of one step produced: per-epoch weighted metric sums (`loss` and the
+    micro-batches' metrics), the first epoch's `aux` values, and the optimizer step's
+    `grad_norm` and `lr`."""
+
+    epochs: list[dict[str, float]]
+    aux: list[Any]
+    opt: dict[str, float]
+
+    def metrics(self) -> dict[str, float]:
+        """Each key's mean over the epochs that logged it."""
+        out: dict[str, float] = {}
+        for key in {k for e in self.epochs for k in e}:
+            vals = [e[key] for e in self.epochs if key in e]
+            out[key] = sum(vals) / len(vals)
+        return {**out, **self.opt}
