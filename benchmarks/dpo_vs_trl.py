@@ -119,8 +119,10 @@ FULL = {"steps": 30, "warmup": 2, "batch_size": 32, "eval_rows": 256, "sft_steps
 QUICK = {"steps": 3, "warmup": 1, "batch_size": 16, "eval_rows": 16, "sft_steps": 2}
 BETA, MAX_LENGTH = 0.1, 256
 NOT_EQUALIZED = [
-    "batch layout: signalrl left-pads prompts and right-pads completions; TRL right-pads "
-    "prompt+completion",
+    "batch layout: signalrl packs each forward's sequences first-fit decreasing into rows of "
+    "the batch's width with position ids restarting per sequence (train.padding_free, its "
+    "default; --padding-free off: left-padded prompts, right-padded completions); TRL "
+    "right-pads prompt+completion (TRL 1.16 disables DPOConfig.padding_free)",
     "log-probs: signalrl logits_to_keep + chunked log-softmax over completion positions; TRL "
     "its fused LM head (also entropy, mean logits, top-1 accuracy for its metrics)",
     "per-step metrics and bookkeeping of each framework are inside the timed window",
@@ -399,6 +401,7 @@ def main(argv: list[str] | None = None) -> int:
             "preset": "small",
             "start_sft_steps": 0 if args.start else args.sft_steps,
             "quick": args.quick,
+            "signalrl_padding_free": args.padding_free,
         },
         "data": {
             "generated": "trl_common.explanation_rows (seed 0 train, seed 1 held out)",

@@ -29,7 +29,8 @@ What is held equal (set in this file and `trl_common.py`):
   `tokenizer.json` pipeline, `signalrl.models.load_tokenizer_checked`, for both).
 - Loss: the mean NLL over the completion tokens and the EOS of the step's rows (signalrl
   `prompt_completion` rows; TRL `completion_only_loss=True`, `assistant_only_loss=False`,
-  `loss_type="nll"`, no packing, no padding-free); EOS appended by both.
+  `loss_type="nll"`, no packing, no padding-free unless `--trl-padding-free`); EOS appended
+  by both.
 - Rows: the same rows in the same order: signalrl's first epoch is the file order (its
   `DataCursor` would shuffle) and its indices are recorded; TRL gets exactly those rows with
   `shuffle_dataset=False` and `train_sampling_strategy="sequential"`.
@@ -103,8 +104,11 @@ FULL = {"steps": 50, "warmup": 2, "batch_size": 32, "eval_rows": 256}
 QUICK = {"steps": 3, "warmup": 1, "batch_size": 16, "eval_rows": 16}
 MAX_LENGTH = 256
 NOT_EQUALIZED = [
-    "batch layout: signalrl left-pads prompts and right-pads completions; TRL right-pads "
-    "prompt+completion",
+    "batch layout: signalrl packs each forward's sequences first-fit decreasing into rows of "
+    "the batch's width with position ids restarting per sequence (train.padding_free, its "
+    "default; --padding-free off: left-padded prompts, right-padded completions); TRL "
+    "right-pads prompt+completion (--trl-padding-free: TRL's padding_free, the whole "
+    "batch flattened into one row)",
     "loss computation: signalrl logits_to_keep + chunked log-softmax over completion "
     "positions; TRL its fused LM head over every position (also entropy, top-1 accuracy)",
     "per-step metrics and bookkeeping of each framework are inside the timed window",
@@ -115,6 +119,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Time SFT with signalrl and with TRL's SFTTrainer.")
     add_common_args(p, "runs/bench_sft_vs_trl")
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate (1e-3)")
+    p.add_argument(
+        "--trl-padding-free",
+        action="store_true",
+        help="TRL's padding_free=True (each batch flattened into one row with position ids)",
+    )
     return resolve_counts(p, p.parse_args(argv), FULL, QUICK)
 
 
@@ -181,10 +190,11 @@ def run_trl(recipe, start: Path, rows: list[dict[str, Any]], args, work: Path):
         per_device_train_batch_size=args.batch_size,
         train_sampling_strategy="sequential",
         shuffle_dataset=False,
-        max_length=MAX_LENGTH,
+        # TRL refuses max_length with padding_free and no packing; no row reaches it anyway
+        max_length=None if args.trl_padding_free else MAX_LENGTH,
         pad_to_multiple_of=None,
         packing=False,
-        padding_free=False,
+        padding_free=args.trl_padding_free,
         completion_only_loss=True,
         assistant_only_loss=False,
         loss_type="nll",
@@ -282,6 +292,8 @@ def run_config(args: argparse.Namespace, recipe: Any) -> dict[str, Any]:
         "threads": args.threads,
         "preset": "small (untrained init)",
         "quick": args.quick,
+        "signalrl_padding_free": args.padding_free,
+        "trl_padding_free": args.trl_padding_free,
     }
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from machine import cpu_snapshot, load_verdict, other_cpu_fraction, wait_for_idle
+from profiling import StepProfiler, format_table, profile_request
 
 # --------------------------------------------------------------------------- step timing
 
@@ -62,11 +63,15 @@ class StepLog:
         self.values: dict[str, list[float]] = {}
         self.threads: int | None = None
         self.extra: dict[str, Any] = {}
+        self.profiler = StepProfiler(*profile_request())  # SIGNALRL_BENCH_PROFILE
 
     def mark(self) -> None:
         """Call at the end of every optimizer step."""
         self.ends.append(time.perf_counter())
         self.snapshots.append(cpu_snapshot())
+        self.profiler.on_mark()
+        if self.profiler.result is not None:
+            self.extra["profile"] = self.profiler.result
 
     def add(self, name: str, value: float) -> None:
         self.values.setdefault(name, []).append(float(value))
@@ -248,11 +253,22 @@ def ratio_with_verdict(out: dict[str, Any]) -> dict[str, Any]:
         tr["other_processes_cpu_fraction"],
     )
     label = "result" if verdict["idle"] else "machine busy, not a result"
+    if "profile" in sl or "profile" in tr:  # profiled steps are in the timed window
+        label = "profiled run, not a timing result"
+        table = format_table(
+            {k: r["profile"] for k, r in (("signalrl", sl), ("TRL", tr)) if "profile" in r}
+        )
+        return {"ratio": ratio, "load": verdict, "label": label, "profile_table": table}
     return {"ratio": ratio, "load": verdict, "label": label}
 
 
 def print_ratio(console: Any, what: dict[str, Any]) -> None:
     v = what["load"]
+    if "profile_table" in what:
+        console.print("where a step's time goes (torch.profiler, ms per step):")
+        console.print(what["profile_table"], markup=False, highlight=False)
+        console.print(f"[yellow]signalrl/TRL steps per second: {what['ratio']:.2f}x (profiled)")
+        return
     if what["label"] == "result":
         console.print(f"signalrl/TRL steps per second: [bold]{what['ratio']:.2f}x")
         return
@@ -291,6 +307,12 @@ def add_common_args(p: argparse.ArgumentParser, work: str) -> None:
         "using the CPUs (0: do not wait)",
     )
     p.add_argument("--quick", action="store_true", help="smoke run: a few steps, few eval rows")
+    p.add_argument(
+        "--padding-free",
+        choices=["on", "off"],
+        default="on",
+        help="signalrl's train.padding_free (packed forwards; default on, as signalrl's default)",
+    )
 
 
 def resolve_counts(p: argparse.ArgumentParser, a: argparse.Namespace, full: dict, quick: dict):
@@ -358,6 +380,7 @@ def base_recipe(
             "grad_clip": 1.0,
             "precision": args.precision,
             "threads": args.threads,
+            "padding_free": getattr(args, "padding_free", "on") == "on",
         },
         "eval": {"every": 0, "k": 0, "n": 1, "train_pairs": 0},
         "logging": {
