@@ -71,33 +71,31 @@ def build_batch(
         cmask = completion_mask.to(device=device, dtype=torch.float32)
         present = (cmask > 0).long()
     else:
-        t = max((len(c) for c in completion_ids), default=0)
-        comp = torch.full((n, max(t, 1)), pad_id, dtype=torch.long)
-        cmask = torch.zeros((n, max(t, 1)), dtype=torch.float32)
-        present = torch.zeros((n, max(t, 1)), dtype=torch.long)
+        t = max(max((len(c) for c in completion_ids), default=0), 1)
         if masks is not None and len(masks) != n:
             raise ValueError(f"build_batch: {n} completions but {len(masks)} masks")
         for i, c in enumerate(completion_ids):
-            comp[i, : len(c)] = torch.tensor(list(c), dtype=torch.long)
-            present[i, : len(c)] = 1
-            if masks is None:
-                cmask[i, : len(c)] = 1.0
-            elif len(masks[i]) != len(c):
+            if masks is not None and len(masks[i]) != len(c):
                 raise ValueError(f"build_batch: completion {i} and its mask differ in length")
-            else:
-                cmask[i, : len(c)] = torch.tensor(list(masks[i]), dtype=torch.float32)
-        comp, cmask, present = comp.to(device), cmask.to(device), present.to(device)
+        # one tensor from padded lists (not a slice assignment per row: this runs every step)
+        comp = torch.tensor([[*c, *[pad_id] * (t - len(c))] for c in completion_ids])
+        present = torch.tensor([[1] * len(c) + [0] * (t - len(c)) for c in completion_ids])
+        if masks is None:
+            cmask = present.to(torch.float32)
+        else:
+            cmask = torch.tensor([[*m, *[0.0] * (t - len(m))] for m in masks], dtype=torch.float32)
+        comp = comp.to(device=device, dtype=torch.long).reshape(n, t)
+        present = present.to(device=device, dtype=torch.long).reshape(n, t)
+        cmask = cmask.to(device).reshape(n, t)
     if comp.shape[0] != n:
         raise ValueError(f"build_batch: {n} prompts but {comp.shape[0]} completions")
     p = max(len(x) for x in prompt_ids)
-    prompts = torch.full((n, p), pad_id, dtype=torch.long)
-    pmask = torch.zeros((n, p), dtype=torch.long)
     for i, x in enumerate(prompt_ids):
         if len(x) == 0:
             raise ValueError(f"build_batch: prompt {i} is empty")
-        prompts[i, p - len(x) :] = torch.tensor(list(x), dtype=torch.long)
-        pmask[i, p - len(x) :] = 1
-    prompts, pmask = prompts.to(device), pmask.to(device)
+    prompts = torch.tensor([[*[pad_id] * (p - len(x)), *x] for x in prompt_ids], dtype=torch.long)
+    pmask = torch.tensor([[0] * (p - len(x)) + [1] * len(x) for x in prompt_ids])
+    prompts, pmask = prompts.to(device), pmask.to(device=device, dtype=torch.long)
     input_ids = torch.cat([prompts, comp], dim=1)
     attn = torch.cat([pmask, present], dim=1)
     positions = (attn.cumsum(-1) - 1).clamp(min=0)

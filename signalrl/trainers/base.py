@@ -63,6 +63,7 @@ from signalrl.trainers.state import (
     DataCursor,
     MicroLoss,
     StepResult,
+    adamw_options,
     latest_checkpoint,
     lr_lambda,
     seed_everything,
@@ -74,6 +75,7 @@ __all__ = [
     "MicroLoss",
     "StepResult",
     "TrainerBase",
+    "adamw_options",
     "latest_checkpoint",
     "lr_lambda",
     "seed_everything",
@@ -256,6 +258,7 @@ class TrainerBase(RanksMixin, DoctorMixin, CheckpointMixin):
             lr=t.lr,
             betas=t.betas,
             eps=t.adam_eps,
+            **adamw_options(params),
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(self.recipe))
         self.params = params
