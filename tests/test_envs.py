@@ -169,3 +169,26 @@ def test_distill_takes_an_env_section_on_policy_only():
             recipe_from_dict(data, "test")
     data = {"trainer": "distill", "distill": {"teacher": "tiny"}, "env": env}
     assert recipe_from_dict(data, "test").env is not None
+
+
+def test_guess_number_sft_trains_the_guesses_and_masks_the_feedback():
+    """`trainer: sft` on guess_number trains each guess of the binary-search demonstration and
+    none of the higher/lower turns (environment tokens in RL), via the row's `sft_messages`."""
+    from signalrl.data.sft import tokenize_rows
+    from signalrl.models.tokenizer import build_tokenizer
+
+    task = make_task("guess_number", high=32, n_train=4, n_test=2)
+    row = next(r for r in task.train() if len(binary_search(int(r["answer"]), 32)) >= 3)
+    msgs = row["sft_messages"]
+    guesses = binary_search(int(row["answer"]), 32)
+    assert msgs[0] == row["messages"][0]
+    assert [m["content"] for m in msgs if m["role"] == "assistant"] == [str(g) for g in guesses]
+    assert [m["content"] for m in msgs[2::2]] == [
+        "higher" if int(row["answer"]) > g else "lower" for g in guesses[:-1]
+    ]
+    tok = build_tokenizer("bpe")
+    data = tokenize_rows(tok, [("row", {"messages": msgs})], "messages", source="test")
+    ids, mask = data.completion_ids[0], data.completion_masks[0]
+    trained = tok.decode([i for i, m in zip(ids, mask, strict=True) if m])
+    assert "higher" not in trained and "lower" not in trained
+    assert all(str(g) in trained for g in guesses)

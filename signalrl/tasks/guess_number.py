@@ -6,8 +6,9 @@ earlier feedback message.
 Rows are chat rows (`messages`, for a tokenizer with a chat template: `model.tokenizer:
 bpe`). The SFT completion is a binary-search demonstration written in ChatML (the format of
 the `bpe` preset and of Qwen checkpoints): each guess turn and each feedback turn, ending
-with the right guess (the SFT loss covers the feedback tokens too; in RL they are
-environment tokens and never in the loss). The verifier reads the last integer of the final
+with the right guess. The row's `sft_messages` is that whole conversation, so `trainer: sft`
+on the task trains the guesses and masks the feedback turns: environment tokens, as in RL,
+where they are never in the loss. The verifier reads the last integer of the final
 assistant message: 1.0 when the episode ended on the secret, 0 when it ran out of turns.
 
 Recipe: `env: {type: function, cls: "signalrl.tasks.guess_number:GuessNumberEnv",
@@ -59,18 +60,25 @@ class GuessNumberTask:
 
     def _row(self, secret: int) -> Row:
         question = prompt_text(self.high)
-        turns = []
+        messages = [{"role": "user", "content": question}]
+        turns, conversation = [], list(messages)
         guesses = binary_search(secret, self.high)
         for g in guesses[:-1]:
             fb = HIGHER if secret > g else LOWER
             turns.append(
                 f"{g}<|im_end|>\n<|im_start|>user\n{fb}<|im_end|>\n<|im_start|>assistant\n"
             )
+            conversation += [
+                {"role": "assistant", "content": str(g)},
+                {"role": "user", "content": fb},
+            ]
+        conversation.append({"role": "assistant", "content": str(guesses[-1])})
         return {
             "prompt": question,
-            "messages": [{"role": "user", "content": question}],
+            "messages": messages,
             "answer": str(secret),
             "completion": "".join(turns) + str(guesses[-1]),
+            "sft_messages": conversation,
         }
 
     def train(self) -> list[Row]:
