@@ -161,6 +161,24 @@ def test_guess_number_env_feedback_and_demonstrations():
     assert task.verify(r, r["completion"].rsplit("\n", 1)[-1]) == 1.0
 
 
+def test_guess_number_inconsistency_penalty_per_turn():
+    """`inconsistency_penalty`: -c for a guess the feedback so far rules out (or no number),
+    0 for one it still allows (a bonus would pay for longer games); 0 by default."""
+    row = {"messages": [{"role": "user", "content": "q"}], "answer": "21"}
+    env = GuessNumberEnv(high=32, inconsistency_penalty=0.1)
+    env.reset(row)
+    rewards = [env.step(g, [])[1] for g in ("16", "30", "10", "40", "no idea", "24", "21")]
+    # 16 ok (1..32) -> 17..32; 30 ok -> 17..29; 10 ruled out; 40 ruled out; no number;
+    # 24 ok -> 17..23; 21 ok and wins
+    assert rewards == pytest.approx([0.0, 0.0, -0.1, -0.1, -0.1, 0.0, 0.0])
+    env.reset(row)  # the interval starts over with each episode
+    assert env.step("2", [])[1] == 0.0
+    assert env.step("1", [])[1] == pytest.approx(-0.1)  # 2 said higher: 1 is ruled out
+    plain = GuessNumberEnv(high=32)
+    plain.reset(row)
+    assert [plain.step(g, [])[1] for g in ("10", "40", "21")] == [0.0, 0.0, 0.0]
+
+
 def test_distill_takes_an_env_section_on_policy_only():
     env = {"tools": ["calculator"]}
     for mode in ("off_policy", "gkd"):

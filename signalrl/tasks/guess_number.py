@@ -101,14 +101,25 @@ class GuessNumberTask:
 
 class GuessNumberEnv:
     """Feedback for each guess: `higher`, `lower`, a request for one number when the turn
-    holds none, or the end of the episode on the secret (reward 0: the verifier scores)."""
+    holds none, or the end of the episode on the secret (reward 0: the verifier scores).
 
-    def __init__(self, high: int = 32) -> None:
+    `inconsistency_penalty` c > 0 gives each guess that the feedback so far rules out (outside
+    the interval still allowed, or no number) a per-turn reward of -c; a guess that can be
+    right gets 0. The win stays the verifier's 1.0; the per-turn terms are summed into the
+    trajectory reward (and given per turn to GAE / REINFORCE++). A bonus for consistent
+    guesses instead (+c each) was tried and is a reward hack: more consistent guesses in a
+    longer game earn more, and the doctor flagged `rl.reward_hacking` at step 49 of 60 while
+    the greedy win rate fell from 0.42 to 0.09."""
+
+    def __init__(self, high: int = 32, inconsistency_penalty: float = 0.0) -> None:
         self.high = high
+        self.c = float(inconsistency_penalty)
         self.secret: int | None = None
+        self.lo, self.hi = 1, high
 
     def reset(self, row: Row) -> list[Message] | str:
         self.secret = int(row["answer"])
+        self.lo, self.hi = 1, self.high
         return first_messages(row)
 
     def step(self, assistant_text: str, assistant_token_ids: Sequence[int]) -> EnvStep:
@@ -117,8 +128,14 @@ class GuessNumberEnv:
         got = extract_int_answer(assistant_text)
         info: dict[str, Any] = {}
         if got is None:
-            return EnvStep([{"role": "user", "content": INVALID}], 0.0, False, info)
-        if int(got) == self.secret:
-            return EnvStep(None, 0.0, True, info)
-        reply = HIGHER if self.secret > int(got) else LOWER
-        return EnvStep([{"role": "user", "content": reply}], 0.0, False, info)
+            return EnvStep([{"role": "user", "content": INVALID}], -self.c, False, info)
+        guess = int(got)
+        reward = 0.0 if self.lo <= guess <= self.hi else -self.c
+        if guess == self.secret:
+            return EnvStep(None, reward, True, info)
+        if self.secret > guess:
+            self.lo = max(self.lo, guess + 1)
+        else:
+            self.hi = min(self.hi, guess - 1)
+        reply = HIGHER if self.secret > guess else LOWER
+        return EnvStep([{"role": "user", "content": reply}], reward, False, info)
