@@ -205,43 +205,10 @@ def test_trainer_padding_free_trains_the_same_numbers(tmp_path, monkeypatch, tra
     assert plain[-1]["student/forward_tokens"] == packed[-1]["student/forward_tokens"]
 
 
-def test_fused_adamw_steps_as_the_plain_loop(tiny):
-    """The trainers' AdamW is torch's fused kernel on CPU (`adamw_options`): the same updates
-    as the per-tensor loop, with weight decay on and off."""
-    from signalrl.trainers.state import adamw_options
-
-    _, tok = tiny
-    models = [build_preset_model("tiny", tok, seed=0) for _ in range(2)]
-    params = [list(m.parameters()) for m in models]
-    assert adamw_options(params[0]) == {"fused": True}
-    opts = [
-        torch.optim.AdamW(
-            [
-                {"params": [p for p in ps if p.dim() >= 2], "weight_decay": 0.1},
-                {"params": [p for p in ps if p.dim() < 2], "weight_decay": 0.0},
-            ],
-            lr=1e-2,
-            **kw,
-        )
-        for ps, kw in zip(params, ({"foreach": False}, adamw_options(params[1])), strict=True)
-    ]
-    prompts, comps = _ragged(models[0].config.vocab_size)
-    batch = build_batch(prompts, comps, tok.pad_token_id)
-    for _ in range(3):
-        for m, opt in zip(models, opts, strict=True):
-            opt.zero_grad()
-            (-completion_logps(m, batch).sum()).backward()
-            opt.step()
-    fresh = list(build_preset_model("tiny", tok, seed=0).parameters())
-    for a, b in zip(*params, strict=True):
-        # 3 steps of lr 1e-2: 1e-4 is 1% of one step's size
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
-    assert (
-        max(float((a - init).abs().max()) for a, init in zip(params[1], fresh, strict=True)) > 1e-2
-    )
-
-
-def test_trainer_optimizer_is_fused_on_cpu(tmp_path):
+def test_trainer_optimizer_is_not_fused(tmp_path):
+    """Regression: torch's fused CPU AdamW (tried for issue 17) changed a 300-step bf16-autocast
+    SFT run (recipes/doctor-sft.yaml: loss 0.61 -> 0.89, greedy accuracy 0.26 -> 0.08) though
+    it matched the per-tensor loop over 3 fp32 steps; the trainers use the plain AdamW."""
     from signalrl.trainers.sft import SFTTrainer
 
     data = tmp_path / "data.jsonl"
@@ -261,7 +228,7 @@ def test_trainer_optimizer_is_fused_on_cpu(tmp_path):
         "test",
     )
     trainer = SFTTrainer(recipe)
-    assert all(g["fused"] for g in trainer.optimizer.param_groups)
+    assert not any(g.get("fused") for g in trainer.optimizer.param_groups)
 
 
 def test_build_batch_vectorized_equals_the_row_loop():

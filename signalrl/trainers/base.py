@@ -63,7 +63,6 @@ from signalrl.trainers.state import (
     DataCursor,
     MicroLoss,
     StepResult,
-    adamw_options,
     latest_checkpoint,
     lr_lambda,
     seed_everything,
@@ -75,7 +74,6 @@ __all__ = [
     "MicroLoss",
     "StepResult",
     "TrainerBase",
-    "adamw_options",
     "latest_checkpoint",
     "lr_lambda",
     "seed_everything",
@@ -258,7 +256,6 @@ class TrainerBase(RanksMixin, DoctorMixin, CheckpointMixin):
             lr=t.lr,
             betas=t.betas,
             eps=t.adam_eps,
-            **adamw_options(params),
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(self.recipe))
         self.params = params

@@ -56,7 +56,7 @@ from signalrl.rollout.collect import count_forward_tokens
 from signalrl.rollout.multiturn import EnvRollouts, env_metrics
 from signalrl.rollout.sampler import SamplingParams
 from signalrl.rollout.stale import StalePolicy
-from signalrl.trainers.base import DataCursor, MicroLoss, StepResult, TrainerBase, adamw_options
+from signalrl.trainers.base import DataCursor, MicroLoss, StepResult, TrainerBase
 
 __all__ = ["OnlineRLTrainer", "RLBatch", "count_forward_tokens"]
 
@@ -126,9 +126,8 @@ class OnlineRLTrainer(TrainerBase):
             if rl.critic_path
             else ValueModel.from_policy(self.model)
         )
-        cp = list(self.critic.parameters())
         self.critic_optimizer = torch.optim.AdamW(
-            cp, lr=rl.critic_lr or t.lr, betas=t.betas, eps=t.adam_eps, **adamw_options(cp)
+            self.critic.parameters(), lr=rl.critic_lr or t.lr, betas=t.betas, eps=t.adam_eps
         )
 
     def held_models(self) -> list[tuple[str, torch.nn.Module]]:

@@ -190,20 +190,3 @@ class StepResult:
             vals = [e[key] for e in self.epochs if key in e]
             out[key] = sum(vals) / len(vals)
         return {**out, **self.opt}
-
-
-def adamw_options(params: list[torch.nn.Parameter]) -> dict[str, bool]:
-    """`fused=True` where torch has a fused AdamW kernel for every parameter (plain CPU or
-    CUDA float tensors: one kernel per parameter group instead of a dozen ops per tensor;
-    `tests/test_packing.py` checks it steps as the plain loop does), else torch's default
-    (sharded DTensors under FSDP2, other devices)."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch without distributed
-        DTensor = ()  # type: ignore[assignment,misc]  # noqa: N806
-    floats = (torch.float32, torch.bfloat16, torch.float16)
-    ok = all(
-        not isinstance(p, DTensor) and p.device.type in ("cpu", "cuda") and p.dtype in floats
-        for p in params
-    )
-    return {"fused": True} if ok and params else {}
