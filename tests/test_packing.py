@@ -255,3 +255,36 @@ def test_build_batch_vectorized_equals_the_row_loop():
             assert b.completion_mask[i].tolist() == pytest.approx(w + [0.0] * (t - len(c)))
         assert b.input_ids.dtype == torch.long and b.attention_mask.dtype == torch.long
         assert b.completion_mask.dtype == torch.float32
+
+
+def test_packed_forward_chunks_the_head_by_slots_not_targets(tiny, monkeypatch):
+    """Regression: the packed path chose the whole-model forward (every packed slot through the
+    LM head) from the number of *targets*; with a real vocabulary a few targets in long rows
+    then materialised the full `(rows, width, V)` logits. The slots decide now, so the head
+    only sees the states that predict completion tokens."""
+    import signalrl.models.logprobs as lp_mod
+
+    model, tok = tiny
+    rng = random.Random(4)
+    vocab = model.config.vocab_size
+    prompts = [[rng.randrange(3, vocab) for _ in range(rng.randint(2, 20))] for _ in range(10)]
+    comps = [[rng.randrange(3, vocab)] for _ in range(10)]  # one target per row
+    batch = build_batch(prompts, comps, tok.pad_token_id)
+    packed = pack_batch(batch)
+    assert packed is not None
+    # between the targets' logits and the slots' logits
+    limit = (packed.targets.numel() * vocab + packed.slots * vocab) // 2
+    monkeypatch.setattr(lp_mod, "LOGIT_CHUNK_ELEMENTS", limit)
+    seen: list[int] = []
+    head = model.get_output_embeddings()
+    handle = head.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[:-1].numel()))
+    try:
+        with torch.no_grad():
+            got = completion_logps(model, batch, padding_free=True)
+    finally:
+        handle.remove()
+    with torch.no_grad():
+        want = completion_logps(model, batch)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # the head ran on the target states only (in chunks), never on every slot
+    assert seen and sum(seen) == packed.targets.numel() < packed.slots

@@ -213,8 +213,10 @@ def _packed(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`_completion` through one forward of the packed rows (`signalrl.models.packing`):
     the states that predict completion tokens are gathered, their log-probs (and entropies)
-    computed and scattered back to the batch's `(N, T)` layout."""
-    parts = chunked_head(model, packed.targets.numel())
+    computed and scattered back to the batch's `(N, T)` layout. The whole model would put
+    every packed slot through the LM head (no `logits_to_keep` for scattered positions), so
+    the slots, not the targets, decide whether the head runs in chunks."""
+    parts = chunked_head(model, packed.slots)
     with logprob_context(model):
         with autocast_context(batch.input_ids.device, autocast_dtype):
             x = _run(
